@@ -1,0 +1,261 @@
+"""Study configuration: YAML in, validated pydantic models out, readable errors with line numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .textfmt import placeholders
+
+DEFAULT_STORE = "tunebench-runs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelSpec(_Strict):
+    """One class: the value found in the data files, a readable name and an optional description."""
+
+    value: str
+    name: str
+    description: str | None = None
+
+
+class DataFiles(_Strict):
+    """Where the examples are. Missing dev/test splits are carved from train (see ``SplitConfig``)."""
+
+    train: str
+    dev: str | None = None
+    test: str | None = None
+
+
+class SplitConfig(_Strict):
+    """How to carve missing splits out of the train file: fractions, stratified by label, seeded."""
+
+    dev: float = Field(0.1, gt=0, lt=1, description="Fraction of train used as dev when no dev file is given.")
+    test: float = Field(0.2, gt=0, lt=1, description="Fraction of train used as test when no test file is given.")
+    seed: int = Field(0, description="Seed of the split (independent of the trial seeds).")
+
+
+class TaskConfig(_Strict):
+    """What to do: the task type, the fields and the labels."""
+
+    type: Literal["classification"] = "classification"
+    data: DataFiles
+    text: list[str] = Field(description="Text field, or a list of fields joined by text_template.")
+    text_template: str | None = Field(None, description="How several text fields are joined, e.g. '{title}: {body}'.")
+    label: str = Field(description="Label field.")
+    labels: list[LabelSpec] | None = Field(None, description="Label values, names and descriptions (default: from train).")
+    instruction: str | None = Field(None, description="What the task is, in words (used by prompting strategies).")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    drop_leakage: bool = Field(False, description="Drop train rows whose text also appears in dev or test.")
+    format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = Field(
+        None, description="File format (default: from the file extension)."
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_file(cls, v: Any) -> Any:
+        return {"train": v} if isinstance(v, str) else v
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
+        out = []
+        for value, spec in items:
+            if isinstance(spec, dict):
+                spec = dict(spec)
+                name = spec.pop("name", None)
+                desc = spec.pop("description", None)
+                if spec:
+                    raise ValueError(f"unknown key(s) {sorted(spec)} in a label; use 'name' and 'description'")
+                if name is None:
+                    name = value
+            else:
+                name, desc = spec, None
+            if name is None:
+                raise ValueError("each label needs a name")
+            out.append({"value": str(name if value is None else value), "name": str(name), "description": desc})
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if not self.text:
+            raise ValueError("'text' needs at least one field name")
+        if len(self.text) > 1 or self.text_template:
+            template = self.text_template or "\n".join("{%s}" % f for f in self.text)
+            missing = [p for p in placeholders(template) if p not in self.text]
+            if missing:
+                raise ValueError(f"text_template uses {missing}, which are not in 'text' {self.text}")
+            self.text_template = template
+        if self.labels is not None:
+            names = [lab.name for lab in self.labels]
+            if len(set(names)) != len(names):
+                raise ValueError(f"label names must be unique, got {names}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which model, and how it is reached."""
+
+    backend: Literal["encoder"] = "encoder"
+    path: str = Field("default", description="Local directory or hub id; 'default' is the embedded all-MiniLM-L6-v2.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware supports it, fp32 otherwise."
+    )
+    device: str = Field("auto", description="auto, cpu or cuda[:N].")
+
+
+class StrategyEntry(_Strict):
+    """One rung of the ladder: a registered strategy name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudyConfig(_Strict):
+    """A study: a task, a model, the strategies to compare, seeds and train sizes."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    task: TaskConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategies: list[StrategyEntry]
+    training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"])
+    store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategies(cls, v: Any) -> Any:
+        if not isinstance(v, list) or not v:
+            raise ValueError("give a non-empty list such as [zero_shot: {}, lora: {r: 8}]")
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                out.append({"name": item, "params": {}})
+            elif isinstance(item, dict) and len(item) == 1:
+                (name, params), = item.items()
+                out.append({"name": name, "params": params or {}})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _sizes(cls, v: list) -> list:
+        if any(isinstance(s, int) and s < 1 for s in v):
+            raise ValueError("train sizes must be positive integers or 'all'")
+        return v
+
+    def resolved_strategies(self) -> list[tuple[str, Any]]:
+        """Each strategy entry as ``(name, <Name>Config)``, study-wide ``training`` merged under its params."""
+        from .strategies import registry
+
+        out = []
+        for i, entry in enumerate(self.strategies):
+            try:
+                cls = registry.get(entry.name)
+            except KeyError as exc:
+                raise ConfigError(f"strategies[{i}]: {exc.args[0]}") from None
+            known = {f.name for f in dataclasses.fields(cls.config_cls)}
+            shared = {k: v for k, v in self.training.items() if k in known}
+            unknown_shared = sorted(set(self.training) - _all_config_keys())
+            if unknown_shared:
+                raise ConfigError(f"training: unknown key(s) {unknown_shared}")
+            try:
+                out.append((entry.name, cls.config_from_dict({**shared, **entry.params})))
+            except ConfigError as exc:
+                raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
+        return out
+
+
+def _all_config_keys() -> set[str]:
+    from .strategies import registry
+
+    return {f.name for cls in registry.all().values() for f in dataclasses.fields(cls.config_cls)}
+
+
+def _yaml_line(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML node at pydantic location ``loc``, as deep as it can be followed."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            nxt = node.value[key]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node, line = nxt, nxt.start_mark.line + 1
+    return line
+
+
+def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
+    """Read and validate a study YAML; returns the config and the directory paths are relative to.
+
+    Example:
+        >>> cfg, base = load_study("study.yaml")  # doctest: +SKIP
+        >>> cfg.name
+        'sst2-ladder'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study is a YAML mapping with name, task, model and strategies")
+    cfg = parse_study(raw, source=str(path), root=root)
+    try:
+        cfg.resolved_strategies()
+    except ConfigError as exc:
+        msg = str(exc)
+        idx = msg.split("]")[0].split("[")[-1] if msg.startswith("strategies[") else None
+        line = _yaml_line(root, ("strategies", int(idx))) if idx and idx.isdigit() else None
+        raise ConfigError(f"{path}{f' line {line}' if line else ''}: {msg}") from None
+    return cfg, path.resolve().parent
+
+
+def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = None) -> StudyConfig:
+    """Validate a study given as a dict (the Python API's entry point)."""
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            line = _yaml_line(root, loc) if root is not None else None
+            where = f"{source} line {line}" if line else source
+            lines.append(f"{where}: {field}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,280 @@
+"""Task data: loading through Hugging Face ``datasets``, stratified splits and the checks run before training."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import LabelSpec, TaskConfig
+from .errors import DataError
+from .textfmt import render
+
+log = logging.getLogger(__name__)
+
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+IMBALANCE_RATIO = 10.0
+
+
+@dataclass
+class Split:
+    """One split: texts (fields already joined), integer label ids, and where each row came from."""
+
+    name: str
+    texts: list[str]
+    labels: np.ndarray
+    lines: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> Split:
+        idx = [int(i) for i in idx]
+        return Split(self.name, [self.texts[i] for i in idx], self.labels[idx],
+                     [self.lines[i] for i in idx] if self.lines else [])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t, y in zip(self.texts, self.labels.tolist()):
+            h.update(t.encode("utf-8") + b"\x1f" + str(y).encode() + b"\x1e")
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class TaskData:
+    """A checked task: label names and the three splits. Build it with :func:`load_task`."""
+
+    task: TaskConfig
+    labels: list[LabelSpec]
+    train: Split
+    dev: Split
+    test: Split
+    warnings: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+    def fingerprints(self) -> dict[str, str]:
+        return {s.name: s.fingerprint() for s in (self.train, self.dev, self.test)}
+
+
+def _format_of(path: Path, override: str | None) -> str:
+    if override:
+        return override
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown file type '{path.suffix}'; use .csv, .tsv, .jsonl, .parquet or set task.format")
+    return fmt
+
+
+def _check_text_file(path: Path, fmt: str) -> None:
+    """UTF-8 and, for CSV/TSV, a consistent number of fields per row: errors name the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                        "re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty; it needs a header row and at least one example")
+    if fmt in ("csv", "tsv"):
+        delim = "\t" if fmt == "tsv" else ","
+        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quoting=quoting, strict=True)
+        try:
+            header = next(reader)
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, but the header has "
+                                    f"{len(header)} ({delim!r}-separated); quote fields that contain {delim!r}")
+        except csv.Error as exc:
+            raise DataError(f"{path} line {reader.line_num}: malformed {fmt.upper()}: {exc}") from None
+        if reader.line_num < 2:
+            raise DataError(f"{path}: only a header row, no examples")
+
+
+def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list], list[str]]:
+    """Read a data file through ``datasets``; returns its columns and a human location for each row."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty; it needs a header row and at least one example")
+    fmt = _format_of(path, fmt)
+    if fmt != "parquet":
+        _check_text_file(path, fmt)
+    kwargs: dict = {}
+    builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
+    if fmt == "tsv":
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    if fmt in ("csv", "tsv"):
+        kwargs.update(keep_default_na=False, na_filter=False)
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets wraps parser errors in several exception types
+        cause = exc.__cause__ or exc
+        raise DataError(f"{path}: could not be read as {fmt.upper()}: {str(cause).splitlines()[0][:300]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no examples")
+    first = 2 if fmt in ("csv", "tsv") else 1
+    where = "line" if fmt in ("csv", "tsv", "jsonl") else "row"
+    return ds.to_dict(), [f"{where} {i + first}" for i in range(len(ds))]
+
+
+def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:
+    cols, lines = read_table(path, task.format)
+    needed = list(task.text) + [task.label]
+    missing = [c for c in needed if c not in cols]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found; the file has {sorted(cols)}. "
+                        "Fix task.text / task.label in the study or rename the column")
+    texts = []
+    for i in range(len(lines)):
+        if task.text_template:
+            t = render(task.text_template, {f: "" if cols[f][i] is None else cols[f][i] for f in task.text})
+        else:
+            t = cols[task.text[0]][i]
+        t = "" if t is None else str(t)
+        if not t.strip():
+            raise DataError(f"{path} {lines[i]}: empty text in field {'/'.join(task.text)}; "
+                            "remove the row or fill in the text")
+        texts.append(t)
+    raw = []
+    for i, v in enumerate(cols[task.label]):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "":
+            raise DataError(f"{path} {lines[i]}: empty label in field '{task.label}'")
+        raw.append(str(v).strip())
+    ids = []
+    if value_to_id is not None:
+        for i, v in enumerate(raw):
+            if v not in value_to_id:
+                raise DataError(f"{path} {lines[i]}: label '{v}' in field '{task.label}' is not one of "
+                                f"{sorted(value_to_id)}; add it to task.labels or fix the row")
+            ids.append(value_to_id[v])
+    return Split(name, texts, np.asarray(ids, dtype=np.int64), lines), raw
+
+
+def _resolve_path(p: str, base: Path) -> Path:
+    cand = (base / p) if not Path(p).is_absolute() else Path(p)
+    if cand.exists() or Path(p).is_absolute():
+        return cand
+    cwd = Path.cwd() / p
+    return cwd if cwd.exists() else cand
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A permutation whose every prefix holds the classes in about their overall proportions.
+
+    Prefixes are nested, so the learning-curve subsets of one seed grow by adding examples.
+    """
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        keys[idx] = (np.arange(len(idx)) + rng.random(len(idx))) / len(idx)
+    return np.argsort(keys, kind="stable")
+
+
+def stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, taken) with ``frac`` of each class taken; a class with one example stays kept."""
+    rng = np.random.default_rng(seed)
+    kept, taken = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(frac * len(idx))) if len(idx) > 1 else 0
+        k = min(k, len(idx) - 1)
+        taken.extend(idx[:k])
+        kept.extend(idx[k:])
+    return np.sort(np.asarray(kept, dtype=np.int64)), np.sort(np.asarray(taken, dtype=np.int64))
+
+
+def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
+    """Load, split and check the task's data. Raises :class:`DataError` with file and line on bad input.
+
+    Example:
+        >>> data = load_task(cfg.task, base_dir)  # doctest: +SKIP
+        >>> len(data.train), data.label_names
+    """
+    base = Path(base_dir)
+    paths = {k: _resolve_path(v, base) for k, v in task.data.model_dump().items() if v}
+    declared = task.labels
+    value_to_id = {lab.value: i for i, lab in enumerate(declared)} if declared else None
+    train, raw_train = _load_split("train", paths["train"], task, value_to_id)
+    if declared is None:
+        values = sorted(set(raw_train), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        declared = [LabelSpec(value=v, name=v) for v in values]
+        value_to_id = {v: i for i, v in enumerate(values)}
+        train.labels = np.asarray([value_to_id[v] for v in raw_train], dtype=np.int64)
+    names = [lab.name for lab in declared]
+    present = set(train.labels.tolist())
+    if len(present) < 2:
+        only = names[next(iter(present))] if present else "none"
+        raise DataError(f"{paths['train']}: field '{task.label}' has a single label ({only}); "
+                        "classification needs at least two classes in train")
+    warnings: list[str] = []
+    absent = [names[i] for i in range(len(names)) if i not in present]
+    if absent:
+        warnings.append(f"{paths['train']}: declared label(s) {absent} have no training example")
+
+    splits = {"train": train}
+    for name in ("dev", "test"):
+        if name in paths:
+            split, _ = _load_split(name, paths[name], task, value_to_id)
+            unknown = sorted({int(y) for y in split.labels} - present)
+            if unknown:
+                i = next(j for j, y in enumerate(split.labels) if int(y) in unknown)
+                raise DataError(f"{paths[name]} {split.lines[i]}: label '{names[int(split.labels[i])]}' never occurs "
+                                f"in train ({paths['train']}); add training examples for it or drop those rows")
+            splits[name] = split
+    for name in ("test", "dev"):  # carve test first so dev comes from what is left
+        if name not in splits:
+            frac = getattr(task.split, name)
+            kept, taken = stratified_split(splits["train"].labels, frac, task.split.seed + (1 if name == "dev" else 0))
+            if len(taken) == 0:
+                raise DataError(f"{paths['train']}: too few examples to carve a {name} split; give a {name} file")
+            src = splits["train"]
+            splits[name] = Split(name, [src.texts[i] for i in taken], src.labels[taken], [src.lines[i] for i in taken])
+            splits["train"] = src.subset(kept)
+
+    checks: dict = {}
+    for name, split in splits.items():
+        dup = len(split) - len(set(split.texts))
+        checks[f"duplicates_{name}"] = dup
+        if dup:
+            warnings.append(f"{name}: {dup} exact duplicate text(s) within the split")
+    train_texts = set(splits["train"].texts)
+    for name in ("dev", "test"):
+        overlap = sum(t in train_texts for t in splits[name].texts)
+        checks[f"overlap_train_{name}"] = overlap
+        if overlap:
+            hint = "dropped from train (drop_leakage)" if task.drop_leakage else "set task.drop_leakage: true to drop them from train"
+            warnings.append(f"{overlap} {name} text(s) also appear in train (leakage); {hint}")
+    if task.drop_leakage:
+        held = set(splits["dev"].texts) | set(splits["test"].texts)
+        keep = [i for i, t in enumerate(splits["train"].texts) if t not in held]
+        checks["leakage_dropped"] = len(splits["train"]) - len(keep)
+        splits["train"] = splits["train"].subset(keep)
+    counts = Counter(splits["train"].labels.tolist())
+    ratio = max(counts.values()) / max(1, min(counts.values()))
+    checks["imbalance_ratio"] = round(ratio, 2)
+    if ratio > IMBALANCE_RATIO:
+        warnings.append(f"train: heavy class imbalance (largest/smallest class = {ratio:.1f}); "
+                        "prefer macro-F1 over accuracy")
+    checks.update({f"n_{k}": len(v) for k, v in splits.items()})
+    for w in warnings:
+        log.warning(w)
+    return TaskData(task, declared, splits["train"], splits["dev"], splits["test"], warnings, checks)

@@ -1,0 +1,19 @@
+"""Progress reporting: the library reports through a ``Reporter`` it is given; the CLI draws Rich bars."""
+
+from __future__ import annotations
+
+
+class Reporter:
+    """Receives progress from long work. The base class ignores everything."""
+
+    def start(self, label: str, total: int) -> None:
+        """A new unit of work of ``total`` steps begins."""
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` steps of the current unit are done."""
+
+    def stop(self) -> None:
+        """The current unit is finished."""
+
+
+NULL_REPORTER = Reporter()
