@@ -17,3 +17,16 @@ class Reporter:
 
 
 NULL_REPORTER = Reporter()
+
+
+class StudyReporter(Reporter):
+    """A reporter that also hears about trials starting and finishing (the base ignores them)."""
+
+    def trial_started(self, index: int, total: int, label: str) -> None:
+        """Trial ``index`` (1-based) of ``total`` pending trials begins."""
+
+    def trial_finished(self, row: dict) -> None:
+        """A trial finished and was stored."""
+
+    def trial_failed(self, label: str, error: BaseException) -> None:
+        """A trial raised; the study goes on with the others."""

@@ -47,10 +47,16 @@ class EncoderClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder output."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        pooled = mean_pool(out.last_hidden_state, attention_mask)
-        return self.head(self.dropout(pooled)).float()
+        return mean_pool(out.last_hidden_state, attention_mask)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features)).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(input_ids, attention_mask))
 
 
 class EncoderBackend(Backend):

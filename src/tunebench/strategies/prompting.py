@@ -82,6 +82,8 @@ class ZeroShotConfig(StrategyConfig):
     def __post_init__(self) -> None:
         if not self.templates:
             raise ValueError("templates: give at least one template")
+        if self.max_length < 8:
+            raise ValueError("max_length must be >= 8")
         for t in self.templates:
             bad = [p for p in placeholders(t) if p not in ("label", "description")]
             if "label" not in placeholders(t) or bad:
@@ -136,8 +138,8 @@ class FewShotConfig(StrategyConfig):
     max_length: int = doc("Tokens kept per input.", default=256)
 
     def __post_init__(self) -> None:
-        if self.shots < 1 or self.k < 1:
-            raise ValueError("shots and k must be >= 1")
+        if self.shots < 1 or self.k < 1 or self.max_length < 8:
+            raise ValueError("need shots >= 1, k >= 1 and max_length >= 8")
         if self.selection not in ("balanced", "random"):
             raise ValueError(f"selection must be 'balanced' or 'random', not {self.selection!r}")
         if self.classifier not in ("prototype", "knn"):

@@ -79,20 +79,31 @@ def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
 
 
 @torch.inference_mode()
+def _batched(fn, backend, ids: list[list[int]], width: int, batch_size: int) -> torch.Tensor:
+    """``fn(batch)`` over length-sorted batches, rows back in input order."""
+    out = torch.zeros((len(ids), width), dtype=torch.float32)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        with backend.autocast():
+            out[chunk] = fn(backend.collate([ids[i] for i in chunk])).float().cpu()
+    return out
+
+
 def predict_logits(model: nn.Module, backend, ids: list[list[int]], batch_size: int = 128) -> np.ndarray:
     """Logits for tokenized inputs, batched by length, in input order."""
     was_training = model.training
     model.eval()
-    out = np.zeros((len(ids), model.head.out_features), dtype=np.float32)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
-        batch = backend.collate([ids[i] for i in chunk])
-        with backend.autocast():
-            logits = model(**batch)
-        out[chunk] = logits.float().cpu().numpy()
+    out = _batched(lambda b: model(**b), backend, ids, model.head.out_features, batch_size).numpy()
     model.train(was_training)
     return out
+
+
+def frozen_features(model: nn.Module, backend, ids: list[list[int]], batch_size: int = 128) -> torch.Tensor:
+    """Pooled features of a frozen encoder (eval mode), computed once so that only the head's epochs repeat."""
+    model.encoder.eval()
+    width = model.head.in_features
+    return _batched(lambda b: model.features(**b), backend, ids, width, batch_size).to(backend.device)
 
 
 def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split, seed: int,
@@ -120,6 +131,27 @@ def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split
         optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
     loss_fn = nn.CrossEntropyLoss()
     result = TrainResult()
+    encoder_params = {id(p) for p in model.encoder.parameters()}
+    frozen_encoder = not any(id(p) in encoder_params for p in trainable.values())
+    if frozen_encoder:  # e.g. linear probe: encode once, then only the head's epochs repeat
+        t0 = time.perf_counter()
+        train_feats, dev_feats = frozen_features(model, backend, train_ids), frozen_features(model, backend, dev_ids)
+        result.train_seconds += time.perf_counter() - t0
+
+        def train_logits(idx: list[int]) -> torch.Tensor:
+            return model.classify(train_feats[idx])
+
+        def dev_logits() -> np.ndarray:
+            model.eval()
+            with torch.inference_mode():
+                return model.classify(dev_feats).cpu().numpy()
+    else:
+        def train_logits(idx: list[int]) -> torch.Tensor:
+            with backend.autocast():
+                return model(**backend.collate([train_ids[i] for i in idx]))
+
+        def dev_logits() -> np.ndarray:
+            return predict_logits(model, backend, dev_ids)
     best_score, best_state, stale = -1.0, None, 0
     max_trainable = 0
     for epoch in range(cfg.epochs):
@@ -127,13 +159,13 @@ def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split
             schedule(epoch)
         max_trainable = max(max_trainable, sum(p.numel() for p in trainable.values() if p.requires_grad))
         model.train()
+        if frozen_encoder:
+            model.encoder.eval()
         reporter.start(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
         t0 = time.perf_counter()
         running = 0.0
         for batch_idx in length_grouped_batches(lengths, cfg.batch_size, rng):
-            batch = backend.collate([train_ids[i] for i in batch_idx])
-            with backend.autocast():
-                logits = model(**batch)
+            logits = train_logits(batch_idx)
             loss = loss_fn(logits.float(), y[batch_idx].to(logits.device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in trainable.values() if p.requires_grad], 1.0)
@@ -145,7 +177,7 @@ def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split
         result.train_seconds += time.perf_counter() - t0
         result.examples_seen += len(train_ids)
         reporter.stop()
-        dev_pred = predict_logits(model, backend, dev_ids).argmax(1)
+        dev_pred = dev_logits().argmax(1)
         m = classification_metrics(dev.labels, dev_pred, labels)
         entry = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
                  "dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"]}
@@ -231,6 +263,7 @@ class TuningStrategy(Strategy):
     def adapt(self, backend, task, *, train, dev) -> Predictor:
         self.check(backend)
         labels = list(task.label_names)
+        torch.manual_seed(self.seed)  # head and adapter initialisation depend on the seed only
         model = self.build_model(backend, len(labels))
         groups = self.param_groups(model)
         result = fit(model, backend, self.config, train=train, dev=dev, seed=self.seed, param_groups=groups,

@@ -1,0 +1,294 @@
+"""The ``tunebench`` command line: Typer + Rich. Progress and messages go to stderr, ``--json`` to stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import DEFAULT_STORE, StudyConfig, load_study
+from .errors import TunebenchError
+from .progress import StudyReporter
+
+app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+StoreOpt = typer.Option(None, "--store", help=f"Results directory (default: the study's 'store', else ./{DEFAULT_STORE}).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout and nothing else.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log what the library does (to stderr).")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    for noisy in ("httpx", "urllib3", "filelock", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class RichReporter(StudyReporter):
+    """Draws an overall trials bar and a bar for the current epoch or evaluation."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.console = console
+        self.trials_task = None
+        self.step_task = None
+        self.current = ""
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def trial_started(self, index, total, label):
+        if self.trials_task is None:
+            self.trials_task = self.progress.add_task("trials", total=total)
+        self.current = label
+        self.progress.update(self.trials_task, completed=index - 1, description=f"trial {index}/{total}")
+
+    def trial_finished(self, row):
+        m, c = row["metrics"], row["cost"]
+        self.progress.console.print(
+            f"[green]✓[/] {row['label']} seed={row['seed']} n={row['train_size']}: "
+            f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, {c['adapt_seconds']:.1f}s")
+        self.progress.advance(self.trials_task)
+
+    def trial_failed(self, label, error):
+        self.progress.console.print(f"[red]✗[/] {label}: {type(error).__name__}: {error}")
+        self.progress.advance(self.trials_task)
+
+    def start(self, label, total):
+        text = f"  {self.current}: {label}"
+        if self.step_task is None:
+            self.step_task = self.progress.add_task(text, total=total)
+        else:
+            self.progress.reset(self.step_task, total=total, description=text)
+
+    def advance(self, n=1):
+        if self.step_task is not None:
+            self.progress.advance(self.step_task, n)
+
+
+def _fail(exc: TunebenchError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _fmt_params(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console) -> None:
+    from .leaderboard import leaderboard
+
+    board = leaderboard(rows, metric)
+    table = Table(title=f"{name}: {metric} on test (mean ± std over seeds)", title_justify="left")
+    for col, just in (("strategy", "left"), ("family", "left"), ("train n", "right"), ("seeds", "right"),
+                      (metric, "right"), ("macro-F1", "right"), ("train s", "right"), ("latency p50 ms", "right"),
+                      ("trainable", "right")):
+        table.add_column(col, justify=just)
+    for e in board:
+        q = f"{e['quality_mean']:.3f} ± {e['quality_std']:.3f}" if len(e["seeds"]) > 1 else f"{e['quality_mean']:.3f}"
+        f1 = f"{e['macro_f1_mean']:.3f}"
+        table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1,
+                      f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}", _fmt_params(e["trainable_params"]))
+    console.print(table)
+
+
+def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool) -> None:
+    from .store import Store
+    from .study import Study, trial_json
+
+    if store is not None:
+        cfg = cfg.model_copy(update={"store": str(store)})
+    study_store = Store(cfg.store)
+    with RichReporter(err) as reporter:
+        study = Study(cfg, base_dir=base, store=study_store, reporter=reporter, source=source)
+        for w in study.data.warnings:
+            reporter.console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        try:
+            rows = study.run()
+        except KeyboardInterrupt:
+            reporter.progress.stop()
+            err.print("[yellow]interrupted[/]: finished trials are saved; run the same command again to resume.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"study": cfg.name, "store": str(study_store.root),
+                                     "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")
+    else:
+        print_leaderboard(cfg.name, rows, "accuracy", out)
+        out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
+                  f"`tunebench show {cfg.name}` shows them again.")
+    if study.failures:
+        err.print(f"[red]{len(study.failures)} trial(s) failed[/]; see the messages above. Rerun to retry them.")
+        raise typer.Exit(EXIT_TRIALS_FAILED)
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+@app.command()
+def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[Path] = StoreOpt,
+        as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+    """Run every pending trial of a study (finished trials are skipped: a rerun resumes)."""
+    _setup_logging(verbose)
+    try:
+        cfg, base = load_study(study)
+        _run_study(cfg, base, str(study), store, as_json)
+    except TunebenchError as exc:
+        _fail(exc)
+
+
+def demo_study_path() -> Path:
+    return Path(str(resources.files("tunebench") / "examples" / "demo.yaml"))
+
+
+@app.command()
+def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+    """Run the bundled demo: customer-support intents, every strategy, the embedded default model, offline."""
+    _setup_logging(verbose)
+    try:
+        cfg, base = load_study(demo_study_path())
+        if not as_json:
+            err.print(f"[bold]tunebench demo[/]: {len(cfg.strategies)} strategies on 400 customer-support messages "
+                      f"(8 intents) with all-MiniLM-L6-v2, on CPU. Study file: {demo_study_path()}")
+        _run_study(cfg, base, str(demo_study_path()), store, as_json)
+    except TunebenchError as exc:
+        _fail(exc)
+
+
+def _resolve_study_name(study: str, store: Optional[Path]) -> tuple[str, Path]:
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml"):
+        cfg, _ = load_study(path)
+        return cfg.name, store or Path(cfg.store)
+    return study, store or Path(DEFAULT_STORE)
+
+
+@app.command()
+def show(study: str = typer.Argument(..., help="Study name or study YAML."), store: Optional[Path] = StoreOpt,
+         metric: str = typer.Option("accuracy", help="accuracy or macro_f1."), as_json: bool = JsonOpt) -> None:
+    """Leaderboard of a study: quality mean ± std over seeds, train time, latency, trainable parameters."""
+    _setup_logging(False)
+    from .leaderboard import leaderboard
+    from .store import Store
+    from .study import trial_json
+
+    try:
+        if metric not in ("accuracy", "macro_f1"):
+            raise TunebenchError(f"--metric: '{metric}' is not one of accuracy, macro_f1")
+        name, root = _resolve_study_name(study, store)
+        st = Store(root, create=False)
+        st.study_config(name)
+        rows = st.trials(name)
+    except TunebenchError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({"study": name, "leaderboard": leaderboard(rows, metric),
+                                     "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")
+        return
+    if not rows:
+        err.print(f"study '{name}' has no finished trial yet")
+        return
+    print_leaderboard(name, rows, metric, out)
+
+
+@app.command()
+def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: bool = JsonOpt) -> None:
+    """Check a study's config and data without training anything."""
+    _setup_logging(False)
+    from .study import Study
+
+    try:
+        cfg, base = load_study(study)
+        st = Study(cfg, base_dir=base, store=_NoStore())
+        trials = st.plan()
+        data = st.data
+    except TunebenchError as exc:
+        _fail(exc)
+    summary = {"study": cfg.name, "valid": True, "labels": data.label_names,
+               "splits": {s.name: len(s) for s in (data.train, data.dev, data.test)},
+               "checks": data.checks, "warnings": data.warnings, "trials": len(trials),
+               "strategies": sorted({t.strategy for t in trials})}
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    for w in data.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print(f"[green]✓[/] {study}: valid. {len(data.label_names)} labels; train {len(data.train)}, "
+              f"dev {len(data.dev)}, test {len(data.test)}; {len(trials)} trials "
+              f"({', '.join(summary['strategies'])}).", highlight=False)
+
+
+class _NoStore:
+    """Stand-in store for ``validate``: planning needs none."""
+
+
+@app.command("ls")
+def list_studies(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """List the studies in a results store."""
+    _setup_logging(False)
+    from .store import Store
+
+    try:
+        st = Store(store or Path(DEFAULT_STORE), create=False)
+    except TunebenchError as exc:
+        _fail(exc)
+    studies = st.studies()
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(st.root), "studies": studies}) + "\n")
+        return
+    table = Table(title=f"studies in {st.root}", title_justify="left")
+    for col in ("study", "finished trials", "source"):
+        table.add_column(col)
+    for s in studies:
+        table.add_row(s["name"], str(s["trials"]), s["source"] or "")
+    out.print(table)
+
+
+@app.command()
+def strategies() -> None:
+    """List the registered strategies and their parameters."""
+    import dataclasses
+
+    from .strategies import registry
+
+    for name, cls in registry.all().items():
+        out.print(f"[bold]{name}[/] ({cls.family}): {(cls.config_cls.__doc__ or '').strip()}")
+        defaults = cls.config_cls()
+        for f in dataclasses.fields(cls.config_cls):
+            out.print(f"    {f.name} = {getattr(defaults, f.name)!r}  {f.metadata.get('help', '')}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,212 @@
+"""The study runner: expands (strategy, params, seed, train size) trials, runs the pending ones, stores each."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backends import Backend, load_backend
+from .config import StudyConfig
+from .data import TaskData, load_task, stratified_order
+from .errors import TunebenchError
+from .evaluation.cost import PeakMemory, latency_ms
+from .evaluation.metrics import classification_metrics
+from .progress import StudyReporter
+from .store import Store
+from .strategies import StrategyConfig, registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trial:
+    """One unit of work: a strategy config, a seed and a train size."""
+
+    strategy: str
+    config: StrategyConfig
+    seed: int
+    train_size_spec: str
+    train_size: int
+    key: str
+    label: str
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import peft
+    import transformers
+
+    return {"tunebench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "datasets": datasets.__version__}
+
+
+def describe_params(strategy: str, config: StrategyConfig) -> str:
+    """``lora(r=16)``: the strategy name and the parameters that differ from its defaults."""
+    defaults = registry.get(strategy).config_cls().to_dict()
+    diff = {k: v for k, v in config.to_dict().items() if defaults.get(k) != v}
+    if not diff:
+        return strategy
+    parts = []
+    for k, v in diff.items():
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
+        text = v if isinstance(v, str) else json.dumps(v)
+        parts.append(f"{k}={text if len(str(text)) <= 40 else str(text)[:37] + '...'}")
+    return f"{strategy}({', '.join(parts)})"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Study:
+    """Runs a study's trials against a store; finished trials are skipped, so a rerun resumes.
+
+    Example:
+        >>> cfg, base = load_study("study.yaml")  # doctest: +SKIP
+        >>> rows = Study(cfg, base_dir=base).run()
+    """
+
+    def __init__(self, config: StudyConfig, *, base_dir: str | Path = ".", store: Store | None = None,
+                 reporter: StudyReporter | None = None, source: str | None = None):
+        self.config = config
+        self.base_dir = Path(base_dir)
+        self.store = store if store is not None else Store(self._store_path())
+        self.reporter = reporter or StudyReporter()
+        self.source = source
+        self._data: TaskData | None = None
+        self.failures: list[tuple[str, BaseException]] = []
+
+    def _store_path(self) -> Path:
+        return Path(self.config.store)
+
+    @property
+    def data(self) -> TaskData:
+        if self._data is None:
+            self._data = load_task(self.config.task, self.base_dir)
+        return self._data
+
+    def plan(self) -> list[Trial]:
+        """Every trial of the study, in order, with a key that changes when anything that matters changes."""
+        data = self.data
+        fingerprints = data.fingerprints()
+        trials, seen = [], set()
+        for name, config in self.config.resolved_strategies():
+            cls = registry.get(name)
+            for cfg in cls.expand(config):
+                if cls.uses_train:
+                    combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
+                else:
+                    combos = [(self.config.seeds[0], "none")]
+                for seed, spec in combos:
+                    n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
+                    ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
+                             "train_size": n, "model": self.config.model.model_dump(), "data": fingerprints,
+                             "labels": data.label_names}
+                    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    trials.append(Trial(name, cfg, seed, str(spec), n, key, describe_params(name, cfg)))
+        return trials
+
+    def run(self, backend: Backend | None = None) -> list[dict]:
+        """Run pending trials; returns the stored rows of every trial in the plan."""
+        trials = self.plan()
+        self.store.save_study(self.config.name, self.config.model_dump(), self.source)
+        done = self.store.done_keys(self.config.name)
+        pending = [t for t in trials if t.key not in done]
+        log.info("study %s: %d trials, %d already finished, %d to run", self.config.name, len(trials),
+                 len(trials) - len(pending), len(pending))
+        if pending:
+            if backend is None:
+                backend = load_backend(self.config.model)
+            for cls in {registry.get(t.strategy) for t in pending}:  # capabilities before any work
+                cls(cls.config_cls()).check(backend)
+        for i, trial in enumerate(pending, 1):
+            self.reporter.trial_started(i, len(pending), f"{trial.label} seed={trial.seed} n={trial.train_size}")
+            try:
+                row = self._run_trial(trial, backend)
+            except (TunebenchError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # one broken trial must not lose the others
+                log.exception("trial %s failed", trial.label)
+                self.failures.append((trial.label, exc))
+                self.reporter.trial_failed(trial.label, exc)
+                continue
+            self.reporter.trial_finished(row)
+        return self.store.trials(self.config.name, {t.key for t in trials})
+
+    def _run_trial(self, trial: Trial, backend: Backend) -> dict:
+        data = self.data
+        set_seed(trial.seed)
+        train = data.train
+        if trial.train_size and trial.train_size < len(train):
+            train = train.subset(np.sort(stratified_order(train.labels, trial.seed)[: trial.train_size]))
+        cls = registry.get(trial.strategy)
+        strategy = cls(trial.config, seed=trial.seed, reporter=self.reporter)
+        test_texts = data.test.texts
+        with PeakMemory(backend.device) as mem:
+            t0 = time.perf_counter()
+            predictor = strategy.adapt(backend, data, train=train, dev=data.dev)
+            adapt_s = time.perf_counter() - t0
+            self.reporter.start("evaluating on test", 1)
+            t1 = time.perf_counter()
+            pred = predictor.predict(test_texts)
+            infer_s = time.perf_counter() - t1
+            p50, p95 = latency_ms(predictor.predict, test_texts)
+            self.reporter.advance()
+            self.reporter.stop()
+        metrics = classification_metrics(data.test.labels, pred, data.label_names)
+        result = getattr(predictor, "train_result", None)
+        trainable = result.trainable_params if result else 0
+        tokens = backend.tokenize(test_texts, getattr(trial.config, "max_length", 512))
+        cost: dict[str, Any] = {
+            "trainable_params": int(trainable),
+            "train_seconds": round(result.train_seconds if result else adapt_s, 4),
+            "adapt_seconds": round(adapt_s, 4),
+            "train_examples_per_s": round(result.examples_per_s, 2) if result else None,
+            "latency_ms_p50": round(p50, 3),
+            "latency_ms_p95": round(p95, 3),
+            "throughput_per_s": round(len(test_texts) / infer_s, 2) if infer_s > 0 else None,
+            "tokens_per_request": round(float(np.mean([len(t) for t in tokens])), 2),
+            "peak_memory_mb": round(mem.peak_mb, 1),
+        }
+        if result:
+            best = result.history[result.best_epoch - 1]
+            metrics["dev_accuracy"], metrics["dev_macro_f1"] = best["dev_accuracy"], best["dev_macro_f1"]
+        record = {"config": self.config.model_dump(), "backend": backend.describe(), "versions": versions(),
+                  "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
+                  "best_epoch": result.best_epoch if result else None, "n_test": len(test_texts)}
+        row = {"key": trial.key, "study": self.config.name, "strategy": trial.strategy, "family": cls.family,
+               "label": trial.label, "params": trial.config.to_dict(), "seed": trial.seed,
+               "train_size": trial.train_size if trial.train_size else len(train) if cls.uses_train else 0,
+               "train_size_spec": trial.train_size_spec, "metrics": metrics, "cost": cost,
+               "history": result.history if result else [], "record": record}
+        staged = self.store.staging_dir(trial.key)
+        predictor.save(staged)
+        self.store.add_trial(row, staged)
+        log.info("trial %s seed=%d n=%d: accuracy %.4f macro-F1 %.4f", trial.label, trial.seed, row["train_size"],
+                 metrics["accuracy"], metrics["macro_f1"])
+        return row
+
+
+def trial_json(row: dict) -> dict:
+    """The public JSON shape of one stored trial (``tunebench run --json``)."""
+    return {"strategy": row["strategy"], "label": row["label"], "family": row["family"], "params": row["params"],
+            "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
+            "history": row["history"], "artifact": row["artifact"], "key": row["key"]}
+

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random BERT with a locally trained tokenizer, and small task files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful", "brilliant"]
+NEGATIVE = ["awful", "terrible", "dreadful", "boring", "horrible", "poor", "dull", "bad"]
+FILLER = ["the", "movie", "was", "plot", "acting", "really", "quite", "story", "film", "and", "a", "very"]
+
+
+def toy_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """Sentiment rows whose label is decided by one cue word among filler words (learnable by a tiny model)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT and a WordPiece tokenizer trained here: no download."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [t for t, _ in toy_rows(400, 0)] + POSITIVE + NEGATIVE + [str(i) for i in range(1000)]
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(corpus, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model_dir):
+    from tunebench.backends import load_backend
+    from tunebench.config import ModelConfig
+
+    return load_backend(ModelConfig(path=str(tiny_model_dir), precision="fp32"))
+
+
+@pytest.fixture()
+def toy_files(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_csv(tmp_path / "train.csv", toy_rows(64, 1)),
+        "dev": write_csv(tmp_path / "dev.csv", toy_rows(16, 2)),
+        "test": write_csv(tmp_path / "test.csv", toy_rows(16, 3)),
+    }
+
+
+@pytest.fixture()
+def toy_task(toy_files):
+    from tunebench.config import TaskConfig
+    from tunebench.data import load_task
+
+    cfg = TaskConfig(data={k: str(v) for k, v in toy_files.items()}, text="text", label="label",
+                     labels={"neg": "negative", "pos": "positive"})
+    return load_task(cfg)

@@ -1,0 +1,149 @@
+"""Every registered strategy, on a tiny random BERT: adapt, predict, save, load, same predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+import yaml
+
+from tunebench.errors import CapabilityError, ConfigError
+from tunebench.strategies import load_predictor, registry
+
+EXPECTED = {"zero_shot", "few_shot", "linear_probe", "soft_prompt", "lora", "full", "gradual_unfreeze"}
+QUICK = {"epochs": 2, "batch_size": 16, "max_length": 32}
+
+
+def quick_config(name: str):
+    cls = registry.get(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    params = {k: v for k, v in QUICK.items() if k in fields}
+    if name == "few_shot":
+        params["shots"] = 2
+    return cls.config_from_dict(params)
+
+
+def test_registry_holds_every_strategy():
+    assert set(registry.all()) == EXPECTED
+    for name, cls in registry.all().items():
+        assert cls.name == name
+        assert cls.config_cls.__name__.endswith("Config")
+        assert cls.family in {"prompting", "prompt_tuning", "weight_tuning"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_adapt_keeps_the_shared_signature(name):
+    sig = inspect.signature(registry.get(name).adapt)
+    params = list(sig.parameters.values())
+    assert [p.name for p in params] == ["self", "backend", "task", "train", "dev"]
+    assert [p.kind for p in params[3:]] == [inspect.Parameter.KEYWORD_ONLY] * 2
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_survives_a_yaml_round_trip(name):
+    cls = registry.get(name)
+    cfg = quick_config(name)
+    text = yaml.safe_dump(cfg.to_dict())
+    again = cls.config_from_dict(yaml.safe_load(text))
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_rejects_unknown_and_bad_values(name):
+    cls = registry.get(name)
+    with pytest.raises(ConfigError, match="unknown parameter 'no_such_key'"):
+        cls.config_from_dict({"no_such_key": 1})
+    bad_field = "epochs" if "epochs" in {f.name for f in dataclasses.fields(cls.config_cls)} else "max_length"
+    with pytest.raises(ConfigError):
+        cls.config_from_dict({bad_field: -3})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+class TestEveryStrategy:
+    """The common contract, run for each registered strategy on the tiny backend."""
+
+    def test_adapt_predict_save_load(self, name, tiny_backend, toy_task, tmp_path):
+        cls = registry.get(name)
+        strategy = cls(quick_config(name), seed=0)
+        predictor = strategy.adapt(tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+        texts = toy_task.test.texts
+        scores = predictor.predict_scores(texts)
+        assert scores.shape == (len(texts), len(toy_task.label_names))
+        assert np.isfinite(scores).all()
+        pred = predictor.predict(texts)
+        assert set(pred.tolist()) <= {0, 1}
+
+        predictor.save(tmp_path / "artifact")
+        files = {p.name for p in (tmp_path / "artifact").iterdir()}
+        assert "predictor.json" in files
+        assert not any(f.endswith((".pkl", ".pt", ".bin")) for f in files), files  # safetensors / JSON only
+        loaded = load_predictor(tmp_path / "artifact", tiny_backend)
+        np.testing.assert_allclose(loaded.predict_scores(texts), scores, rtol=1e-4, atol=1e-4)
+        assert loaded.predict(texts).tolist() == pred.tolist()
+
+    def test_training_strategies_report_their_training(self, name, tiny_backend, toy_task):
+        cls = registry.get(name)
+        predictor = cls(quick_config(name), seed=0).adapt(tiny_backend, toy_task, train=toy_task.train,
+                                                          dev=toy_task.dev)
+        result = getattr(predictor, "train_result", None)
+        if cls.family == "prompting":
+            assert result is None
+            return
+        assert len(result.history) == 2 and 1 <= result.best_epoch <= 2
+        assert result.examples_seen == 2 * len(toy_task.train)
+        total = sum(p.numel() for p in predictor.model.parameters())
+        assert 0 < result.trainable_params <= total
+        if name in ("linear_probe", "soft_prompt", "lora"):
+            assert result.trainable_params < total / 2  # the encoder itself stays (mostly) frozen
+        if name == "full":
+            assert result.trainable_params == total
+
+
+def test_same_seed_same_numbers(tiny_backend, toy_task):
+    cls = registry.get("lora")
+    runs = [cls(quick_config("lora"), seed=3).adapt(tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+            .predict_scores(toy_task.test.texts) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_zero_shot_expands_one_trial_per_template():
+    cls = registry.get("zero_shot")
+    cfg = cls.config_from_dict({"templates": ["{label}", "It is {label}."]})
+    assert [c.templates for c in cls.expand(cfg)] == [["{label}"], ["It is {label}."]]
+    with pytest.raises(ConfigError, match="label"):
+        cls.config_from_dict({"templates": ["no placeholder"]})
+
+
+def test_gradual_unfreeze_follows_its_schedule(tiny_backend, toy_task):
+    cls = registry.get("gradual_unfreeze")
+    cfg = cls.config_from_dict({**QUICK, "epochs": 3, "schedule": [0, 1, 3]})
+    strategy = cls(cfg, seed=0)
+    model = strategy.build_model(tiny_backend, 2)
+    apply = strategy.schedule(model)
+    counts = []
+    for epoch in range(3):
+        apply(epoch)
+        counts.append(sum(p.numel() for p in model.encoder.parameters() if p.requires_grad))
+    assert counts[0] == 0 < counts[1] < counts[2]
+    layer = sum(p.numel() for p in model.encoder.encoder.layer[-1].parameters())
+    assert counts[1] == layer
+
+
+class _NoTrainBackend:
+    name = "frozen-api"
+    capabilities = frozenset({"embed"})
+    model_id = "remote"
+
+    def require(self, *caps, strategy=""):
+        from tunebench.backends.base import Backend
+
+        Backend.require(self, *caps, strategy=strategy)
+
+
+def test_missing_capability_is_a_typed_error(toy_task):
+    cls = registry.get("lora")
+    with pytest.raises(CapabilityError, match="needs \\['train'\\]"):
+        cls(quick_config("lora")).adapt(_NoTrainBackend(), toy_task, train=toy_task.train, dev=toy_task.dev)
