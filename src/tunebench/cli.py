@@ -24,6 +24,8 @@ app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation la
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    out = Console(width=140)
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -110,10 +112,10 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
 
     board = leaderboard(rows, metric)
     table = Table(title=f"{name}: {metric} on test (mean ± std over seeds)", title_justify="left")
-    for col, just in (("strategy", "left"), ("family", "left"), ("train n", "right"), ("seeds", "right"),
-                      (metric, "right"), ("macro-F1", "right"), ("train s", "right"), ("latency p50 ms", "right"),
-                      ("trainable", "right")):
-        table.add_column(col, justify=just)
+    table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
+    table.add_column("family", no_wrap=True)
+    for col in ("train n", "seeds", metric, "macro-F1", "train s", "p50 ms", "trainable"):
+        table.add_column(col, justify="right", no_wrap=True)
     for e in board:
         q = f"{e['quality_mean']:.3f} ± {e['quality_std']:.3f}" if len(e["seeds"]) > 1 else f"{e['quality_mean']:.3f}"
         f1 = f"{e['macro_f1_mean']:.3f}"

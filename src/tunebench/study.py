@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,9 +52,9 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__, "datasets": datasets.__version__}
 
 
-def describe_params(strategy: str, config: StrategyConfig) -> str:
-    """``lora(r=16)``: the strategy name and the parameters that differ from its defaults."""
-    defaults = registry.get(strategy).config_cls().to_dict()
+def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None = None) -> str:
+    """``lora(r=16)``: the strategy name and the parameters that differ from ``baseline`` (default: its defaults)."""
+    defaults = baseline if baseline is not None else registry.get(strategy).config_cls().to_dict()
     diff = {k: v for k, v in config.to_dict().items() if defaults.get(k) != v}
     if not diff:
         return strategy
@@ -106,6 +107,8 @@ class Study:
         trials, seen = [], set()
         for name, config in self.config.resolved_strategies():
             cls = registry.get(name)
+            known = {f.name for f in dataclasses.fields(cls.config_cls)}
+            baseline = cls.config_from_dict({k: v for k, v in self.config.training.items() if k in known}).to_dict()
             for cfg in cls.expand(config):
                 if cls.uses_train:
                     combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
@@ -120,7 +123,7 @@ class Study:
                     if key in seen:
                         continue
                     seen.add(key)
-                    trials.append(Trial(name, cfg, seed, str(spec), n, key, describe_params(name, cfg)))
+                    trials.append(Trial(name, cfg, seed, str(spec), n, key, describe_params(name, cfg, baseline)))
         return trials
 
     def run(self, backend: Backend | None = None) -> list[dict]:

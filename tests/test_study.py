@@ -1,0 +1,132 @@
+"""Studies: planning, the JSON output, the leaderboard, and resume after kill -9 or Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunebench.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def study_path(tmp_path, toy_files, tiny_model_dir) -> Path:
+    study = {
+        "name": "toy-ladder",
+        "task": {"type": "classification", "data": {k: str(v) for k, v in toy_files.items()},
+                 "text": "text", "label": "label", "labels": {"neg": "negative", "pos": "positive"}},
+        "model": {"backend": "encoder", "path": str(tiny_model_dir), "precision": "fp32"},
+        "training": {"epochs": 2, "batch_size": 16, "max_length": 32},
+        "strategies": [{"zero_shot": {"templates": ["{label}", "it was {label}"]}}, {"few_shot": {"shots": 2}},
+                       {"linear_probe": {}}, {"full": {"epochs": 1}}],
+        "seeds": [0, 1],
+        "train_sizes": [16, "all"],
+        "store": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def stored(store: Path) -> list[tuple]:
+    db = store / "tunebench.db"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("SELECT key, finished_at FROM trials").fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def planned_keys(path: Path) -> set[str]:
+    from tunebench.config import load_study
+    from tunebench.study import Study
+
+    cfg, base = load_study(path)
+    return {t.key for t in Study(cfg, base_dir=base).plan()}
+
+
+def test_plan_expands_templates_seeds_and_sizes(study_path):
+    keys = planned_keys(study_path)
+    # zero_shot: 2 templates, once each (no training data, no seed); 3 trained strategies x 2 seeds x 2 sizes
+    assert len(keys) == 2 + 3 * 2 * 2
+
+
+def test_run_json_prints_one_document(study_path, tmp_path):
+    result = runner.invoke(app, ["run", str(study_path), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["study"] == "toy-ladder"
+    assert len(doc["trials"]) == 14
+    for t in doc["trials"]:
+        assert {"strategy", "params", "seed", "train_size", "metrics", "cost"} <= set(t)
+        assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(t["metrics"])
+        assert {"trainable_params", "train_seconds", "train_examples_per_s", "latency_ms_p50", "latency_ms_p95",
+                "peak_memory_mb", "throughput_per_s"} <= set(t["cost"])
+        assert 0.0 <= t["metrics"]["accuracy"] <= 1.0
+        assert t["cost"]["latency_ms_p95"] >= t["cost"]["latency_ms_p50"] > 0
+        assert (tmp_path / "runs" / t["artifact"] / "predictor.json").is_file()
+    sizes = {t["train_size"] for t in doc["trials"] if t["strategy"] == "full"}
+    assert sizes == {16, 64}
+
+    again = runner.invoke(app, ["run", str(study_path), "--json"])  # everything finished: nothing reruns
+    assert [t["key"] for t in json.loads(again.stdout)["trials"]] == [t["key"] for t in doc["trials"]]
+
+    show = runner.invoke(app, ["show", "toy-ladder", "--store", str(tmp_path / "runs"), "--json"])
+    board = json.loads(show.stdout)["leaderboard"]
+    full = next(e for e in board if e["label"] == "full(epochs=1)" and e["train_size"] == 64)
+    accs = [t["metrics"]["accuracy"] for t in doc["trials"] if t["label"] == "full(epochs=1)" and t["train_size"] == 64]
+    assert full["seeds"] == [0, 1] and full["quality_mean"] == pytest.approx(sum(accs) / 2)
+    table = runner.invoke(app, ["show", str(study_path)])
+    assert table.exit_code == 0 and "linear_probe" in table.stdout
+    ls = runner.invoke(app, ["ls", "--store", str(tmp_path / "runs"), "--json"])
+    assert json.loads(ls.stdout)["studies"][0]["trials"] == 14
+
+
+def _start(study_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tunebench", "run", str(study_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_trials(proc: subprocess.Popen, store: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while len(stored(store)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "study made no progress"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_killed_study_resumes_with_each_trial_once(study_path, tmp_path, sig):
+    store = tmp_path / "runs"
+    proc = _start(study_path)
+    _wait_for_trials(proc, store, 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "resume" in err
+    before = dict(stored(store))
+    assert 3 <= len(before) < 14
+
+    result = runner.invoke(app, ["run", str(study_path), "--json"])
+    assert result.exit_code == 0, result.output
+    after = dict(stored(store))
+    keys = [t["key"] for t in json.loads(result.stdout)["trials"]]
+    assert len(keys) == len(set(keys)) == 14
+    assert set(after) == set(keys) == planned_keys(study_path)
+    assert all(after[k] == v for k, v in before.items())  # finished trials were not run again
+    leftovers = [p.name for p in (store / "artifacts").iterdir() if p.name.endswith(".partial")]
+    assert leftovers == []
