@@ -26,6 +26,8 @@ err = Console(stderr=True)
 out = Console()
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
     out = Console(width=140)
+if not err.is_terminal:
+    err = Console(stderr=True, width=140)
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -46,6 +48,7 @@ def _setup_logging(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
     for noisy in ("httpx", "urllib3", "filelock", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("tunebench.data").setLevel(logging.ERROR)  # the CLI prints data warnings itself
 
 
 class RichReporter(StudyReporter):
