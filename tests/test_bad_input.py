@@ -177,3 +177,37 @@ def test_run_on_bad_data_leaves_no_traceback(tmp_path, good):
     result = runner.invoke(app, ["run", str(path), "--store", str(tmp_path / "runs")])
     assert result.exit_code == 2
     assert "missing.csv" in result.output and "Traceback" not in result.output
+
+
+def test_bad_jsonl_names_the_line(tmp_path, good):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": "broken", "label": \n', encoding="utf-8")
+    code, text = validate(study_file(tmp_path, {**good, "train": str(path)}))
+    assert code == 2 and "train.jsonl line 2" in text and "JSON" in text
+
+
+def test_jsonl_and_parquet_are_read(tmp_path):
+    import pandas as pd
+
+    from tunebench.config import TaskConfig
+    from tunebench.data import load_task
+
+    rows = toy_rows(30, 4)
+    df = pd.DataFrame(rows, columns=["text", "label"])
+    df.to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    df.to_parquet(tmp_path / "train.parquet")
+    for name in ("train.jsonl", "train.parquet"):
+        data = load_task(TaskConfig(data=str(tmp_path / name), text="text", label="label"))
+        assert len(data.train) + len(data.dev) + len(data.test) == 30
+        assert data.label_names == ["neg", "pos"]
+
+
+def test_multi_field_text_template(tmp_path):
+    from tunebench.config import TaskConfig
+    from tunebench.data import load_task
+
+    path = write_csv(tmp_path / "two.csv", [(f"title {i}", f"body {i}", "pos" if i % 2 else "neg") for i in range(20)],
+                     header=("title", "body", "label"))
+    data = load_task(TaskConfig(data=str(path), text=["title", "body"], text_template="{title}: {body}",
+                                label="label"))
+    assert all(t.startswith("title ") and ": body " in t for t in data.train.texts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,6 +101,16 @@ def _check_text_file(path: Path, fmt: str) -> None:
             raise DataError(f"{path} line {reader.line_num}: malformed {fmt.upper()}: {exc}") from None
         if reader.line_num < 2:
             raise DataError(f"{path}: only a header row, no examples")
+    elif fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object with named fields, got {type(row).__name__}")
 
 
 def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list], list[str]]:
