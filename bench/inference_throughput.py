@@ -20,29 +20,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, read_tsv  # noqa: E402
+
 TARGET_RATIO = 2.5
 TARGET_COS = 0.99
-
-
-def read_tsv(path: Path) -> tuple[list[str], list[int]]:
-    """SST-2 TSV (header ``sentence<TAB>label``, no quoting)."""
-    texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        si, li = header.index("sentence"), header.index("label")
-        for row in reader:
-            if row:
-                texts.append(row[si])
-                labels.append(int(row[li]))
-    return texts, labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per side (alternating); median reported")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier predict comparison")
     p.add_argument("--clf-train", type=int, default=500, help="train examples for the quick classifier fine-tune")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for both sides (None: torch's choice, one per core)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -92,10 +81,13 @@ def main(argv=None) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from tunebench.backends import load_backend
-    from tunebench.backends.encoder import default_model_dir, mean_pool
+    from tunebench.backends.encoder import default_model_dir
     from tunebench.config import ModelConfig
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dv_texts, dv_labels = read_tsv(sst2 / "dev.tsv")
     order = np.random.default_rng(args.seed).permutation(len(dv_texts))[: args.n]
@@ -115,7 +107,8 @@ def main(argv=None) -> int:
             enc = tok(batch_texts[s : s + bs], padding=True, truncation=True, max_length=args.max_length,
                       return_tensors="pt")
             hidden = plain(**enc).last_hidden_state
-            out.append(mean_pool(hidden, enc["attention_mask"]))
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
         return torch.cat(out)
 
     def tb_embed(batch_texts):

@@ -25,50 +25,46 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, read_tsv  # noqa: E402
+
 TARGET_RATIO = 2.5
 TARGET_ACC_POINTS = 1.0
-
-
-def read_tsv(path: Path) -> tuple[list[str], list[int]]:
-    """SST-2 TSV (header ``sentence<TAB>label``, no quoting)."""
-    texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        si, li = header.index("sentence"), header.index("label")
-        for row in reader:
-            if row:
-                texts.append(row[si])
-                labels.append(int(row[li]))
-    return texts, labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-train", type=int, default=2000, help="training examples (after a fixed-seed shuffle)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2, help="epochs, both sides")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size, both sides")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, both sides")
+    p.add_argument("--max-length", type=int, default=128, help="tokens kept per input, both sides")
     p.add_argument("--dev-limit", type=int, default=None,
-                   help="score on a fixed-seed subset of this many dev examples (default: the full dev set)")
+                   help="score on a fixed-seed subset of this many dev examples (None: the full dev set)")
     p.add_argument("--n-select", type=int, default=500,
                    help="held-out train examples tunebench's fit uses to pick its best epoch")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="tunebench precision")
     p.add_argument("--eval-batch-size", type=int, default=128, help="reference's batch size when scoring dev")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train each side this many times, alternating (tunebench, reference, ...); the median "
+                        "examples/s is reported; dev scoring runs on the first repeat only (runs are seeded)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for both sides (None: torch's choice, one per core)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def run_tunebench(args, train, select, dev):
+def run_tunebench(args, train, select, dev, *, score: bool = True):
     import torch
+    import transformers
 
     from tunebench.backends import load_backend
     from tunebench.config import LabelSpec, ModelConfig
@@ -76,6 +72,7 @@ def run_tunebench(args, train, select, dev):
     from tunebench.strategies import registry
     from tunebench.strategies.full import FullConfig
 
+    transformers.utils.logging.disable_progress_bar()
     backend = load_backend(ModelConfig(path="default", precision=args.precision))
     labels = [LabelSpec(value="0", name="negative"), LabelSpec(value="1", name="positive")]
     task = TaskData(task=None, labels=labels, train=train, dev=select, test=dev)
@@ -85,16 +82,19 @@ def run_tunebench(args, train, select, dev):
     predictor = registry.get("full")(cfg, seed=args.seed).adapt(backend, task, train=train, dev=select)
     adapt_s = time.perf_counter() - t0
     result = predictor.train_result
-    t0 = time.perf_counter()
-    pred = predictor.predict(dev.texts)
-    score_s = time.perf_counter() - t0
-    acc = float((pred == dev.labels).mean())
+    acc = score_s = float("nan")
+    if score:
+        t0 = time.perf_counter()
+        pred = predictor.predict(dev.texts)
+        score_s = time.perf_counter() - t0
+        acc = float((pred == dev.labels).mean())
     return {"eps": result.examples_per_s, "train_s": result.train_seconds, "adapt_s": adapt_s,
             "acc": acc, "score_s": score_s, "precision": backend.describe()["precision"],
             "best_epoch": result.best_epoch, "history": result.history}
 
 
-def run_reference(args, train, dev):
+def run_reference(args, train, dev, *, score: bool = True):
+    import datasets
     import numpy as np
     import transformers
     from datasets import Dataset
@@ -104,6 +104,8 @@ def run_reference(args, train, dev):
     from tunebench.backends.encoder import default_model_dir
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     path = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(path)
     transformers.set_seed(args.seed)
@@ -115,8 +117,9 @@ def run_reference(args, train, dev):
                       batched=True, remove_columns=["sentence"])
 
     train_ds, dev_ds = encode(train.texts, train.labels), encode(dev.texts, dev.labels)
+    outdir = tempfile.mkdtemp(prefix="tunebench-bench-trainer-")  # nothing is saved; removed below
     targs = TrainingArguments(
-        output_dir="/tmp/tunebench-bench-trainer", num_train_epochs=args.epochs,
+        output_dir=outdir, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
         learning_rate=args.lr, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=True, seed=args.seed,
@@ -127,12 +130,21 @@ def run_reference(args, train, dev):
     out = trainer.train()
     wall_s = time.perf_counter() - t0
     runtime = float(out.metrics["train_runtime"])
-    t0 = time.perf_counter()
-    logits = trainer.predict(dev_ds).predictions
-    score_s = time.perf_counter() - t0
-    acc = float((np.asarray(logits).argmax(-1) == dev.labels).mean())
+    acc = score_s = float("nan")
+    if score:
+        t0 = time.perf_counter()
+        logits = trainer.predict(dev_ds).predictions
+        score_s = time.perf_counter() - t0
+        acc = float((np.asarray(logits).argmax(-1) == dev.labels).mean())
+    shutil.rmtree(outdir, ignore_errors=True)
     return {"eps": len(train) * args.epochs / runtime, "train_s": runtime, "wall_s": wall_s, "acc": acc,
             "score_s": score_s, "optim": str(targs.optim), "train_loss": float(out.metrics.get("train_loss", "nan"))}
+
+
+def scored(res: dict) -> str:
+    if res["acc"] != res["acc"]:  # nan: not scored on this repeat
+        return "dev not scored on this repeat"
+    return f"dev acc {res['acc']:.4f} (scored in {res['score_s']:.1f}s)"
 
 
 def main(argv=None) -> int:
@@ -147,6 +159,8 @@ def main(argv=None) -> int:
 
     from tunebench.data import Split
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tr_texts, tr_labels = read_tsv(sst2 / "train.tsv")
     dv_texts, dv_labels = read_tsv(sst2 / "dev.tsv")
     if args.n_train + args.n_select > len(tr_texts):
@@ -168,14 +182,22 @@ def main(argv=None) -> int:
           f"(+{len(select)} held out for tunebench's epoch selection), epochs {args.epochs}, batch {args.batch_size}, "
           f"lr {args.lr:g}, max_length {args.max_length}; scoring on the {dev_desc}", flush=True)
 
-    tb = run_tunebench(args, train, select, dev)
-    print(f"tunebench done: {tb['eps']:.1f} ex/s ({tb['train_s']:.1f}s training, {tb['adapt_s']:.1f}s adapt incl. "
-          f"tokenization and per-epoch selection eval), best epoch {tb['best_epoch']}, dev acc {tb['acc']:.4f} "
-          f"(scored in {tb['score_s']:.1f}s)", flush=True)
-    ref = run_reference(args, train, dev)
-    print(f"reference done: {ref['eps']:.1f} ex/s ({ref['train_s']:.1f}s train_runtime, {ref['wall_s']:.1f}s wall), "
-          f"optim {ref['optim']}, final train loss {ref['train_loss']:.4f}, dev acc {ref['acc']:.4f} "
-          f"(scored in {ref['score_s']:.1f}s)", flush=True)
+    tb_eps, ref_eps = [], []
+    for r in range(max(1, args.repeats)):
+        first = r == 0
+        res = run_tunebench(args, train, select, dev, score=first)
+        tb = res if first else tb
+        tb_eps.append(res["eps"])
+        print(f"[{r + 1}] tunebench done: {res['eps']:.1f} ex/s ({res['train_s']:.1f}s training, {res['adapt_s']:.1f}s "
+              f"adapt incl. tokenization and per-epoch selection eval), best epoch {res['best_epoch']}, "
+              f"{scored(res)}", flush=True)
+        res = run_reference(args, train, dev, score=first)
+        ref = res if first else ref
+        ref_eps.append(res["eps"])
+        print(f"[{r + 1}] reference done: {res['eps']:.1f} ex/s ({res['train_s']:.1f}s train_runtime, {res['wall_s']:.1f}s "
+              f"wall), optim {res['optim']}, final train loss {res['train_loss']:.4f}, {scored(res)}", flush=True)
+    tb["eps"], ref["eps"] = statistics.median(tb_eps), statistics.median(ref_eps)
+    runs = f" (median of {len(tb_eps)})" if len(tb_eps) > 1 else ""
 
     ratio = tb["eps"] / ref["eps"]
     diff = 100.0 * (tb["acc"] - ref["acc"])
@@ -184,8 +206,8 @@ def main(argv=None) -> int:
     print()
     print(f"== training throughput, full fine-tuning, SST-2 ({len(train)} examples x {args.epochs} epochs) ==")
     print(f"tunebench precision:          {tb['precision']} (requested {args.precision})")
-    print(f"tunebench examples/s:         {tb['eps']:.1f}")
-    print(f"reference examples/s:         {ref['eps']:.1f}  (HF Trainer, fp32)")
+    print(f"tunebench examples/s:         {tb['eps']:.1f}{runs}")
+    print(f"reference examples/s:         {ref['eps']:.1f}{runs}  (HF Trainer, fp32)")
     print(f"ratio tunebench/reference:    {ratio:.2f}x   target >= {TARGET_RATIO}: {'PASS' if ok_ratio else 'FAIL'}")
     print(f"dev accuracy ({dev_desc}):")
     print(f"  tunebench:                  {100 * tb['acc']:.2f}")
