@@ -147,3 +147,20 @@ def test_missing_capability_is_a_typed_error(toy_task):
     cls = registry.get("lora")
     with pytest.raises(CapabilityError, match="needs \\['train'\\]"):
         cls(quick_config("lora")).adapt(_NoTrainBackend(), toy_task, train=toy_task.train, dev=toy_task.dev)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bf16_autocast_path(name, tiny_model_dir, toy_task, tmp_path):
+    """The bf16 path (taken automatically on AMX CPUs and bf16 GPUs) trains, predicts and reloads."""
+    from tunebench.backends import load_backend
+    from tunebench.config import ModelConfig
+
+    backend = load_backend(ModelConfig(path=str(tiny_model_dir), precision="bf16"))
+    assert backend.describe()["precision"] == "bf16"
+    predictor = registry.get(name)(quick_config(name), seed=0).adapt(backend, toy_task, train=toy_task.train,
+                                                                     dev=toy_task.dev)
+    scores = predictor.predict_scores(toy_task.test.texts)
+    assert scores.dtype == np.float32 and np.isfinite(scores).all()
+    predictor.save(tmp_path / "a")
+    again = load_predictor(tmp_path / "a", backend).predict(toy_task.test.texts)
+    assert again.tolist() == predictor.predict(toy_task.test.texts).tolist()

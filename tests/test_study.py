@@ -69,6 +69,7 @@ def test_run_json_prints_one_document(study_path, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["study"] == "toy-ladder"
+    assert doc["data"]["checks"]["n_train"] == 64 and doc["data"]["labels"] == ["negative", "positive"]
     assert len(doc["trials"]) == 14
     for t in doc["trials"]:
         assert {"strategy", "params", "seed", "train_size", "metrics", "cost"} <= set(t)

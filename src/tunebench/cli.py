@@ -145,7 +145,8 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
             err.print("[yellow]interrupted[/]: finished trials are saved; run the same command again to resume.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
-        sys.stdout.write(json.dumps({"study": cfg.name, "store": str(study_store.root),
+        data = {"checks": study.data.checks, "warnings": study.data.warnings, "labels": study.data.label_names}
+        sys.stdout.write(json.dumps({"study": cfg.name, "store": str(study_store.root), "data": data,
                                      "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")
     else:
         print_leaderboard(cfg.name, rows, "accuracy", out)
