@@ -211,3 +211,49 @@ def test_multi_field_text_template(tmp_path):
     data = load_task(TaskConfig(data=str(path), text=["title", "body"], text_template="{title}: {body}",
                                 label="label"))
     assert all(t.startswith("title ") and ": body " in t for t in data.train.texts)
+
+
+def test_line_numbers_follow_multiline_fields_and_blank_lines(tmp_path, good):
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"two\nlines",pos\n\nfine,neg\n"",pos\n', encoding="utf-8")
+    code, text = validate(study_file(tmp_path, {**good, "train": str(path)}))
+    assert code == 2 and "multi.csv line 6" in text and "empty text" in text
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ({"seeds": []}, "seeds"),
+    ({"train_sizes": []}, "train_sizes"),
+    ({"model": {"path": "x", "device": "gpu"}}, "model.device"),
+])
+def test_study_fields_are_checked(tmp_path, good, patch, expected):
+    path = study_file(tmp_path, good)
+    study = {**yaml.safe_load(path.read_text()), **patch}
+    path.write_text(yaml.safe_dump(study))
+    code, text = validate(path)
+    assert code == 2 and expected in text
+
+
+def test_drop_leakage_that_empties_a_class(tmp_path):
+    rows = toy_rows(20, 1)
+    train = write_csv(tmp_path / "train.csv", rows)
+    path = study_file(tmp_path, {"train": str(train), "dev": str(train), "test": str(train)}, drop_leakage=True)
+    code, text = validate(path)
+    assert code == 2 and "drop_leakage" in text and "train.csv" in text
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ({"lora": {"target_modules": ["no_such_module"]}}, "cannot prepare the model"),
+    ({"soft_prompt": {"max_length": 60}}, "exceeds the model's 64 positions"),
+])
+def test_strategy_mistakes_fail_before_any_trial(tmp_path, good, tiny_model_dir, strategy, expected):
+    path = study_file(tmp_path, good)
+    study = yaml.safe_load(path.read_text())
+    study["model"] = {"path": str(tiny_model_dir), "precision": "fp32"}
+    study["strategies"] = [{"zero_shot": {}}, strategy]
+    path.write_text(yaml.safe_dump(study))
+    result = runner.invoke(app, ["run", str(path), "--store", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    from tunebench.store import Store
+
+    assert Store(tmp_path / "runs").trials("bad") == []  # nothing ran

@@ -131,3 +131,18 @@ def test_killed_study_resumes_with_each_trial_once(study_path, tmp_path, sig):
     assert all(after[k] == v for k, v in before.items())  # finished trials were not run again
     leftovers = [p.name for p in (store / "artifacts").iterdir() if p.name.endswith(".partial")]
     assert leftovers == []
+
+
+def test_show_lists_only_the_current_plan(study_path, tmp_path):
+    assert runner.invoke(app, ["run", str(study_path)]).exit_code == 0
+    study = yaml.safe_load(study_path.read_text())
+    study["strategies"] = [{"linear_probe": {}}]
+    study["training"]["epochs"] = 1  # same labels as before, different trials
+    study_path.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert runner.invoke(app, ["run", str(study_path)]).exit_code == 0
+    doc = json.loads(runner.invoke(app, ["show", str(study_path), "--json"]).stdout)
+    assert {t["strategy"] for t in doc["trials"]} == {"linear_probe"}
+    assert all(len(e["seeds"]) == 2 for e in doc["leaderboard"])  # old trials are not averaged in
+    from tunebench.store import Store
+
+    assert len(Store(tmp_path / "runs").trials("toy-ladder")) == 14 + 4  # the old ones are kept

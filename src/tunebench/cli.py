@@ -215,8 +215,7 @@ def show(study: str = typer.Argument(..., help="Study name or study YAML."), sto
             raise TunebenchError(f"--metric: '{metric}' is not one of accuracy, macro_f1")
         name, root = _resolve_study_name(study, store)
         st = Store(root, create=False)
-        st.study_config(name)
-        rows = st.trials(name)
+        rows = st.trials(name, st.current_keys(name))
     except TunebenchError as exc:
         _fail(exc)
     if as_json:

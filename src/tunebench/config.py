@@ -52,7 +52,7 @@ class TaskConfig(_Strict):
     text_template: str | None = Field(None, description="How several text fields are joined, e.g. '{title}: {body}'.")
     label: str = Field(description="Label field.")
     labels: list[LabelSpec] | None = Field(None, description="Label values, names and descriptions (default: from train).")
-    instruction: str | None = Field(None, description="What the task is, in words (used by prompting strategies).")
+    instruction: str | None = Field(None, description="What the task is, in words (stored with the results; for generative prompting backends).")
     split: SplitConfig = Field(default_factory=SplitConfig)
     drop_leakage: bool = Field(False, description="Drop train rows whose text also appears in dev or test.")
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = Field(
@@ -117,7 +117,7 @@ class ModelConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the hardware supports it, fp32 otherwise."
     )
-    device: str = Field("auto", description="auto, cpu or cuda[:N].")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu or cuda[:N].")
 
 
 class StrategyEntry(_Strict):
@@ -135,8 +135,8 @@ class StudyConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategies: list[StrategyEntry]
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"])
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"], min_length=1)
     store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
 
     @field_validator("model", mode="before")

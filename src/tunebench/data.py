@@ -76,8 +76,9 @@ def _format_of(path: Path, override: str | None) -> str:
     return fmt
 
 
-def _check_text_file(path: Path, fmt: str) -> None:
-    """UTF-8 and, for CSV/TSV, a consistent number of fields per row: errors name the line."""
+def _check_text_file(path: Path, fmt: str) -> list[int] | None:
+    """UTF-8, and a consistent number of fields per CSV/TSV row or one JSON object per JSONL line: errors name
+    the line. Returns the line on which each example starts (quoted fields may span lines, blank lines skip)."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -91,26 +92,39 @@ def _check_text_file(path: Path, fmt: str) -> None:
         delim = "\t" if fmt == "tsv" else ","
         quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quoting=quoting, strict=True)
+        starts: list[int] = []
         try:
             header = next(reader)
-            for row in reader:
-                if row and len(row) != len(header):
+            while True:
+                start = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    break
+                if not row:
+                    continue
+                starts.append(start)
+                if len(row) != len(header):
                     raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, but the header has "
                                     f"{len(header)} ({delim!r}-separated); quote fields that contain {delim!r}")
         except csv.Error as exc:
             raise DataError(f"{path} line {reader.line_num}: malformed {fmt.upper()}: {exc}") from None
-        if reader.line_num < 2:
+        if not starts:
             raise DataError(f"{path}: only a header row, no examples")
-    elif fmt == "jsonl":
+        return starts
+    if fmt == "jsonl":
+        starts = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            starts.append(n)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object with named fields, got {type(row).__name__}")
+        return starts
+    return None
 
 
 def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list], list[str]]:
@@ -123,8 +137,7 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty; it needs a header row and at least one example")
     fmt = _format_of(path, fmt)
-    if fmt != "parquet":
-        _check_text_file(path, fmt)
+    starts = _check_text_file(path, fmt) if fmt != "parquet" else None
     kwargs: dict = {}
     builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
     if fmt == "tsv":
@@ -139,9 +152,9 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
         raise DataError(f"{path}: could not be read as {fmt.upper()}: {str(cause).splitlines()[0][:300]}") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no examples")
-    first = 2 if fmt in ("csv", "tsv") else 1
-    where = "line" if fmt in ("csv", "tsv", "jsonl") else "row"
-    return ds.to_dict(), [f"{where} {i + first}" for i in range(len(ds))]
+    if starts is not None and len(starts) == len(ds):
+        return ds.to_dict(), [f"line {n}" for n in starts]
+    return ds.to_dict(), [f"row {i + 1}" for i in range(len(ds))]
 
 
 def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:
@@ -279,6 +292,14 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         keep = [i for i, t in enumerate(splits["train"].texts) if t not in held]
         checks["leakage_dropped"] = len(splits["train"]) - len(keep)
         splits["train"] = splits["train"].subset(keep)
+        left = set(splits["train"].labels.tolist())
+        if len(left) < 2:
+            raise DataError(f"{paths['train']}: after drop_leakage removed {checks['leakage_dropped']} rows also found "
+                            f"in dev/test, train has {len(splits['train'])} rows and {len(left)} class(es); "
+                            "give separate, non-overlapping files or set drop_leakage: false")
+        lost = sorted(present - left)
+        if lost:
+            warnings.append(f"drop_leakage removed every training example of {[names[i] for i in lost]}")
     counts = Counter(splits["train"].labels.tolist())
     ratio = max(counts.values()) / max(1, min(counts.values()))
     checks["imbalance_ratio"] = round(ratio, 2)

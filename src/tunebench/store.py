@@ -83,11 +83,17 @@ class Store:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def save_study(self, name: str, config: dict, source: str | None) -> None:
+    def save_study(self, name: str, config: dict, source: str | None, keys: list[str]) -> None:
+        """Record a study's current config and the keys of its current plan (``show`` lists only those)."""
+        doc = {"config": config, "keys": keys}
         with self._connect() as con:
             con.execute("INSERT INTO studies(name, config, source, updated_at) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT(name) DO UPDATE SET config=excluded.config, source=excluded.source, "
-                        "updated_at=excluded.updated_at", (name, json.dumps(config), source, time.time()))
+                        "updated_at=excluded.updated_at", (name, json.dumps(doc), source, time.time()))
+
+    def current_keys(self, name: str) -> set[str]:
+        """Trial keys of the study's latest plan: trials of an earlier config stay stored but are not current."""
+        return set(self.study_config(name)["keys"])
 
     def done_keys(self, study: str) -> set[str]:
         with self._connect() as con:

@@ -63,7 +63,7 @@ def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None
         if isinstance(v, list) and len(v) == 1:
             v = v[0]
         text = v if isinstance(v, str) else json.dumps(v)
-        parts.append(f"{k}={text if len(str(text)) <= 40 else str(text)[:37] + '...'}")
+        parts.append(f"{k}={text}")
     return f"{strategy}({', '.join(parts)})"
 
 
@@ -118,7 +118,7 @@ class Study:
                     n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
                     ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
                              "train_size": n, "model": self.config.model.model_dump(), "data": fingerprints,
-                             "labels": data.label_names}
+                             "labels": [lab.model_dump() for lab in data.labels]}
                     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
                     if key in seen:
                         continue
@@ -129,7 +129,7 @@ class Study:
     def run(self, backend: Backend | None = None) -> list[dict]:
         """Run pending trials; returns the stored rows of every trial in the plan."""
         trials = self.plan()
-        self.store.save_study(self.config.name, self.config.model_dump(), self.source)
+        self.store.save_study(self.config.name, self.config.model_dump(), self.source, [t.key for t in trials])
         done = self.store.done_keys(self.config.name)
         pending = [t for t in trials if t.key not in done]
         log.info("study %s: %d trials, %d already finished, %d to run", self.config.name, len(trials),
@@ -137,8 +137,11 @@ class Study:
         if pending:
             if backend is None:
                 backend = load_backend(self.config.model)
-            for cls in {registry.get(t.strategy) for t in pending}:  # capabilities before any work
-                cls(cls.config_cls()).check(backend)
+            checked = set()
+            for t in pending:  # capabilities, lengths, model preparation: before any work
+                if t.label not in checked:
+                    checked.add(t.label)
+                    registry.get(t.strategy)(t.config).preflight(backend)
         for i, trial in enumerate(pending, 1):
             self.reporter.trial_started(i, len(pending), f"{trial.label} seed={trial.seed} n={trial.train_size}")
             try:

@@ -27,6 +27,10 @@ def cpu_supports_bf16() -> bool:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"model.device: '{device}' asked for, but PyTorch sees no CUDA GPU here; use auto or cpu")
     return torch.device(device)
 
 

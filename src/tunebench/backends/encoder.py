@@ -73,6 +73,8 @@ class EncoderBackend(Backend):
 
     def __init__(self, config: ModelConfig, *, model: nn.Module | None = None, tokenizer=None):
         super().__init__(config)
+        if model is not None and getattr(model, "pooler", None) is not None:
+            model.pooler = None
         self.path = str(default_model_dir()) if config.path == "default" else config.path
         self._model = model
         self._tokenizer = tokenizer
@@ -94,6 +96,8 @@ class EncoderBackend(Backend):
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(src)
             self._model = AutoModel.from_pretrained(src)
+            if getattr(self._model, "pooler", None) is not None:  # mean pooling never uses it
+                self._model.pooler = None
         except OSError as exc:
             hint = "" if local.exists() else " (not a local directory; as a hub id it needs network access)"
             raise ModelLoadError(f"model '{self.path}' could not be loaded{hint}: {str(exc).splitlines()[0]}") from None
@@ -108,6 +112,11 @@ class EncoderBackend(Backend):
         return int(self._model.config.hidden_size)
 
     @property
+    def max_positions(self) -> int | None:
+        """Longest input (in tokens) the model's position embeddings allow, where it says."""
+        return getattr(self._model.config, "max_position_embeddings", None)
+
+    @property
     def num_layers(self) -> int:
         return int(self._model.config.num_hidden_layers)
 
@@ -119,7 +128,9 @@ class EncoderBackend(Backend):
         return EncoderClassifier(self.encoder_copy(), self.hidden_size, num_labels, dropout).to(self.device)
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        """Token ids without padding (batches are padded dynamically)."""
+        """Token ids without padding (batches are padded dynamically), truncated to the model's limit too."""
+        if self.max_positions:
+            max_length = min(max_length, self.max_positions)
         return self._tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
     def collate(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:

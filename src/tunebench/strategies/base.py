@@ -134,8 +134,24 @@ class Strategy(ABC):
         """Configs to run as separate trials (e.g. one per zero-shot template). Default: the config itself."""
         return [config]
 
+    def extra_positions(self) -> int:
+        """Positions the strategy adds to each input (e.g. soft-prompt virtual tokens)."""
+        return 0
+
     def check(self, backend) -> None:
+        """Fail before any work if the backend lacks a capability or the inputs cannot fit the model."""
         backend.require(*self.requires, strategy=self.name)
+        limit = getattr(backend, "max_positions", None)
+        max_length = getattr(self.config, "max_length", None)
+        # plain inputs are truncated to the model's limit by the backend; added positions must still fit
+        if limit and max_length and self.extra_positions() and max_length + self.extra_positions() > limit:
+            extra = f" + {self.extra_positions()} virtual tokens" if self.extra_positions() else ""
+            raise ConfigError(f"strategy '{self.name}': max_length {max_length}{extra} exceeds the model's "
+                              f"{limit} positions; lower max_length")
+
+    def preflight(self, backend) -> None:
+        """Everything :meth:`check` does plus checks that cost more (run once per study, before any trial)."""
+        self.check(backend)
 
     @abstractmethod
     def adapt(self, backend, task, *, train, dev) -> Predictor:

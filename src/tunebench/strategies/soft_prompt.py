@@ -32,6 +32,9 @@ class SoftPrompt(TuningStrategy):
     family = "prompt_tuning"
     config: SoftPromptConfig
 
+    def extra_positions(self) -> int:
+        return self.config.virtual_tokens
+
     def prepare(self, model: nn.Module) -> None:
         import peft
 

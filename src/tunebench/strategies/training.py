@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import Split
+from ..errors import ConfigError
 from ..evaluation.metrics import classification_metrics
 from ..progress import NULL_REPORTER, Reporter
 from .base import Predictor, Strategy, TrainConfig
@@ -242,6 +243,14 @@ class TuningStrategy(Strategy):
     requires: ClassVar[tuple[str, ...]] = ("train",)
     predictor_cls: ClassVar[type[Predictor]] = ClassifierPredictor
     config: TrainConfig
+
+    def preflight(self, backend) -> None:
+        self.check(backend)
+        try:  # catches config mistakes PEFT only sees on a real model (e.g. target_modules that match nothing)
+            self.build_model(backend, 2)
+        except Exception as exc:
+            raise ConfigError(f"strategy '{self.name}': cannot prepare the model with {self.config.to_dict()}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
     def build_model(self, backend, num_labels: int) -> nn.Module:
         """A fresh classifier, prepared for this strategy (frozen parts, PEFT wrapping)."""
