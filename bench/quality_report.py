@@ -2,7 +2,7 @@
 
     tunebench run bench/quality/sst2.yaml
     tunebench run bench/quality/banking77.yaml
-    python bench/quality_report.py
+    python bench/quality_report.py [STORE_DIR]
 
 Targets: SST-2 full fine-tuning >= 0.87 accuracy (train on ../shared train, score on ../shared dev),
 LoRA within 2 points of full, zero-shot and few-shot above chance; BANKING77 (80/20 split of ../shared
@@ -26,7 +26,8 @@ def best(board: list[dict], strategy: str) -> dict | None:
 
 
 def main() -> int:
-    store = Store(ROOT / "tunebench-runs", create=False)
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tunebench-runs"  # the quality studies' store
+    store = Store(root, create=False)
     ok = True
     for study, chance in (("quality-sst2", 0.5), ("quality-banking77", 1 / 77)):
         rows = store.trials(study)

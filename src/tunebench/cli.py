@@ -131,9 +131,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
     from .store import Store
     from .study import Study, trial_json
 
-    if store is not None:
-        cfg = cfg.model_copy(update={"store": str(store)})
-    study_store = Store(cfg.store)
+    study_store = Store(store if store is not None else cfg.store_path(base))
     with RichReporter(err) as reporter:
         study = Study(cfg, base_dir=base, store=study_store, reporter=reporter, source=source)
         for w in study.data.warnings:
@@ -196,8 +194,8 @@ def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: boo
 def _resolve_study_name(study: str, store: Optional[Path]) -> tuple[str, Path]:
     path = Path(study)
     if path.suffix in (".yaml", ".yml"):
-        cfg, _ = load_study(path)
-        return cfg.name, store or Path(cfg.store)
+        cfg, base = load_study(path)
+        return cfg.name, store or cfg.store_path(base)
     return study, store or Path(DEFAULT_STORE)
 
 

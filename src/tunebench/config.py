@@ -167,6 +167,14 @@ class StudyConfig(_Strict):
             raise ValueError("train sizes must be positive integers or 'all'")
         return v
 
+    def store_path(self, base_dir: str | Path = ".") -> Path:
+        """The results directory: a ``store`` written in the study is relative to the study file, the default
+        (``./tunebench-runs``) to the current directory."""
+        path = Path(self.store).expanduser()
+        if "store" in self.model_fields_set and not path.is_absolute():
+            return Path(base_dir) / path
+        return path
+
     def resolved_strategies(self) -> list[tuple[str, Any]]:
         """Each strategy entry as ``(name, <Name>Config)``, study-wide ``training`` merged under its params."""
         from .strategies import registry

@@ -92,7 +92,7 @@ class Study:
         self.failures: list[tuple[str, BaseException]] = []
 
     def _store_path(self) -> Path:
-        return Path(self.config.store)
+        return self.config.store_path(self.base_dir)
 
     @property
     def data(self) -> TaskData:
