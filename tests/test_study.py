@@ -146,3 +146,11 @@ def test_show_lists_only_the_current_plan(study_path, tmp_path):
     from tunebench.store import Store
 
     assert len(Store(tmp_path / "runs").trials("toy-ladder")) == 14 + 4  # the old ones are kept
+
+
+def test_store_in_the_study_is_relative_to_the_study_file(tmp_path):
+    from tunebench.config import parse_study
+
+    base = {"name": "s", "task": {"data": "x.csv", "text": "t", "label": "l"}, "strategies": ["zero_shot"]}
+    assert parse_study({**base, "store": "runs"}).store_path(tmp_path) == tmp_path / "runs"
+    assert parse_study(base).store_path(tmp_path) == Path("tunebench-runs")  # default: the working directory
