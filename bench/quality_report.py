@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tunebench.leaderboard import leaderboard
+from tunebench.errors import StoreError
 from tunebench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,11 @@ def best(board: list[dict], strategy: str) -> dict | None:
 
 def main() -> int:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tunebench-runs"  # the quality studies' store
-    store = Store(root, create=False)
+    try:
+        store = Store(root, create=False)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ok = True
     for study, chance in (("quality-sst2", 0.5), ("quality-banking77", 1 / 77)):
         rows = store.trials(study)
