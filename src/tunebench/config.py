@@ -175,6 +175,11 @@ class StudyConfig(_Strict):
             return Path(base_dir) / path
         return path
 
+    def shared_params(self, strategy_cls) -> dict[str, Any]:
+        """The study-wide ``training`` keys that this strategy's config has."""
+        known = {f.name for f in dataclasses.fields(strategy_cls.config_cls)}
+        return {k: v for k, v in self.training.items() if k in known}
+
     def resolved_strategies(self) -> list[tuple[str, Any]]:
         """Each strategy entry as ``(name, <Name>Config)``, study-wide ``training`` merged under its params."""
         from .strategies import registry
@@ -185,8 +190,7 @@ class StudyConfig(_Strict):
                 cls = registry.get(entry.name)
             except KeyError as exc:
                 raise ConfigError(f"strategies[{i}]: {exc.args[0]}") from None
-            known = {f.name for f in dataclasses.fields(cls.config_cls)}
-            shared = {k: v for k, v in self.training.items() if k in known}
+            shared = self.shared_params(cls)
             unknown_shared = sorted(set(self.training) - _all_config_keys())
             if unknown_shared:
                 raise ConfigError(f"training: unknown key(s) {unknown_shared}")

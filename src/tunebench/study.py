@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -107,8 +106,7 @@ class Study:
         trials, seen = [], set()
         for name, config in self.config.resolved_strategies():
             cls = registry.get(name)
-            known = {f.name for f in dataclasses.fields(cls.config_cls)}
-            baseline = cls.config_from_dict({k: v for k, v in self.config.training.items() if k in known}).to_dict()
+            baseline = cls.config_from_dict(self.config.shared_params(cls)).to_dict()
             for cfg in cls.expand(config):
                 if cls.uses_train:
                     combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
