@@ -44,7 +44,7 @@ def main() -> int:
         print(f"\n{study} (test accuracy; chance {chance:.3f})")
         for e in board:
             print(f"  {e['label']:<55} n={e['train_size']:<6} acc={e['quality_mean']:.4f} "
-                  f"macro-F1={e['macro_f1_mean']:.4f} train={e['train_seconds']:.0f}s")
+                  f"{e['secondary']}={e['secondary_mean']:.4f} train={e['train_seconds']:.0f}s")
         full = best(board, "full")
         checks = []
         if study == "quality-sst2":

@@ -90,3 +90,88 @@ def toy_task(toy_files):
     cfg = TaskConfig(data={k: str(v) for k, v in toy_files.items()}, text="text", label="label",
                      labels={"neg": "negative", "pos": "positive"})
     return load_task(cfg)
+
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "candle", "garden", "rocket", "violin", "mirror",
+         "forest", "pepper", "castle", "ocean", "saddle"]
+COLOURS = ["red", "blue", "green", "gold"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def word_rows(seed: int, repeats: int) -> list[tuple[str, str]]:
+    """The deterministic toy task: each word maps to one of four colours (word i -> colour i % 4)."""
+    rng = random.Random(seed)
+    rows = [(w, COLOURS[i % 4]) for i, w in enumerate(WORDS)] * repeats
+    rng.shuffle(rows)
+    return rows
+
+
+def _bpe_tokenizer(out: Path, chat: bool):
+    """A byte-level BPE tokenizer trained here on the toy vocabulary (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ([t for t, _ in toy_rows(400, 0)] + POSITIVE + NEGATIVE + WORDS + COLOURS
+              + ["Classify the text. Answer with one of: Text: Answer: Input: Output: Reasoning: positive negative"]
+              + [f"{w} {c} {w}{c}" for w in WORDS for c in COLOURS])
+    special = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with a chat template: the causal backend's test model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = _bpe_tokenizer(out, chat=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2,  # larger than the default so a frozen LM head can express a choice
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer random GPT-2 (learned positions, tied embeddings), no chat template."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = _bpe_tokenizer(out, chat=False)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from tunebench.backends import load_backend
+    from tunebench.config import ModelConfig
+
+    return load_backend(ModelConfig(backend="causal", path=str(tiny_llama_dir), precision="fp32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from tunebench.backends import load_backend
+    from tunebench.config import ModelConfig
+
+    return load_backend(ModelConfig(backend="causal", path=str(tiny_gpt2_dir), precision="fp32"))

@@ -12,17 +12,33 @@ import yaml
 from tunebench.errors import CapabilityError, ConfigError
 from tunebench.strategies import load_predictor, registry
 
-EXPECTED = {"zero_shot", "few_shot", "linear_probe", "soft_prompt", "lora", "full", "gradual_unfreeze"}
+EXPECTED = {"zero_shot", "few_shot", "chain_of_thought", "linear_probe", "soft_prompt", "lora", "full",
+            "gradual_unfreeze", "hybrid"}
+CAUSAL_ONLY = {"chain_of_thought", "hybrid"}
 QUICK = {"epochs": 2, "batch_size": 16, "max_length": 32}
+BACKENDS = ["encoder", "llama", "gpt2"]
 
 
-def quick_config(name: str):
+def quick_config(name: str, backend: str = "encoder"):
     cls = registry.get(name)
     fields = {f.name for f in dataclasses.fields(cls.config_cls)}
     params = {k: v for k, v in QUICK.items() if k in fields}
+    if backend != "encoder" and "max_length" in params:
+        params["max_length"] = 160  # a causal prompt holds the instruction, the labels and the input
     if name == "few_shot":
         params["shots"] = 2
+    if name == "chain_of_thought":
+        params["max_new_tokens"] = 12
+    if name == "hybrid":
+        params = {"tune": "lora", "prompt": "few_shot", "prompt_params": {"shots": 1},
+                  "tune_params": {**QUICK, "max_length": 200}}
     return cls.config_from_dict(params)
+
+
+@pytest.fixture(params=BACKENDS)
+def any_backend(request):
+    """The tiny encoder, the tiny Llama (with a chat template) and the tiny GPT-2 (without)."""
+    return request.getfixturevalue({"encoder": "tiny_backend", "llama": "tiny_llama", "gpt2": "tiny_gpt2"}[request.param])
 
 
 def test_registry_holds_every_strategy():
@@ -30,7 +46,7 @@ def test_registry_holds_every_strategy():
     for name, cls in registry.all().items():
         assert cls.name == name
         assert cls.config_cls.__name__.endswith("Config")
-        assert cls.family in {"prompting", "prompt_tuning", "weight_tuning"}
+        assert cls.family in {"prompting", "prompt_tuning", "weight_tuning", "hybrid"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -56,36 +72,46 @@ def test_config_rejects_unknown_and_bad_values(name):
     cls = registry.get(name)
     with pytest.raises(ConfigError, match="unknown parameter 'no_such_key'"):
         cls.config_from_dict({"no_such_key": 1})
-    bad_field = "epochs" if "epochs" in {f.name for f in dataclasses.fields(cls.config_cls)} else "max_length"
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    bad = {"epochs": -3} if "epochs" in fields else {"max_length": -3} if "max_length" in fields else {"tune": "nope"}
     with pytest.raises(ConfigError):
-        cls.config_from_dict({bad_field: -3})
+        cls.config_from_dict(bad)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 class TestEveryStrategy:
-    """The common contract, run for each registered strategy on the tiny backend."""
+    """The common contract, run for each registered strategy on each tiny backend."""
 
-    def test_adapt_predict_save_load(self, name, tiny_backend, toy_task, tmp_path):
+    def test_adapt_predict_save_load(self, name, any_backend, toy_task, tmp_path):
         cls = registry.get(name)
-        strategy = cls(quick_config(name), seed=0)
-        predictor = strategy.adapt(tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
-        texts = toy_task.test.texts
-        scores = predictor.predict_scores(texts)
-        assert scores.shape == (len(texts), len(toy_task.label_names))
+        kind = "encoder" if any_backend.name == "encoder" else "causal"
+        strategy = cls(quick_config(name, kind), seed=0)
+        if name in CAUSAL_ONLY and kind == "encoder":
+            with pytest.raises(CapabilityError, match=name):
+                strategy.adapt(any_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+            return
+        predictor = strategy.adapt(any_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+        records = toy_task.test.records()
+        scores = predictor.predict_scores(records)
+        assert scores.shape == (len(records), len(toy_task.label_names))
         assert np.isfinite(scores).all()
-        pred = predictor.predict(texts)
-        assert set(pred.tolist()) <= {0, 1}
+        pred = predictor.predict(records)
+        assert set(np.asarray(pred).tolist()) <= {-1, 0, 1}  # -1: a generated answer that names no label
+        out = predictor.run(records)
+        assert len(out.prompt_tokens) == len(records) and min(out.prompt_tokens) > 0
 
         predictor.save(tmp_path / "artifact")
         files = {p.name for p in (tmp_path / "artifact").iterdir()}
         assert "predictor.json" in files
         assert not any(f.endswith((".pkl", ".pt", ".bin")) for f in files), files  # safetensors / JSON only
-        loaded = load_predictor(tmp_path / "artifact", tiny_backend)
-        np.testing.assert_allclose(loaded.predict_scores(texts), scores, rtol=1e-4, atol=1e-4)
-        assert loaded.predict(texts).tolist() == pred.tolist()
+        loaded = load_predictor(tmp_path / "artifact", any_backend)
+        np.testing.assert_allclose(loaded.predict_scores(records), scores, rtol=1e-4, atol=1e-4)
+        assert np.asarray(loaded.predict(records)).tolist() == np.asarray(pred).tolist()
 
     def test_training_strategies_report_their_training(self, name, tiny_backend, toy_task):
         cls = registry.get(name)
+        if name in CAUSAL_ONLY:
+            return
         predictor = cls(quick_config(name), seed=0).adapt(tiny_backend, toy_task, train=toy_task.train,
                                                           dev=toy_task.dev)
         result = getattr(predictor, "train_result", None)
@@ -111,10 +137,12 @@ def test_same_seed_same_numbers(tiny_backend, toy_task):
 
 def test_zero_shot_expands_one_trial_per_template():
     cls = registry.get("zero_shot")
-    cfg = cls.config_from_dict({"templates": ["{label}", "It is {label}."]})
-    assert [c.templates for c in cls.expand(cfg)] == [["{label}"], ["It is {label}."]]
+    cfg = cls.config_from_dict({"label_templates": ["{{ label }}", "It is {{ label }}."]})
+    assert [c.label_templates for c in cls.expand(cfg)] == [["{{ label }}"], ["It is {{ label }}."]]
     with pytest.raises(ConfigError, match="label"):
-        cls.config_from_dict({"templates": ["no placeholder"]})
+        cls.config_from_dict({"label_templates": ["no placeholder"]})
+    cfg = cls.config_from_dict({"template": ["A {{ input }}", "B {{ input }}"]})
+    assert [c.template for c in cls.expand(cfg)] == ["A {{ input }}", "B {{ input }}"]
 
 
 def test_gradual_unfreeze_follows_its_schedule(tiny_backend, toy_task):
@@ -149,7 +177,7 @@ def test_missing_capability_is_a_typed_error(toy_task):
         cls(quick_config("lora")).adapt(_NoTrainBackend(), toy_task, train=toy_task.train, dev=toy_task.dev)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(EXPECTED - CAUSAL_ONLY))
 def test_bf16_autocast_path(name, tiny_model_dir, toy_task, tmp_path):
     """The bf16 path (taken automatically on AMX CPUs and bf16 GPUs) trains, predicts and reloads."""
     from tunebench.backends import load_backend

@@ -28,7 +28,7 @@ def study_path(tmp_path, toy_files, tiny_model_dir) -> Path:
                  "text": "text", "label": "label", "labels": {"neg": "negative", "pos": "positive"}},
         "model": {"backend": "encoder", "path": str(tiny_model_dir), "precision": "fp32"},
         "training": {"epochs": 2, "batch_size": 16, "max_length": 32},
-        "strategies": [{"zero_shot": {"templates": ["{label}", "it was {label}"]}}, {"few_shot": {"shots": 2}},
+        "strategies": [{"zero_shot": {"label_templates": ["{{ label }}", "it was {{ label }}"]}}, {"few_shot": {"shots": 2}},
                        {"linear_probe": {}}, {"full": {"epochs": 1}}],
         "seeds": [0, 1],
         "train_sizes": [16, "all"],

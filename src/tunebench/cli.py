@@ -76,10 +76,14 @@ class RichReporter(StudyReporter):
         self.progress.update(self.trials_task, completed=index - 1, description=f"trial {index}/{total}")
 
     def trial_finished(self, row):
+        from .study import headline_metrics
+
         m, c = row["metrics"], row["cost"]
+        shown = ", ".join(f"{k.replace('_', '-')} {m[k]:.3f}" for k in headline_metrics(m))
+        if m.get("format_failure_rate"):
+            shown += f", format failures {m['format_failure_rate']:.1%}"
         self.progress.console.print(
-            f"[green]✓[/] {row['label']} seed={row['seed']} n={row['train_size']}: "
-            f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, {c['adapt_seconds']:.1f}s")
+            f"[green]✓[/] {row['label']} seed={row['seed']} n={row['train_size']}: {shown}, {c['adapt_seconds']:.1f}s")
         self.progress.advance(self.trials_task)
 
     def trial_failed(self, label, error):
@@ -117,13 +121,16 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
     table = Table(title=f"{name}: {metric} on test (mean ± std over seeds)", title_justify="left")
     table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
     table.add_column("family", no_wrap=True)
-    for col in ("train n", "seeds", metric, "macro-F1", "train s", "p50 ms", "trainable"):
+    second = board[0]["secondary"] if board else "macro_f1"
+    for col in ("train n", "seeds", metric, second, "train s", "p50 ms", "tokens/req", "trainable"):
         table.add_column(col, justify="right", no_wrap=True)
     for e in board:
         q = f"{e['quality_mean']:.3f} ± {e['quality_std']:.3f}" if len(e["seeds"]) > 1 else f"{e['quality_mean']:.3f}"
-        f1 = f"{e['macro_f1_mean']:.3f}"
+        f1 = f"{e['secondary_mean']:.3f}"
+        tokens = e.get("tokens_per_request")
         table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1,
-                      f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}", _fmt_params(e["trainable_params"]))
+                      f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}",
+                      "-" if tokens is None or tokens != tokens else f"{tokens:.0f}", _fmt_params(e["trainable_params"]))
     console.print(table)
 
 
@@ -147,7 +154,9 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
         sys.stdout.write(json.dumps({"study": cfg.name, "store": str(study_store.root), "data": data,
                                      "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")
     else:
-        print_leaderboard(cfg.name, rows, "accuracy", out)
+        from .leaderboard import default_metric
+
+        print_leaderboard(cfg.name, rows, default_metric(rows), out)
         out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
                   f"`tunebench show {cfg.name}` shows them again.")
     if study.failures:
@@ -199,23 +208,57 @@ def _resolve_study_name(study: str, store: Optional[Path]) -> tuple[str, Path]:
     return study, store or Path(DEFAULT_STORE)
 
 
+METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l", "bleu", "chrf")
+
+
+def print_prompts(rows: list[dict], console: Console) -> None:
+    """Each prompting trial's exact template and one rendered example (the first test input)."""
+    seen = set()
+    shown = 0
+    for r in rows:
+        info = r["record"].get("prompt")
+        if not info or r["label"] in seen:
+            continue
+        seen.add(r["label"])
+        shown += 1
+        console.rule(f"[bold]{r['label']}[/] ({info.get('mode')}, demonstrations: {info.get('demonstrations')}, "
+                     f"chat template: {'yes' if info.get('chat_template') else 'no'})")
+        console.print("[bold]template[/]", highlight=False)
+        console.print(info["template"], markup=False, highlight=False)
+        if "example" in info:
+            console.print("[bold]rendered (first test example)[/]", highlight=False)
+            console.print(info["example"], markup=False, highlight=False)
+    if not shown:
+        console.print("no trial of this study used a prompt (prompts are stored for causal-model trials)")
+
+
 @app.command()
 def show(study: str = typer.Argument(..., help="Study name or study YAML."), store: Optional[Path] = StoreOpt,
-         metric: str = typer.Option("accuracy", help="accuracy or macro_f1."), as_json: bool = JsonOpt) -> None:
-    """Leaderboard of a study: quality mean ± std over seeds, train time, latency, trainable parameters."""
+         metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: accuracy, or "
+                                              "exact_match for generation)."),
+         prompts: bool = typer.Option(False, "--prompts", help="Print each trial's template and a rendered example."),
+         as_json: bool = JsonOpt) -> None:
+    """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
     _setup_logging(False)
-    from .leaderboard import leaderboard
+    from .leaderboard import default_metric, leaderboard
     from .store import Store
     from .study import trial_json
 
     try:
-        if metric not in ("accuracy", "macro_f1"):
-            raise TunebenchError(f"--metric: '{metric}' is not one of accuracy, macro_f1")
+        if metric is not None and metric not in METRICS:
+            raise TunebenchError(f"--metric: '{metric}' is not one of {', '.join(METRICS)}")
         name, root = _resolve_study_name(study, store)
         st = Store(root, create=False)
         rows = st.trials(name, st.current_keys(name))
     except TunebenchError as exc:
         _fail(exc)
+    metric = metric or default_metric(rows)
+    if rows and metric not in rows[0]["metrics"]:
+        _fail(TunebenchError(f"--metric: this study's trials have no '{metric}' "
+                             f"(they have {', '.join(k for k in METRICS if k in rows[0]['metrics'])})"))
+    if prompts and not as_json:
+        print_prompts(rows, out)
+        return
     if as_json:
         sys.stdout.write(json.dumps({"study": name, "leaderboard": leaderboard(rows, metric),
                                      "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")

@@ -46,13 +46,15 @@ class SplitConfig(_Strict):
 class TaskConfig(_Strict):
     """What to do: the task type, the fields and the labels."""
 
-    type: Literal["classification"] = "classification"
+    type: Literal["classification", "generation"] = Field(
+        "classification", description="classification: pick one of the labels; generation: write the target text.")
     data: DataFiles
     text: list[str] = Field(description="Text field, or a list of fields joined by text_template.")
     text_template: str | None = Field(None, description="How several text fields are joined, e.g. '{title}: {body}'.")
-    label: str = Field(description="Label field.")
+    label: str | None = Field(None, description="Label field (classification).")
+    target: str | None = Field(None, description="Expected output field (generation).")
     labels: list[LabelSpec] | None = Field(None, description="Label values, names and descriptions (default: from train).")
-    instruction: str | None = Field(None, description="What the task is, in words (stored with the results; for generative prompting backends).")
+    instruction: str | None = Field(None, description="What the task is, in words; prompt templates show it to causal models.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     drop_leakage: bool = Field(False, description="Drop train rows whose text also appears in dev or test.")
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = Field(
@@ -94,6 +96,13 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
+        if self.type == "classification" and not self.label:
+            raise ValueError("a classification task needs 'label': the field that holds each example's class")
+        if self.type == "generation":
+            if not self.target:
+                raise ValueError("a generation task needs 'target': the field that holds the expected output")
+            if self.label or self.labels:
+                raise ValueError("a generation task has a 'target' field, not 'label'/'labels'")
         if not self.text:
             raise ValueError("'text' needs at least one field name")
         if len(self.text) > 1 or self.text_template:
@@ -112,12 +121,25 @@ class TaskConfig(_Strict):
 class ModelConfig(_Strict):
     """Which model, and how it is reached."""
 
-    backend: Literal["encoder"] = "encoder"
+    backend: Literal["encoder", "causal"] = Field(
+        "encoder", description="encoder: HF encoder (embeddings, heads); causal: HF causal LM (prompts, generation).")
     path: str = Field("default", description="Local directory or hub id; 'default' is the embedded all-MiniLM-L6-v2.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where the hardware supports it, fp32 otherwise."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu or cuda[:N].")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="causal: wrap prompts in the tokenizer's chat template (auto: when it has one).")
+    system_prompt: str | None = Field(None, description="causal: system message when a chat template is used.")
+    retriever: str = Field("default", description="Encoder used to retrieve few-shot demonstrations for causal "
+                           "models (local dir or hub id; 'default' is all-MiniLM-L6-v2).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.backend == "causal" and self.path == "default":
+            raise ValueError("the causal backend needs 'path': a local model directory or a hub id "
+                             "(the embedded default is an encoder)")
+        return self
 
 
 class StrategyEntry(_Strict):
@@ -176,9 +198,8 @@ class StudyConfig(_Strict):
         return path
 
     def shared_params(self, strategy_cls) -> dict[str, Any]:
-        """The study-wide ``training`` keys that this strategy's config has."""
-        known = {f.name for f in dataclasses.fields(strategy_cls.config_cls)}
-        return {k: v for k, v in self.training.items() if k in known}
+        """The study-wide ``training`` keys that this strategy takes (its defaults in this study)."""
+        return strategy_cls.merge_shared(self.training, {})
 
     def resolved_strategies(self) -> list[tuple[str, Any]]:
         """Each strategy entry as ``(name, <Name>Config)``, study-wide ``training`` merged under its params."""
@@ -190,12 +211,11 @@ class StudyConfig(_Strict):
                 cls = registry.get(entry.name)
             except KeyError as exc:
                 raise ConfigError(f"strategies[{i}]: {exc.args[0]}") from None
-            shared = self.shared_params(cls)
             unknown_shared = sorted(set(self.training) - _all_config_keys())
             if unknown_shared:
                 raise ConfigError(f"training: unknown key(s) {unknown_shared}")
             try:
-                out.append((entry.name, cls.config_from_dict({**shared, **entry.params})))
+                out.append((entry.name, cls.config_from_dict(cls.merge_shared(self.training, entry.params))))
             except ConfigError as exc:
                 raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
         return out

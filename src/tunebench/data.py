@@ -31,18 +31,28 @@ class Split:
     texts: list[str]
     labels: np.ndarray
     lines: list[str] = field(default_factory=list)
+    fields: list[dict[str, str]] = field(default_factory=list)
+    targets: list[str] | None = None  # generation tasks: the expected outputs (labels are then all 0)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx) -> Split:
         idx = [int(i) for i in idx]
-        return Split(self.name, [self.texts[i] for i in idx], self.labels[idx],
-                     [self.lines[i] for i in idx] if self.lines else [])
+        pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
+        return Split(self.name, pick(self.texts), self.labels[idx], pick(self.lines), pick(self.fields),
+                     pick(self.targets) if self.targets is not None else None)
+
+    def records(self) -> list[dict[str, str]]:
+        """Each example as prompt variables: its input fields plus ``input`` (the fields joined)."""
+        if not self.fields:
+            return [{"input": t} for t in self.texts]
+        return [{**f, "input": t} for f, t in zip(self.fields, self.texts)]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for t, y in zip(self.texts, self.labels.tolist()):
+        ys = self.targets if self.targets is not None else self.labels.tolist()
+        for t, y in zip(self.texts, ys):
             h.update(t.encode("utf-8") + b"\x1f" + str(y).encode() + b"\x1e")
         return h.hexdigest()[:16]
 
@@ -159,27 +169,30 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
 
 def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:
     cols, lines = read_table(path, task.format)
-    needed = list(task.text) + [task.label]
+    out_field = task.label if task.type == "classification" else task.target
+    needed = list(task.text) + [out_field]
     missing = [c for c in needed if c not in cols]
     if missing:
+        which = "task.label" if task.type == "classification" else "task.target"
         raise DataError(f"{path}: column(s) {missing} not found; the file has {sorted(cols)}. "
-                        "Fix task.text / task.label in the study or rename the column")
-    texts = []
+                        f"Fix task.text / {which} in the study or rename the column")
+    texts, fields = [], []
     for i in range(len(lines)):
-        if task.text_template:
-            t = render(task.text_template, {f: "" if cols[f][i] is None else cols[f][i] for f in task.text})
-        else:
-            t = cols[task.text[0]][i]
-        t = "" if t is None else str(t)
+        row = {f: "" if cols[f][i] is None else str(cols[f][i]) for f in task.text}
+        t = render(task.text_template, row) if task.text_template else row[task.text[0]]
         if not t.strip():
             raise DataError(f"{path} {lines[i]}: empty text in field {'/'.join(task.text)}; "
                             "remove the row or fill in the text")
         texts.append(t)
+        fields.append(row)
     raw = []
-    for i, v in enumerate(cols[task.label]):
+    for i, v in enumerate(cols[out_field]):
         if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "":
-            raise DataError(f"{path} {lines[i]}: empty label in field '{task.label}'")
-        raw.append(str(v).strip())
+            raise DataError(f"{path} {lines[i]}: empty {'label' if task.type == 'classification' else 'target'} "
+                            f"in field '{out_field}'")
+        raw.append(str(v) if task.type == "generation" else str(v).strip())
+    if task.type == "generation":
+        return Split(name, texts, np.zeros(len(texts), dtype=np.int64), lines, fields, raw), raw
     ids = []
     if value_to_id is not None:
         for i, v in enumerate(raw):
@@ -187,7 +200,7 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
                 raise DataError(f"{path} {lines[i]}: label '{v}' in field '{task.label}' is not one of "
                                 f"{sorted(value_to_id)}; add it to task.labels or fix the row")
             ids.append(value_to_id[v])
-    return Split(name, texts, np.asarray(ids, dtype=np.int64), lines), raw
+    return Split(name, texts, np.asarray(ids, dtype=np.int64), lines, fields), raw
 
 
 def _resolve_path(p: str, base: Path) -> Path:
@@ -238,14 +251,17 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
     declared = task.labels
     value_to_id = {lab.value: i for i, lab in enumerate(declared)} if declared else None
     train, raw_train = _load_split("train", paths["train"], task, value_to_id)
-    if declared is None:
+    generation = task.type == "generation"
+    if generation:
+        declared = []
+    elif declared is None:
         values = sorted(set(raw_train), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
         declared = [LabelSpec(value=v, name=v) for v in values]
         value_to_id = {v: i for i, v in enumerate(values)}
         train.labels = np.asarray([value_to_id[v] for v in raw_train], dtype=np.int64)
     names = [lab.name for lab in declared]
     present = set(train.labels.tolist())
-    if len(present) < 2:
+    if len(present) < 2 and not generation:
         only = names[next(iter(present))] if present else "none"
         raise DataError(f"{paths['train']}: field '{task.label}' has a single label ({only}); "
                         "classification needs at least two classes in train")
@@ -258,7 +274,7 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
     for name in ("dev", "test"):
         if name in paths:
             split, _ = _load_split(name, paths[name], task, value_to_id)
-            unknown = sorted({int(y) for y in split.labels} - present)
+            unknown = [] if generation else sorted({int(y) for y in split.labels} - present)
             if unknown:
                 i = next(j for j, y in enumerate(split.labels) if int(y) in unknown)
                 raise DataError(f"{paths[name]} {split.lines[i]}: label '{names[int(split.labels[i])]}' never occurs "
@@ -271,7 +287,8 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
             if len(taken) == 0:
                 raise DataError(f"{paths['train']}: too few examples to carve a {name} split; give a {name} file")
             src = splits["train"]
-            splits[name] = Split(name, [src.texts[i] for i in taken], src.labels[taken], [src.lines[i] for i in taken])
+            splits[name] = src.subset(taken)
+            splits[name].name = name
             splits["train"] = src.subset(kept)
 
     checks: dict = {}
@@ -293,7 +310,7 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         checks["leakage_dropped"] = len(splits["train"]) - len(keep)
         splits["train"] = splits["train"].subset(keep)
         left = set(splits["train"].labels.tolist())
-        if len(left) < 2:
+        if (len(left) < 2 and not generation) or not len(splits["train"]):
             raise DataError(f"{paths['train']}: after drop_leakage removed {checks['leakage_dropped']} rows also found "
                             f"in dev/test, train has {len(splits['train'])} rows and {len(left)} class(es); "
                             "give separate, non-overlapping files or set drop_leakage: false")
@@ -302,8 +319,9 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
             warnings.append(f"drop_leakage removed every training example of {[names[i] for i in lost]}")
     counts = Counter(splits["train"].labels.tolist())
     ratio = max(counts.values()) / max(1, min(counts.values()))
-    checks["imbalance_ratio"] = round(ratio, 2)
-    if ratio > IMBALANCE_RATIO:
+    if not generation:
+        checks["imbalance_ratio"] = round(ratio, 2)
+    if ratio > IMBALANCE_RATIO and not generation:
         warnings.append(f"train: heavy class imbalance (largest/smallest class = {ratio:.1f}); "
                         "prefer macro-F1 over accuracy")
     checks.update({f"n_{k}": len(v) for k, v in splits.items()})

@@ -14,6 +14,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+SECONDARY = {"accuracy": "macro_f1", "macro_f1": "accuracy", "exact_match": "rouge_l", "token_f1": "exact_match",
+             "rouge_l": "exact_match", "bleu": "chrf", "chrf": "bleu"}
+
+
+def default_metric(rows: list[dict]) -> str:
+    """accuracy for classification studies, exact_match for generation."""
+    return "exact_match" if rows and "exact_match" in rows[0]["metrics"] else "accuracy"
+
+
 def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     """One entry per (strategy label, train size): quality mean ± std over seeds and mean costs.
 
@@ -26,15 +35,18 @@ def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
         groups[(r["label"], r["train_size"])].append(r)
     out = []
     for (label, size), rs in groups.items():
-        q_mean, q_std = _mean_std([r["metrics"][metric] for r in rs])
-        f_mean, f_std = _mean_std([r["metrics"]["macro_f1"] for r in rs])
+        q_mean, q_std = _mean_std([r["metrics"].get(metric) for r in rs])
+        second = SECONDARY.get(metric, metric)
+        f_mean, f_std = _mean_std([r["metrics"].get(second) for r in rs])
         out.append({
             "label": label, "strategy": rs[0]["strategy"], "family": rs[0]["family"], "train_size": size,
             "seeds": sorted(r["seed"] for r in rs), "metric": metric,
-            "quality_mean": q_mean, "quality_std": q_std, "macro_f1_mean": f_mean, "macro_f1_std": f_std,
+            "quality_mean": q_mean, "quality_std": q_std, "secondary": second,
+            "secondary_mean": f_mean, "secondary_std": f_std,
             "train_seconds": _mean_std([r["cost"]["train_seconds"] for r in rs])[0],
             "latency_ms_p50": _mean_std([r["cost"]["latency_ms_p50"] for r in rs])[0],
             "trainable_params": int(max(r["cost"]["trainable_params"] for r in rs)),
+            "tokens_per_request": _mean_std([r["cost"].get("tokens_per_request") for r in rs])[0],
         })
-    out.sort(key=lambda e: (-e["train_size"], -e["quality_mean"]))
+    out.sort(key=lambda e: (-e["train_size"], -(e["quality_mean"] if e["quality_mean"] == e["quality_mean"] else -1)))
     return out

@@ -21,7 +21,7 @@ from .config import StudyConfig
 from .data import TaskData, load_task, stratified_order
 from .errors import TunebenchError
 from .evaluation.cost import PeakMemory, latency_ms
-from .evaluation.metrics import classification_metrics
+from .evaluation.metrics import classification_metrics, generation_metrics
 from .progress import StudyReporter
 from .store import Store
 from .strategies import StrategyConfig, registry
@@ -139,7 +139,7 @@ class Study:
             for t in pending:  # capabilities, lengths, model preparation: before any work
                 if t.label not in checked:
                     checked.add(t.label)
-                    registry.get(t.strategy)(t.config).preflight(backend)
+                    registry.get(t.strategy)(t.config).preflight(backend, self.config.task.type)
         for i, trial in enumerate(pending, 1):
             self.reporter.trial_started(i, len(pending), f"{trial.label} seed={trial.seed} n={trial.train_size}")
             try:
@@ -162,22 +162,29 @@ class Study:
             train = train.subset(np.sort(stratified_order(train.labels, trial.seed)[: trial.train_size]))
         cls = registry.get(trial.strategy)
         strategy = cls(trial.config, seed=trial.seed, reporter=self.reporter)
-        test_texts = data.test.texts
+        test_records = data.test.records()
         with PeakMemory(backend.device) as mem:
             t0 = time.perf_counter()
             predictor = strategy.adapt(backend, data, train=train, dev=data.dev)
             adapt_s = time.perf_counter() - t0
             self.reporter.start("evaluating on test", 1)
             t1 = time.perf_counter()
-            pred = predictor.predict(test_texts)
+            out = predictor.run(test_records)
             infer_s = time.perf_counter() - t1
-            p50, p95 = latency_ms(predictor.predict, test_texts)
+            p50, p95 = latency_ms(predictor.predict, test_records)
+            nll = None
+            if data.test.targets is not None and hasattr(predictor, "reference_nll"):
+                nll = predictor.reference_nll(test_records, data.test.targets)
             self.reporter.advance()
             self.reporter.stop()
-        metrics = classification_metrics(data.test.labels, pred, data.label_names)
+        if data.test.targets is not None:
+            metrics = generation_metrics(list(out.predictions), data.test.targets)
+            if nll is not None:
+                metrics["perplexity"] = float(np.exp(np.mean(nll)))
+        else:
+            metrics = classification_metrics(data.test.labels, out.predictions, data.label_names)
         result = getattr(predictor, "train_result", None)
         trainable = result.trainable_params if result else 0
-        tokens = backend.tokenize(test_texts, getattr(trial.config, "max_length", 512))
         cost: dict[str, Any] = {
             "trainable_params": int(trainable),
             "train_seconds": round(result.train_seconds if result else adapt_s, 4),
@@ -185,32 +192,61 @@ class Study:
             "train_examples_per_s": round(result.examples_per_s, 2) if result else None,
             "latency_ms_p50": round(p50, 3),
             "latency_ms_p95": round(p95, 3),
-            "throughput_per_s": round(len(test_texts) / infer_s, 2) if infer_s > 0 else None,
-            "tokens_per_request": round(float(np.mean([len(t) for t in tokens])), 2),
+            "throughput_per_s": round(len(test_records) / infer_s, 2) if infer_s > 0 else None,
+            **token_stats(out.prompt_tokens, out.completion_tokens),
             "peak_memory_mb": round(mem.peak_mb, 1),
         }
         if result:
             best = result.history[result.best_epoch - 1]
-            metrics["dev_accuracy"], metrics["dev_macro_f1"] = best["dev_accuracy"], best["dev_macro_f1"]
+            metrics.update({k: v for k, v in best.items() if k.startswith("dev_")})
         record = {"config": self.config.model_dump(), "backend": backend.describe(), "versions": versions(),
                   "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
-                  "best_epoch": result.best_epoch if result else None, "n_test": len(test_texts)}
+                  "best_epoch": result.best_epoch if result else None, "n_test": len(test_records),
+                  "prompt": predictor.prompt_info(test_records[0]) if test_records else None}
+        if out.generated is not None:
+            record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
+                                        zip(test_records[:3], out.generated[:3])]
         row = {"key": trial.key, "study": self.config.name, "strategy": trial.strategy, "family": cls.family,
                "label": trial.label, "params": trial.config.to_dict(), "seed": trial.seed,
                "train_size": trial.train_size if trial.train_size else len(train) if cls.uses_train else 0,
                "train_size_spec": trial.train_size_spec, "metrics": metrics, "cost": cost,
                "history": result.history if result else [], "record": record}
-        staged = self.store.staging_dir(trial.key)
-        predictor.save(staged)
-        self.store.add_trial(row, staged)
-        log.info("trial %s seed=%d n=%d: accuracy %.4f macro-F1 %.4f", trial.label, trial.seed, row["train_size"],
-                 metrics["accuracy"], metrics["macro_f1"])
+        if is_main_process():  # under `accelerate launch`, one process writes the store
+            staged = self.store.staging_dir(trial.key)
+            predictor.save(staged)
+            self.store.add_trial(row, staged)
+        log.info("trial %s seed=%d n=%d: %s", trial.label, trial.seed, row["train_size"],
+                 ", ".join(f"{k} {metrics[k]:.4f}" for k in headline_metrics(metrics)))
         return row
+
+
+def headline_metrics(metrics: dict) -> list[str]:
+    """The metrics a one-line summary shows: accuracy and macro-F1, or exact match, token F1 and ROUGE-L."""
+    keys = ("accuracy", "macro_f1") if "accuracy" in metrics else ("exact_match", "token_f1", "rouge_l")
+    return [k for k in keys if k in metrics]
+
+
+def token_stats(prompt: list[int], completion: list[int]) -> dict[str, float]:
+    """Tokens per request: prompt and completion, mean and p95, and the mean total."""
+    p = np.asarray(prompt or [0], dtype=float)
+    c = np.asarray(completion or [0], dtype=float)
+    return {"prompt_tokens_mean": round(float(p.mean()), 2), "prompt_tokens_p95": round(float(np.percentile(p, 95)), 2),
+            "completion_tokens_mean": round(float(c.mean()), 2),
+            "completion_tokens_p95": round(float(np.percentile(c, 95)), 2),
+            "tokens_per_request": round(float(p.mean() + c.mean()), 2)}
+
+
+def is_main_process() -> bool:
+    """False only in the non-zero ranks of a multi-process (``accelerate launch``) run."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def trial_json(row: dict) -> dict:
     """The public JSON shape of one stored trial (``tunebench run --json``)."""
     return {"strategy": row["strategy"], "label": row["label"], "family": row["family"], "params": row["params"],
             "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
-            "history": row["history"], "artifact": row["artifact"], "key": row["key"]}
+            "history": row["history"], "artifact": row["artifact"], "key": row["key"],
+            "prompt": row["record"].get("prompt")}
 

@@ -26,7 +26,11 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from accelerate import PartialState  # under `accelerate launch`: this process's GPU
+
+        return PartialState().device
     if device.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import ConfigError
 
@@ -89,4 +93,8 @@ def load_backend(config: ModelConfig) -> Backend:
         from .encoder import EncoderBackend
 
         return EncoderBackend(config)
+    if config.backend == "causal":
+        from .causal import CausalBackend
+
+        return CausalBackend(config)
     raise CapabilityError(f"unknown backend '{config.backend}'")

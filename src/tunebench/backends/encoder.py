@@ -39,24 +39,38 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderClassifier(nn.Module):
-    """Encoder + mean pooling + dropout + linear head: the one model every weight-tuning strategy trains."""
+    """Encoder + pooling + dropout + linear head: the model every classifier-head strategy trains.
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, dropout: float = 0.1):
+    ``pool='mean'`` averages the token states (encoders); ``pool='last'`` takes the last real token's state
+    (causal LMs, whose last token has seen the whole input; batches are right-padded).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, dropout: float = 0.1,
+                 pool: str = "mean"):
         super().__init__()
         self.encoder = encoder
+        self.pool = pool
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled encoder output."""
+        """Pooled encoder output."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(out.last_hidden_state, attention_mask)
+        hidden = out.last_hidden_state
+        if self.pool == "last":
+            last = attention_mask.sum(1) - 1 + (hidden.shape[1] - attention_mask.shape[1])
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return mean_pool(hidden, attention_mask)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features)).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from tokens, or from precomputed ``features`` (a frozen encoder's, computed once)."""
+        if features is None:
+            features = self.features(input_ids, attention_mask)
+        return self.classify(features)
 
 
 class EncoderBackend(Backend):

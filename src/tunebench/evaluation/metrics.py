@@ -15,6 +15,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> n
 def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     """Accuracy, macro-F1 (over classes present in truth or predictions), per-class P/R/F1 and the confusion matrix.
 
+    A prediction of -1 (a generated answer that names no label) counts as wrong for its true class and is
+    reported as ``format_failure_rate``; it has no column in the confusion matrix.
+
     Example:
         >>> m = classification_metrics([0, 1, 1], [0, 1, 0], ["neg", "pos"])
         >>> round(m["accuracy"], 3), round(m["macro_f1"], 3)
@@ -22,10 +25,11 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
-    cm = confusion_matrix(y_true, y_pred, len(labels))
+    valid = y_pred >= 0
+    cm = confusion_matrix(y_true[valid], y_pred[valid], len(labels))
     tp = np.diag(cm).astype(float)
     pred_n = cm.sum(0).astype(float)
-    true_n = cm.sum(1).astype(float)
+    true_n = np.bincount(y_true, minlength=len(labels)).astype(float)
     precision = np.divide(tp, pred_n, out=np.zeros_like(tp), where=pred_n > 0)
     recall = np.divide(tp, true_n, out=np.zeros_like(tp), where=true_n > 0)
     denom = precision + recall
@@ -40,4 +44,51 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
             for i, name in enumerate(labels)
         },
         "confusion_matrix": cm.tolist(),
+        "format_failure_rate": float((~valid).sum() / max(1, len(y_pred))),
     }
+
+
+def _norm_tokens(text: str) -> list[str]:
+    from ..prompts import normalize
+
+    return normalize(text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the bag of normalised tokens (SQuAD-style); 1.0 when both are empty."""
+    from collections import Counter
+
+    p, r = _norm_tokens(prediction), _norm_tokens(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Exact match and token F1 (normalised), ROUGE-L F (``rouge-score``), corpus BLEU and chrF (``sacrebleu``).
+
+    Scores are fractions in [0, 1] (BLEU and chrF too, divided by 100).
+
+    Example:
+        >>> m = generation_metrics(["the cat sat"], ["The cat sat."])
+        >>> m["exact_match"], round(m["token_f1"], 2)
+        (1.0, 1.0)
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from ..prompts import normalize
+
+    n = max(1, len(references))
+    em = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n
+    f1 = sum(token_f1(p, r) for p, r in zip(predictions, references)) / n
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / n
+    bleu = sacrebleu.corpus_bleu(predictions, [references]).score / 100
+    chrf = sacrebleu.corpus_chrf(predictions, [references]).score / 100
+    return {"exact_match": float(em), "token_f1": float(f1), "rouge_l": float(rouge), "bleu": float(bleu),
+            "chrf": float(chrf)}

@@ -8,12 +8,12 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from ..errors import ConfigError, StoreError
+from ..errors import CapabilityError, ConfigError, StoreError
 from ..progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,39 @@ class StrategyConfig:
 
 
 @dataclass
-class TrainConfig(StrategyConfig):
+class PromptConfig(StrategyConfig):
+    """How a causal model is prompted and decoded (ignored by the encoder backend)."""
+
+    template: Union[str, list[str], None] = doc(
+        "causal: Jinja2 prompt template, inline or `template_file: path` in the YAML; a list runs one trial per "
+        "template. Default: built in for the task type.", default=None)
+    predict: str = doc("causal classification: score (log-likelihood of each label; always a valid label) or "
+                       "generate (generate and parse; unparseable answers count as format failures).",
+                       default="score")
+    max_new_tokens: int = doc("causal: most tokens generated per answer.", default=32)
+    temperature: float = doc("causal: 0 decodes greedily; > 0 samples (seeded by the trial seed).", default=0.0)
+    top_p: float = doc("causal: nucleus sampling threshold when temperature > 0.", default=1.0)
+    stop: list[str] = doc("causal: generation stops at any of these strings.", default_factory=lambda: ["\n"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.template, list) and not self.template:
+            raise ValueError("template: give a template or a non-empty list of templates")
+        if self.predict not in ("score", "generate"):
+            raise ValueError(f"predict must be 'score' or 'generate', not {self.predict!r}")
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+        if self.template is not None:  # syntax errors surface at load time, with the template's line
+            from ..prompts import PromptTemplate
+
+            for i, t in enumerate(self.template if isinstance(self.template, list) else [self.template]):
+                try:
+                    PromptTemplate(t, "template" if isinstance(self.template, str) else f"template[{i}]")
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+
+
+@dataclass
+class TrainConfig(PromptConfig):
     """Hyperparameters shared by every weight-changing strategy (same keys in the YAML)."""
 
     lr: float = doc("Peak learning rate (AdamW).", default=5e-5)
@@ -46,11 +78,14 @@ class TrainConfig(StrategyConfig):
     weight_decay: float = doc("AdamW weight decay (not applied to biases and norms).", default=0.01)
     dropout: float = doc("Dropout before the classification head.", default=0.1)
     warmup_ratio: float = doc("Fraction of steps with linear warm-up; linear decay after.", default=0.06)
-    max_length: int = doc("Tokens kept per input (longer inputs are truncated).", default=128)
+    max_length: int = doc("Tokens kept per input (causal: per prompt and answer; a longer prompt keeps its end).",
+                          default=128)
     early_stopping: int = doc("Stop after this many epochs without dev improvement (0: off).", default=0)
-    metric: str = doc("Dev metric that picks the best epoch: accuracy or macro_f1.", default="accuracy")
+    metric: str = doc("Dev metric that picks the best epoch: accuracy or macro_f1 (generation tasks: dev loss).",
+                      default="accuracy")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
             "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
             "weight_decay": self.weight_decay >= 0, "dropout": 0 <= self.dropout < 1,
@@ -62,10 +97,47 @@ class TrainConfig(StrategyConfig):
             raise ValueError(f"out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
 
+Inputs = Union[list[str], list[dict]]
+
+
+def as_texts(inputs: Inputs) -> list[str]:
+    """Inputs as plain texts (records give their ``input``, the fields joined)."""
+    return [x["input"] if isinstance(x, dict) else str(x) for x in inputs]
+
+
+def as_records(inputs: Inputs) -> list[dict]:
+    """Inputs as prompt records: a plain text becomes ``{"input": text}``."""
+    return [x if isinstance(x, dict) else {"input": str(x)} for x in inputs]
+
+
+@dataclass
+class Output:
+    """What a predictor returns for a batch: predictions and the tokens each request cost.
+
+    ``predictions`` are label ids (classification; -1 = a generated answer that names no label) or texts
+    (generation). ``generated`` holds the raw completions where the model generated text.
+    """
+
+    predictions: Any
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    generated: Optional[list[str]] = None
+
+
 class Predictor(ABC):
-    """What adapting returns: predicts label ids for texts, saves and loads its artifact (never pickle)."""
+    """What adapting returns: predicts for inputs (texts or field records), saves and loads its artifact.
+
+    Artifacts are safetensors and JSON, never pickle.
+    """
 
     kind: ClassVar[str]
+    backend: Any = None
+    kinds: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "kind" in cls.__dict__:
+            Predictor.kinds[cls.kind] = cls
 
     def __init__(self, strategy: str, config: StrategyConfig, labels: list[str]):
         self.strategy = strategy
@@ -73,12 +145,23 @@ class Predictor(ABC):
         self.labels = labels
 
     @abstractmethod
-    def predict_scores(self, texts: list[str]) -> np.ndarray:
+    def predict_scores(self, inputs: Inputs) -> np.ndarray:
         """Class scores, shape (n, n_labels); higher is more likely."""
 
-    def predict(self, texts: list[str]) -> np.ndarray:
-        """Predicted label ids."""
-        return self.predict_scores(texts).argmax(axis=1)
+    def predict(self, inputs: Inputs):
+        """Predicted label ids (or texts, for generation tasks)."""
+        return self.predict_scores(inputs).argmax(axis=1)
+
+    def run(self, inputs: Inputs) -> Output:
+        """Predictions plus token accounting (an encoder reads the input and generates nothing)."""
+        texts = as_texts(inputs)
+        max_length = getattr(self.config, "max_length", 512)
+        tokens = [len(t) for t in self.backend.tokenize(texts, max_length)] if self.backend is not None else []
+        return Output(self.predict(texts), tokens, [0] * len(texts))
+
+    def prompt_info(self) -> dict | None:
+        """The exact template and one rendered example, for predictors that prompt (None otherwise)."""
+        return None
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -131,16 +214,36 @@ class Strategy(ABC):
 
     @classmethod
     def expand(cls, config: StrategyConfig) -> list[StrategyConfig]:
-        """Configs to run as separate trials (e.g. one per zero-shot template). Default: the config itself."""
+        """Configs to run as separate trials: one per prompt template when ``template`` lists several."""
+        templates = getattr(config, "template", None)
+        if isinstance(templates, list):
+            return [dataclasses.replace(config, template=t) for t in templates]
         return [config]
+
+    @classmethod
+    def merge_shared(cls, shared: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Parameters of one strategy entry with the study-wide ``training`` keys it takes merged under them."""
+        known = {f.name for f in dataclasses.fields(cls.config_cls)}
+        return {**{k: v for k, v in shared.items() if k in known}, **(params or {})}
+
+    def decode_config(self) -> StrategyConfig:
+        """The config holding prompt length and decoding options (a hybrid's prompt part)."""
+        return self.config
 
     def extra_positions(self) -> int:
         """Positions the strategy adds to each input (e.g. soft-prompt virtual tokens)."""
         return 0
 
-    def check(self, backend) -> None:
+    def needs(self, backend) -> tuple[str, ...]:
+        """Capabilities this strategy needs from ``backend`` (may depend on the backend's kind)."""
+        return self.requires
+
+    def check(self, backend, task_type: str = "classification") -> None:
         """Fail before any work if the backend lacks a capability or the inputs cannot fit the model."""
-        backend.require(*self.requires, strategy=self.name)
+        backend.require(*self.needs(backend), strategy=self.name)
+        if task_type == "generation" and "generate" not in backend.capabilities:
+            raise CapabilityError(f"strategy '{self.name}': a generation task needs a backend that generates; the "
+                                  f"'{backend.name}' backend does not (use model.backend: causal)")
         limit = getattr(backend, "max_positions", None)
         max_length = getattr(self.config, "max_length", None)
         # plain inputs are truncated to the model's limit by the backend; added positions must still fit
@@ -149,9 +252,9 @@ class Strategy(ABC):
             raise ConfigError(f"strategy '{self.name}': max_length {max_length}{extra} exceeds the model's "
                               f"{limit} positions; lower max_length")
 
-    def preflight(self, backend) -> None:
+    def preflight(self, backend, task_type: str = "classification") -> None:
         """Everything :meth:`check` does plus checks that cost more (run once per study, before any trial)."""
-        self.check(backend)
+        self.check(backend, task_type)
 
     @abstractmethod
     def adapt(self, backend, task, *, train, dev) -> Predictor:
@@ -196,4 +299,5 @@ def load_predictor(directory: str | Path, backend) -> Predictor:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     cls = registry.get(meta["strategy"])
     config = cls.config_from_dict(meta["config"])
-    return cls.predictor_cls._load(directory, backend, meta["strategy"], config, meta["labels"])
+    predictor_cls = Predictor.kinds.get(meta.get("kind", ""), cls.predictor_cls)
+    return predictor_cls._load(directory, backend, meta["strategy"], config, meta["labels"])

@@ -12,7 +12,7 @@ from .training import TuningStrategy
 
 @dataclass
 class LinearProbeConfig(TrainConfig):
-    """Linear probe on mean-pooled frozen features."""
+    """Linear probe on pooled frozen features (encoder: mean pooling; causal LM: last token)."""
 
     lr: float = doc("Peak learning rate (AdamW).", default=3e-3)
     epochs: int = doc("Passes over the training data.", default=10)
@@ -25,6 +25,7 @@ class LinearProbe(TuningStrategy):
     name = "linear_probe"
     config_cls = LinearProbeConfig
     family = "weight_tuning"
+    lm_objective = False  # on a causal LM: a head on the frozen LM's last-token state
 
     def prepare(self, model: nn.Module) -> None:
         model.encoder.requires_grad_(False)

@@ -35,9 +35,19 @@ class Lora(TuningStrategy):
     family = "weight_tuning"
     config: LoraConfig
 
+    def _peft_config(self, **kw):
+        import peft
+
+        return peft.LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.lora_dropout,
+                               target_modules=self.config.target_modules, bias="none", **kw)
+
     def prepare(self, model: nn.Module) -> None:
         import peft
 
-        cfg = peft.LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.lora_dropout,
-                              target_modules=self.config.target_modules, bias="none")
-        model.encoder = peft.get_peft_model(model.encoder, cfg)
+        model.encoder = peft.get_peft_model(model.encoder, self._peft_config())
+
+    def prepare_lm(self, lm: nn.Module) -> nn.Module:
+        import peft
+
+        # 'all-linear' on a causal LM adapts every linear layer except the output head
+        return peft.get_peft_model(lm, self._peft_config(task_type=peft.TaskType.CAUSAL_LM))

@@ -1,4 +1,8 @@
-"""Prompting with frozen weights on an embedding backend: zero-shot label prompts and few-shot demonstrations."""
+"""Prompting with frozen weights: zero-shot, few-shot and chain-of-thought.
+
+On the encoder backend, prompts are embedded (label prompts, demonstration prototypes or neighbours); on
+the causal backend they are Jinja2 templates the LM reads, scored label by label or answered by generation.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..textfmt import placeholders, render
-from .base import Predictor, Strategy, StrategyConfig, doc, register
+from ..errors import CapabilityError, ConfigError
+from ..prompts import PromptTemplate
+from .base import Predictor, PromptConfig, Strategy, as_texts, doc, register
+from .causal import CausalPredictor, Retrieval, demo_pool, make_builder, select_demos
 
 
 class EmbeddingPredictor(Predictor):
@@ -33,7 +39,8 @@ class EmbeddingPredictor(Predictor):
         self.k = k
         self.max_length = max_length
 
-    def predict_scores(self, texts: list[str]) -> np.ndarray:
+    def predict_scores(self, inputs) -> np.ndarray:
+        texts = as_texts(inputs)
         emb = self.backend.embed(texts, max_length=self.max_length)
         sims = emb @ self.anchors.T
         n_labels = len(self.labels)
@@ -70,33 +77,76 @@ def readable(name: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip()
 
 
-@dataclass
-class ZeroShotConfig(StrategyConfig):
-    """Zero-shot: label prompts rendered from templates; each template is its own trial."""
+class PromptingStrategy(Strategy):
+    """Frozen weights: on the encoder backend embeddings; on the causal backend the LM reads a prompt."""
 
-    templates: list[str] = doc("Label prompt templates with {label} (and optionally {description}).",
-                               default_factory=lambda: ["{label}"])
-    use_descriptions: bool = doc("Also embed each label's description, when the task gives one.", default=True)
-    max_length: int = doc("Tokens kept per input.", default=256)
+    family = "prompting"
+    reasoning: ClassVar[bool] = False
+    config: PromptConfig
+
+    def needs(self, backend) -> tuple[str, ...]:
+        if backend.name == "causal":
+            return ("generate",) if self.reasoning or self.config.predict == "generate" else ("score",)
+        return self.requires
+
+    def check(self, backend, task_type: str = "classification") -> None:
+        super().check(backend, task_type)
+        if backend.name != "causal" and self.config.template is not None:
+            raise ConfigError(f"strategy '{self.name}': 'template' is a prompt for causal models; the encoder "
+                              "backend embeds texts (see label_templates for zero_shot)")
+
+    def demonstrations(self, backend, task, train) -> tuple[list[dict], Retrieval | None]:
+        """Fixed demonstrations for every input, or a retrieval index (default: none)."""
+        return [], None
+
+    def build_prompt(self, backend, task, train):
+        """The prompt builder and retrieval of this strategy (hybrids train a model on the same prompt)."""
+        demos, retrieval = self.demonstrations(backend, task, train)
+        return make_builder(self.config, task, reasoning=self.reasoning, demos=demos), retrieval
+
+    def mode(self) -> str:
+        return "reason" if self.reasoning else self.config.predict
+
+    def adapt_causal(self, backend, task, *, train, dev) -> Predictor:
+        builder, retrieval = self.build_prompt(backend, task, train)
+        return CausalPredictor(self.name, self.config, task.label_names, backend=backend, builder=builder,
+                               mode=self.mode(), retrieval=retrieval, seed=self.seed)
+
+
+@dataclass
+class ZeroShotConfig(PromptConfig):
+    """Zero-shot: no training data. Encoder: label prompts; causal: instruction + template."""
+
+    label_templates: list[str] = doc(
+        "encoder: Jinja2 label prompts with {{ label }} (and {{ description }}); each is its own trial.",
+        default_factory=lambda: ["{{ label }}"])
+    use_descriptions: bool = doc("encoder: also embed each label's description, when the task gives one.",
+                                 default=True)
+    max_length: int = doc("Tokens kept per input (causal: per prompt).", default=256)
 
     def __post_init__(self) -> None:
-        if not self.templates:
-            raise ValueError("templates: give at least one template")
+        super().__post_init__()
+        if not self.label_templates:
+            raise ValueError("label_templates: give at least one template")
         if self.max_length < 8:
             raise ValueError("max_length must be >= 8")
-        for t in self.templates:
-            bad = [p for p in placeholders(t) if p not in ("label", "description")]
-            if "label" not in placeholders(t) or bad:
-                raise ValueError(f"template {t!r} must use {{label}} (and may use {{description}}), nothing else")
+        for t in self.label_templates:
+            try:
+                tpl = PromptTemplate(t, "label_templates")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            bad = [v for v in tpl.variables if v not in ("label", "description")]
+            if "label" not in tpl.variables or bad:
+                raise ValueError(f"label template {t!r} must use {{{{ label }}}} (and may use {{{{ description }}}}), "
+                                 "nothing else")
 
 
 @register
-class ZeroShot(Strategy):
-    """Classify by similarity between the input and each label's prompt; no training data used."""
+class ZeroShot(PromptingStrategy):
+    """Classify (or answer) with no training data: label prompts on an encoder, an instruction on an LM."""
 
     name = "zero_shot"
     config_cls = ZeroShotConfig
-    family = "prompting"
     requires = ("embed",)
     uses_train = False
     predictor_cls = EmbeddingPredictor
@@ -104,15 +154,20 @@ class ZeroShot(Strategy):
 
     @classmethod
     def expand(cls, config: ZeroShotConfig) -> list[ZeroShotConfig]:
-        return [replace(config, templates=[t]) for t in config.templates]
+        out = []
+        for c in super().expand(config):
+            out.extend(replace(c, label_templates=[t]) for t in c.label_templates)
+        return out
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend)
-        (template,) = self.config.templates[:1]
+        self.check(backend, task.task.type)
+        if backend.name == "causal":
+            return self.adapt_causal(backend, task, train=train, dev=dev)
+        tpl = PromptTemplate(self.config.label_templates[0], "label_templates")
         prompts, owner = [], []
         for i, lab in enumerate(task.labels):
             desc = lab.description or ""
-            prompts.append(render(template, {"label": readable(lab.name), "description": desc}))
+            prompts.append(tpl.render({"label": readable(lab.name), "description": desc}))
             owner.append(i)
             if self.config.use_descriptions and lab.description:
                 prompts.append(lab.description)
@@ -126,50 +181,60 @@ class ZeroShot(Strategy):
 
 
 @dataclass
-class FewShotConfig(StrategyConfig):
-    """Few-shot: k labelled demonstrations per class from train, nearest prototype or k-nearest neighbours."""
+class FewShotConfig(PromptConfig):
+    """Few-shot: labelled demonstrations from train. Encoder: prototypes or k-NN; causal: in the prompt."""
 
-    shots: int = doc("Demonstrations per class.", default=8)
-    selection: str = doc("balanced: exactly `shots` per class; random: shots x classes drawn from train.",
-                         default="balanced")
-    classifier: str = doc("prototype: nearest class mean; knn: vote of the k nearest demonstrations.",
+    shots: int = doc("Demonstrations per class (generation tasks: in all).", default=8)
+    selection: str = doc("balanced: `shots` per class; random: shots x classes drawn from train; retrieved "
+                         "(causal): the shots x classes training examples most similar to each input, by "
+                         "the embeddings of model.retriever.", default="balanced")
+    classifier: str = doc("encoder: prototype (nearest class mean) or knn (vote of the k nearest).",
                           default="prototype")
-    k: int = doc("Neighbours for classifier=knn.", default=3)
-    max_length: int = doc("Tokens kept per input.", default=256)
+    k: int = doc("encoder: neighbours for classifier=knn.", default=3)
+    max_length: int = doc("Tokens kept per input (causal: per prompt; a longer prompt keeps its end).",
+                          default=1024)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.shots < 1 or self.k < 1 or self.max_length < 8:
             raise ValueError("need shots >= 1, k >= 1 and max_length >= 8")
-        if self.selection not in ("balanced", "random"):
-            raise ValueError(f"selection must be 'balanced' or 'random', not {self.selection!r}")
+        if self.selection not in ("balanced", "random", "retrieved"):
+            raise ValueError(f"selection must be 'balanced', 'random' or 'retrieved', not {self.selection!r}")
         if self.classifier not in ("prototype", "knn"):
             raise ValueError(f"classifier must be 'prototype' or 'knn', not {self.classifier!r}")
 
 
 @register
-class FewShot(Strategy):
-    """Pick demonstrations from train (seeded) and classify by their embeddings."""
+class FewShot(PromptingStrategy):
+    """Demonstrations picked from train (seeded): embedded on an encoder, shown in the prompt to an LM."""
 
     name = "few_shot"
     config_cls = FewShotConfig
-    family = "prompting"
     requires = ("embed",)
     predictor_cls = EmbeddingPredictor
     config: FewShotConfig
 
+    def check(self, backend, task_type: str = "classification") -> None:
+        super().check(backend, task_type)
+        if backend.name != "causal" and self.config.selection == "retrieved":
+            raise CapabilityError("few_shot: selection 'retrieved' puts the nearest examples in a causal model's "
+                                  "prompt; on the encoder backend use classifier: knn")
+
     def select(self, labels: np.ndarray, n_classes: int) -> np.ndarray:
-        rng = np.random.default_rng(self.seed)
-        if self.config.selection == "random":
-            n = min(len(labels), self.config.shots * n_classes)
-            return np.sort(rng.choice(len(labels), size=n, replace=False))
-        picked = []
-        for c in range(n_classes):
-            idx = np.flatnonzero(labels == c)
-            picked.extend(rng.choice(idx, size=min(len(idx), self.config.shots), replace=False).tolist())
-        return np.sort(np.asarray(picked, dtype=np.int64))
+        from ..prompts import select_demonstrations
+
+        return np.sort(select_demonstrations(labels, self.config.shots, self.config.selection, self.seed, True))
+
+    def demonstrations(self, backend, task, train):
+        if self.config.selection == "retrieved":
+            k = self.config.shots * max(1, len(task.labels))
+            return [], Retrieval.build(backend.config.retriever, demo_pool(task, train), k)
+        return select_demos(task, train, self.config.shots, self.config.selection, self.seed), None
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend)
+        self.check(backend, task.task.type)
+        if backend.name == "causal":
+            return self.adapt_causal(backend, task, train=train, dev=dev)
         n = len(task.labels)
         chosen = self.select(train.labels, n)
         emb = backend.embed([train.texts[i] for i in chosen], max_length=self.config.max_length)
@@ -181,3 +246,43 @@ class FewShot(Strategy):
                                       anchor_labels=present, max_length=self.config.max_length)
         return EmbeddingPredictor(self.name, self.config, task.label_names, backend=backend, anchors=emb,
                                   anchor_labels=ys, mode="knn", k=self.config.k, max_length=self.config.max_length)
+
+
+@dataclass
+class ChainOfThoughtConfig(PromptConfig):
+    """Chain of thought (causal): the model reasons, then gives a final 'Answer:' line that is parsed."""
+
+    shots: int = doc("Demonstrations per class shown before the input (0: zero-shot reasoning).", default=0)
+    selection: str = doc("balanced or random demonstrations (as few_shot).", default="balanced")
+    max_new_tokens: int = doc("Most tokens generated for the reasoning and the answer.", default=256)
+    stop: list[str] = doc("Generation stops at any of these strings.", default_factory=lambda: ["\n\nText:",
+                                                                                                  "\n\nInput:"])
+    max_length: int = doc("Tokens kept per prompt.", default=1024)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shots < 0 or self.max_length < 8:
+            raise ValueError("need shots >= 0 and max_length >= 8")
+        if self.selection not in ("balanced", "random"):
+            raise ValueError(f"selection must be 'balanced' or 'random', not {self.selection!r}")
+
+
+@register
+class ChainOfThought(PromptingStrategy):
+    """Reason step by step, then answer; the final answer is parsed and the reasoning's tokens are counted."""
+
+    name = "chain_of_thought"
+    config_cls = ChainOfThoughtConfig
+    requires = ("generate",)
+    reasoning = True
+    predictor_cls = CausalPredictor
+    config: ChainOfThoughtConfig
+
+    def demonstrations(self, backend, task, train):
+        if not self.config.shots:
+            return [], None
+        return select_demos(task, train, self.config.shots, self.config.selection, self.seed), None
+
+    def adapt(self, backend, task, *, train, dev) -> Predictor:
+        self.check(backend, task.task.type)
+        return self.adapt_causal(backend, task, train=train, dev=dev)

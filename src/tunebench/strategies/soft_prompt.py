@@ -35,13 +35,22 @@ class SoftPrompt(TuningStrategy):
     def extra_positions(self) -> int:
         return self.config.virtual_tokens
 
-    def prepare(self, model: nn.Module) -> None:
+    def _peft_config(self, task_type, name_or_path: str):
         import peft
 
         kwargs = {}
         if self.config.init_text:
             kwargs = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": self.config.init_text,
-                      "tokenizer_name_or_path": model.encoder.config._name_or_path}
-        cfg = peft.PromptTuningConfig(task_type=peft.TaskType.FEATURE_EXTRACTION,
-                                      num_virtual_tokens=self.config.virtual_tokens, **kwargs)
+                      "tokenizer_name_or_path": name_or_path}
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=self.config.virtual_tokens, **kwargs)
+
+    def prepare(self, model: nn.Module) -> None:
+        import peft
+
+        cfg = self._peft_config(peft.TaskType.FEATURE_EXTRACTION, model.encoder.config._name_or_path)
         model.encoder = peft.get_peft_model(model.encoder, cfg)
+
+    def prepare_lm(self, lm: nn.Module) -> nn.Module:
+        import peft
+
+        return peft.get_peft_model(lm, self._peft_config(peft.TaskType.CAUSAL_LM, lm.config._name_or_path))

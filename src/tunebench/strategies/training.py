@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import Split
-from ..errors import ConfigError
+from ..errors import CapabilityError, ConfigError
 from ..evaluation.metrics import classification_metrics
 from ..progress import NULL_REPORTER, Reporter
-from .base import Predictor, Strategy, TrainConfig
+from .base import Predictor, Strategy, TrainConfig, as_texts
 
 log = logging.getLogger(__name__)
 
@@ -107,85 +107,149 @@ def frozen_features(model: nn.Module, backend, ids: list[list[int]], batch_size:
     return _batched(lambda b: model.features(**b), backend, ids, width, batch_size).to(backend.device)
 
 
-def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split, seed: int,
-        param_groups: list[dict] | None = None, schedule: Callable[[int], None] | None = None,
-        labels: list[str], reporter: Reporter = NULL_REPORTER) -> TrainResult:
-    """Train ``model`` (an ``EncoderClassifier``) in place and keep the epoch with the best dev metric.
+class Objective:
+    """What :func:`fit` trains: a model, the length of each training example, a batch loss, a dev evaluation.
+
+    ``evaluate`` returns dev metrics; ``score_key`` names the one that picks the best epoch (higher is
+    better). ``setup`` does one-off work before the first epoch (counted as training time).
+    """
+
+    model: nn.Module
+    lengths: list[int]
+    score_key: str
+
+    def setup(self) -> None:
+        """One-off work before training (e.g. features of a frozen encoder)."""
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def loss(self, model: nn.Module, idx: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassifierObjective(Objective):
+    """Cross-entropy of a classification head; dev accuracy and macro-F1. A frozen encoder is run once."""
+
+    def __init__(self, model: nn.Module, backend, cfg: TrainConfig, train: Split, dev: Split, labels: list[str],
+                 text_fn: Callable[[Split], list[str]] = lambda s: s.texts):
+        self.model, self.backend, self.cfg, self.labels_names = model, backend, cfg, labels
+        self.train_ids = backend.tokenize(text_fn(train), cfg.max_length)
+        self.dev_ids = backend.tokenize(text_fn(dev), cfg.max_length)
+        self.lengths = [len(x) for x in self.train_ids]
+        self.y = torch.as_tensor(train.labels, dtype=torch.long)
+        self.dev_labels = dev.labels
+        self.score_key = cfg.metric
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.frozen = False
+        self.train_feats = self.dev_feats = None
+
+    def setup(self) -> None:
+        encoder_params = {id(p) for p in self.model.encoder.parameters()}
+        self.frozen = not any(p.requires_grad for p in self.model.parameters() if id(p) in encoder_params)
+        if self.frozen:  # e.g. linear probe: encode once, then only the head's epochs repeat
+            self.train_feats = frozen_features(self.model, self.backend, self.train_ids)
+            self.dev_feats = frozen_features(self.model, self.backend, self.dev_ids)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.frozen:
+            self.model.encoder.eval()
+
+    def loss(self, model: nn.Module, idx: list[int]) -> torch.Tensor:
+        if self.frozen:
+            logits = model(features=self.train_feats[idx])
+        else:
+            with self.backend.autocast():
+                logits = model(**self.backend.collate([self.train_ids[i] for i in idx]))
+        return self.loss_fn(logits.float(), self.y[idx].to(logits.device))
+
+    def evaluate(self) -> dict[str, float]:
+        if self.frozen:
+            self.model.eval()
+            with torch.inference_mode():
+                logits = self.model(features=self.dev_feats).cpu().numpy()
+        else:
+            logits = predict_logits(self.model, self.backend, self.dev_ids)
+        m = classification_metrics(self.dev_labels, logits.argmax(1), self.labels_names)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+
+def _accelerator(backend):
+    """The Accelerate handle: a no-op wrapper in one process, DDP and sharding under ``accelerate launch``."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=backend.device.type == "cpu")
+
+
+def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_groups: list[dict] | None = None,
+        schedule: Callable[[int], None] | None = None, reporter: Reporter = NULL_REPORTER) -> TrainResult:
+    """Train ``objective.model`` in place and keep the epoch with the best dev score.
 
     ``param_groups`` hold ``(name, param)`` pairs (every parameter that may ever train) plus optional
     group options such as ``lr``; ``schedule(epoch)`` may toggle ``requires_grad`` before each epoch.
+    Runs through Accelerate: in one process it is plain PyTorch; under ``accelerate launch`` the model is
+    wrapped for data parallelism and each process takes its share of the batches.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    model = objective.model
     if param_groups is None:
         param_groups = [{"params": [(n, p) for n, p in model.named_parameters() if p.requires_grad]}]
     trainable = {n: p for g in param_groups for n, p in g["params"]}
     optim = make_optimizer(split_decay(param_groups, cfg.weight_decay), cfg.lr)
-    train_ids = backend.tokenize(train.texts, cfg.max_length)
-    dev_ids = backend.tokenize(dev.texts, cfg.max_length)
-    lengths = [len(x) for x in train_ids]
-    y = torch.as_tensor(train.labels, dtype=torch.long)
-    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
+    accelerator = _accelerator(backend)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_train = len(objective.lengths)
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size) // world)
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    loss_fn = nn.CrossEntropyLoss()
+    wrapped, optim = accelerator.prepare(model, optim)
     result = TrainResult()
-    encoder_params = {id(p) for p in model.encoder.parameters()}
-    frozen_encoder = not any(id(p) in encoder_params for p in trainable.values())
-    if frozen_encoder:  # e.g. linear probe: encode once, then only the head's epochs repeat
-        t0 = time.perf_counter()
-        train_feats, dev_feats = frozen_features(model, backend, train_ids), frozen_features(model, backend, dev_ids)
-        result.train_seconds += time.perf_counter() - t0
-
-        def train_logits(idx: list[int]) -> torch.Tensor:
-            return model.classify(train_feats[idx])
-
-        def dev_logits() -> np.ndarray:
-            model.eval()
-            with torch.inference_mode():
-                return model.classify(dev_feats).cpu().numpy()
-    else:
-        def train_logits(idx: list[int]) -> torch.Tensor:
-            with backend.autocast():
-                return model(**backend.collate([train_ids[i] for i in idx]))
-
-        def dev_logits() -> np.ndarray:
-            return predict_logits(model, backend, dev_ids)
-    best_score, best_state, stale = -1.0, None, 0
+    t0 = time.perf_counter()
+    objective.setup()
+    result.train_seconds += time.perf_counter() - t0
+    best_score, best_state, stale = -math.inf, None, 0
     max_trainable = 0
     for epoch in range(cfg.epochs):
         if schedule is not None:
             schedule(epoch)
-        max_trainable = max(max_trainable, sum(p.numel() for p in trainable.values() if p.requires_grad))
-        model.train()
-        if frozen_encoder:
-            model.encoder.eval()
-        reporter.start(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
+        active = [p for p in trainable.values() if p.requires_grad]
+        max_trainable = max(max_trainable, sum(p.numel() for p in active))
+        objective.train_mode()
+        batches = length_grouped_batches(objective.lengths, cfg.batch_size, rng)
+        batches = batches[rank::world][:steps_per_epoch]  # equal shares keep data-parallel processes in step
+        reporter.start(f"epoch {epoch + 1}/{cfg.epochs}", len(batches))
         t0 = time.perf_counter()
         running = 0.0
-        for batch_idx in length_grouped_batches(lengths, cfg.batch_size, rng):
-            logits = train_logits(batch_idx)
-            loss = loss_fn(logits.float(), y[batch_idx].to(logits.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in trainable.values() if p.requires_grad], 1.0)
+        for batch_idx in batches:
+            if not active:  # a schedule may leave nothing to train in an epoch
+                reporter.advance()
+                continue
+            loss = objective.loss(wrapped, batch_idx)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(active, 1.0)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
             running += float(loss.detach())
             reporter.advance()
         result.train_seconds += time.perf_counter() - t0
-        result.examples_seen += len(train_ids)
+        result.examples_seen += sum(len(b) for b in batches) * world
         reporter.stop()
-        dev_pred = dev_logits().argmax(1)
-        m = classification_metrics(dev.labels, dev_pred, labels)
-        entry = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
-                 "dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"]}
+        dev = objective.evaluate()
+        entry = {"epoch": epoch + 1, "train_loss": running / max(1, len(batches)),
+                 **{f"dev_{k}": v for k, v in dev.items()}}
         result.history.append(entry)
-        log.info("epoch %d: loss %.4f dev accuracy %.4f macro-F1 %.4f", epoch + 1, entry["train_loss"],
-                 m["accuracy"], m["macro_f1"])
-        score = m[cfg.metric]
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+        score = dev[objective.score_key]
+        if objective.score_key == "loss":
+            score = -score
         if score > best_score:
             best_score, stale, result.best_epoch = score, 0, epoch + 1
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
@@ -200,6 +264,7 @@ def fit(model: nn.Module, backend, cfg: TrainConfig, *, train: Split, dev: Split
                 p.copy_(best_state[n])
     result.trainable_params = max_trainable
     model.eval()
+    accelerator.free_memory()
     return result
 
 
@@ -214,13 +279,14 @@ class ClassifierPredictor(Predictor):
         self.backend = backend
         self.trained = trained
 
-    def predict_scores(self, texts: list[str]) -> np.ndarray:
-        ids = self.backend.tokenize(texts, self.config.max_length)
+    def predict_scores(self, inputs) -> np.ndarray:
+        ids = self.backend.tokenize(as_texts(inputs), self.config.max_length)
         return predict_logits(self.model, self.backend, ids)
 
     def _save(self, directory: Path) -> None:
         state = self.model.state_dict()
-        save_file({k: state[k].detach().contiguous().cpu() for k in self.trained}, str(directory / "weights.safetensors"))
+        save_file({k: state[k].detach().cpu().clone().contiguous() for k in self.trained},
+                  str(directory / "weights.safetensors"))
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
@@ -237,17 +303,43 @@ class ClassifierPredictor(Predictor):
         return cls(strategy, config, labels, model=model, backend=backend, trained=sorted(weights))
 
 
+def trained_names(model: nn.Module, groups: list[dict] | None) -> list[str]:
+    """Names of the parameters that may have trained (what an artifact must keep)."""
+    if groups is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in groups for _, p in g["params"]]
+
+
 class TuningStrategy(Strategy):
-    """Base of weight-changing strategies: build and prepare the model, then run :func:`fit`."""
+    """Base of weight-changing strategies: build and prepare the model, then run :func:`fit`.
+
+    On the encoder backend the model is an ``EncoderClassifier`` prepared by :meth:`prepare`; on the
+    causal backend it is a copy of the LM prepared by :meth:`prepare_lm` and trained on prompt + answer
+    (``lm_objective = False`` keeps the classifier head on the LM's features instead, as linear probing does).
+    """
 
     requires: ClassVar[tuple[str, ...]] = ("train",)
     predictor_cls: ClassVar[type[Predictor]] = ClassifierPredictor
+    lm_objective: ClassVar[bool] = True
     config: TrainConfig
 
-    def preflight(self, backend) -> None:
-        self.check(backend)
+    def uses_lm(self, backend) -> bool:
+        return backend.name == "causal" and self.lm_objective
+
+    def check(self, backend, task_type: str = "classification") -> None:
+        super().check(backend, task_type)
+        if task_type == "generation" and not self.lm_objective:
+            raise CapabilityError(f"strategy '{self.name}' trains a classification head; a generation task "
+                                  "needs a strategy that trains the LM (lora, full, soft_prompt, gradual_unfreeze)")
+
+    def preflight(self, backend, task_type: str = "classification") -> None:
+        self.check(backend, task_type)
         try:  # catches config mistakes PEFT only sees on a real model (e.g. target_modules that match nothing)
-            self.build_model(backend, 2)
+            if self.uses_lm(backend):
+                self.build_lm(backend)
+            else:
+                self.build_model(backend, 2)
         except Exception as exc:
             raise ConfigError(f"strategy '{self.name}': cannot prepare the model with {self.config.to_dict()}: "
                               f"{str(exc).splitlines()[0]}") from None
@@ -258,8 +350,16 @@ class TuningStrategy(Strategy):
         self.prepare(model)
         return model
 
+    def build_lm(self, backend) -> nn.Module:
+        """A fresh copy of the causal LM, prepared for this strategy."""
+        return self.prepare_lm(backend.lm_copy()).to(backend.device)
+
     def prepare(self, model: nn.Module) -> None:
-        """Set what trains. Default: everything."""
+        """Set what trains in an ``EncoderClassifier``. Default: everything."""
+
+    def prepare_lm(self, lm: nn.Module) -> nn.Module:
+        """Set what trains in a causal LM (may wrap it, e.g. with PEFT). Default: everything."""
+        return lm
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         """Parameter groups for the optimizer; None: every parameter with ``requires_grad``."""
@@ -270,18 +370,41 @@ class TuningStrategy(Strategy):
         return None
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend)
+        self.check(backend, task.task.type)
+        if self.uses_lm(backend):
+            from .causal import make_builder
+
+            return self.adapt_lm(backend, task, train=train, dev=dev, builder=make_builder(self.config, task))
         labels = list(task.label_names)
         torch.manual_seed(self.seed)  # head and adapter initialisation depend on the seed only
         model = self.build_model(backend, len(labels))
         groups = self.param_groups(model)
-        result = fit(model, backend, self.config, train=train, dev=dev, seed=self.seed, param_groups=groups,
-                     schedule=self.schedule(model), labels=labels, reporter=self.reporter)
-        names = {id(p): n for n, p in model.named_parameters()}
-        if groups is None:
-            trained = [n for n, p in model.named_parameters() if p.requires_grad]
-        else:
-            trained = [names[id(p)] for g in groups for _, p in g["params"]]
-        predictor = ClassifierPredictor(self.name, self.config, labels, model=model, backend=backend, trained=trained)
+        objective = ClassifierObjective(model, backend, self.config, train, dev, labels)
+        result = fit(objective, backend, self.config, seed=self.seed, param_groups=groups,
+                     schedule=self.schedule(model), reporter=self.reporter)
+        predictor = ClassifierPredictor(self.name, self.config, labels, model=model, backend=backend,
+                                        trained=trained_names(model, groups))
+        predictor.train_result = result
+        return predictor
+
+    def adapt_lm(self, backend, task, *, train, dev, builder, retrieval=None, name: str | None = None,
+                 config=None, decode=None, mode: str | None = None) -> Predictor:
+        """Supervised fine-tuning of the LM on ``builder``'s prompts; the predictor prompts the tuned model.
+
+        A hybrid passes its own ``name`` and ``config`` (what the artifact records), the prompt strategy's
+        ``decode`` options and prediction ``mode``.
+        """
+        from .causal import CausalLMObjective, CausalPredictor
+
+        torch.manual_seed(self.seed)
+        model = self.build_lm(backend)
+        groups = self.param_groups(model)
+        predictor = CausalPredictor(name or self.name, config or self.config, list(task.label_names),
+                                    backend=backend, builder=builder, mode=mode or self.config.predict, model=model,
+                                    retrieval=retrieval, seed=self.seed, decode=decode or self.config)
+        objective = CausalLMObjective(predictor, task, self.config, train, dev)
+        result = fit(objective, backend, self.config, seed=self.seed, param_groups=groups,
+                     schedule=self.schedule(model), reporter=self.reporter)
+        predictor.trained = trained_names(model, groups)
         predictor.train_result = result
         return predictor
