@@ -121,6 +121,8 @@ class TaskConfig(_Strict):
 class ModelConfig(_Strict):
     """Which model, and how it is reached."""
 
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+                             description="Short name (with several models: trial labels end in @name).")
     backend: Literal["encoder", "causal"] = Field(
         "encoder", description="encoder: HF encoder (embeddings, heads); causal: HF causal LM (prompts, generation).")
     path: str = Field("default", description="Local directory or hub id; 'default' is the embedded all-MiniLM-L6-v2.")
@@ -143,10 +145,12 @@ class ModelConfig(_Strict):
 
 
 class StrategyEntry(_Strict):
-    """One rung of the ladder: a registered strategy name and its parameters."""
+    """One rung of the ladder: a registered strategy name, its parameters and (optionally) the models it runs on."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] | None = Field(None, description="Names of the study's models to run on (default: every "
+                                     "model whose backend the strategy supports).")
 
 
 class StudyConfig(_Strict):
@@ -155,6 +159,7 @@ class StudyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     task: TaskConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
     strategies: list[StrategyEntry]
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -177,7 +182,11 @@ class StudyConfig(_Strict):
                 out.append({"name": item, "params": {}})
             elif isinstance(item, dict) and len(item) == 1:
                 (name, params), = item.items()
-                out.append({"name": name, "params": params or {}})
+                params = dict(params or {}) if isinstance(params, dict) else params
+                models = params.pop("models", None) if isinstance(params, dict) else None
+                if isinstance(models, str):
+                    models = [models]
+                out.append({"name": name, "params": params if params is not None else {}, "models": models})
             else:
                 out.append(item)
         return out
@@ -188,6 +197,40 @@ class StudyConfig(_Strict):
         if any(isinstance(s, int) and s < 1 for s in v):
             raise ValueError("train sizes must be positive integers or 'all'")
         return v
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, list) or not v:
+            raise ValueError("give a non-empty list of models")
+        return [{"path": m} if isinstance(m, str) else m for m in v]
+
+    @model_validator(mode="after")
+    def _check_models(self) -> StudyConfig:
+        if self.models is not None and "model" in self.model_fields_set:
+            raise ValueError("give either 'model' or 'models', not both")
+        names = [m.name for m in self.all_models()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique; got {names} (set 'name' on each model)")
+        for i, entry in enumerate(self.strategies):
+            unknown = [m for m in entry.models or [] if m not in names]
+            if unknown:
+                raise ValueError(f"strategies[{i}] ({entry.name}): unknown model(s) {unknown}; the study's models "
+                                 f"are {names}")
+        return self
+
+    def all_models(self) -> list[ModelConfig]:
+        """The study's models, each with a name (default: from its path, or its backend)."""
+        models = self.models if self.models is not None else [self.model]
+        out = []
+        for m in models:
+            if m.name is None:
+                default = "default" if m.path == "default" else Path(m.path.rstrip("/")).name or m.backend
+                m = m.model_copy(update={"name": default})
+            out.append(m)
+        return out
 
     def store_path(self, base_dir: str | Path = ".") -> Path:
         """The results directory: a ``store`` written in the study is relative to the study file, the default
@@ -203,6 +246,10 @@ class StudyConfig(_Strict):
 
     def resolved_strategies(self) -> list[tuple[str, Any]]:
         """Each strategy entry as ``(name, <Name>Config)``, study-wide ``training`` merged under its params."""
+        return [(name, cfg) for name, cfg, _ in self.resolved_entries()]
+
+    def resolved_entries(self) -> list[tuple[str, Any, list[str] | None]]:
+        """Each strategy entry as ``(name, <Name>Config, model names or None for all)``."""
         from .strategies import registry
 
         out = []
@@ -215,9 +262,15 @@ class StudyConfig(_Strict):
             if unknown_shared:
                 raise ConfigError(f"training: unknown key(s) {unknown_shared}")
             try:
-                out.append((entry.name, cls.config_from_dict(cls.merge_shared(self.training, entry.params))))
+                config = cls.config_from_dict(cls.merge_shared(self.training, entry.params))
             except ConfigError as exc:
                 raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
+            kinds = {m.name: m.backend for m in self.all_models()}
+            wrong = [m for m in entry.models or [] if kinds[m] not in cls.backends]
+            if wrong:
+                raise ConfigError(f"strategies[{i}].{entry.name}: runs on {' or '.join(cls.backends)} models, not on "
+                                  f"{wrong} ({', '.join(kinds[m] for m in wrong)})")
+            out.append((entry.name, config, entry.models))
         return out
 
 
@@ -267,6 +320,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study is a YAML mapping with name, task, model and strategies")
+    _read_template_files(raw, path, root)
     cfg = parse_study(raw, source=str(path), root=root)
     try:
         cfg.resolved_strategies()
@@ -276,6 +330,42 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
         line = _yaml_line(root, ("strategies", int(idx))) if idx and idx.isdigit() else None
         raise ConfigError(f"{path}{f' line {line}' if line else ''}: {msg}") from None
     return cfg, path.resolve().parent
+
+
+def _read_template_files(raw: dict, path: Path, root: yaml.Node | None) -> None:
+    """Replace each ``template_file: path`` (or a list of paths) by ``template:`` with the files' text.
+
+    Paths are relative to the study file. The template text, not the file name, keys the trials.
+    """
+    def load(params: dict, loc: tuple) -> None:
+        if not isinstance(params, dict) or "template_file" not in params:
+            for key in ("tune_params", "prompt_params"):  # hybrids nest a strategy's parameters
+                if isinstance(params, dict) and isinstance(params.get(key), dict):
+                    load(params[key], loc + (key,))
+            return
+        line = _yaml_line(root, loc + ("template_file",)) if root is not None else None
+        where = f"{path}{f' line {line}' if line else ''}"
+        if "template" in params:
+            raise ConfigError(f"{where}: give either template or template_file, not both")
+        files = params.pop("template_file")
+        texts = []
+        for f in files if isinstance(files, list) else [files]:
+            file = Path(f) if Path(str(f)).is_absolute() else path.parent / str(f)
+            try:
+                texts.append(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{where}: template_file {file}: cannot read it ({exc.__class__.__name__}: "
+                                  f"{exc}); the path is relative to the study file") from None
+        params["template"] = texts if isinstance(files, list) else texts[0]
+
+    if isinstance(raw.get("training"), dict):
+        load(raw["training"], ("training",))
+    for i, item in enumerate(raw.get("strategies") or []):
+        if isinstance(item, dict) and len(item) == 1 and "name" not in item:
+            (name, params), = item.items()
+            load(params, ("strategies", i, name))
+        elif isinstance(item, dict):
+            load(item.get("params"), ("strategies", i, "params"))
 
 
 def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = None) -> StudyConfig:

@@ -40,6 +40,7 @@ class Trial:
     train_size: int
     key: str
     label: str
+    model: str = "default"
 
 
 def versions() -> dict[str, str]:
@@ -103,47 +104,58 @@ class Study:
         """Every trial of the study, in order, with a key that changes when anything that matters changes."""
         data = self.data
         fingerprints = data.fingerprints()
+        models = {m.name: m for m in self.config.all_models()}
+        several = len(models) > 1
         trials, seen = [], set()
-        for name, config in self.config.resolved_strategies():
+        for name, config, only in self.config.resolved_entries():
             cls = registry.get(name)
             baseline = cls.config_from_dict(self.config.shared_params(cls)).to_dict()
-            for cfg in cls.expand(config):
-                if cls.uses_train:
-                    combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
-                else:
-                    combos = [(self.config.seeds[0], "none")]
-                for seed, spec in combos:
-                    n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
-                    ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
-                             "train_size": n, "model": self.config.model.model_dump(), "data": fingerprints,
-                             "labels": [lab.model_dump() for lab in data.labels]}
-                    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    trials.append(Trial(name, cfg, seed, str(spec), n, key, describe_params(name, cfg, baseline)))
+            targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
+            for model in targets:
+                for cfg in cls.expand(config):
+                    if cls.uses_train:
+                        combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
+                    else:
+                        combos = [(self.config.seeds[0], "none")]
+                    label = describe_params(name, cfg, baseline) + (f" @{model.name}" if several else "")
+                    for seed, spec in combos:
+                        n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
+                        ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
+                                 "train_size": n, "model": model.model_dump(exclude={"name"}), "data": fingerprints,
+                                 "labels": [lab.model_dump() for lab in data.labels]}
+                        key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        trials.append(Trial(name, cfg, seed, str(spec), n, key, label, model.name))
         return trials
 
     def run(self, backend: Backend | None = None) -> list[dict]:
-        """Run pending trials; returns the stored rows of every trial in the plan."""
+        """Run pending trials; returns the stored rows of every trial in the plan.
+
+        ``backend`` (optional) serves a single-model study; otherwise each model is loaded when first needed.
+        """
         trials = self.plan()
         self.store.save_study(self.config.name, self.config.model_dump(), self.source, [t.key for t in trials])
         done = self.store.done_keys(self.config.name)
         pending = [t for t in trials if t.key not in done]
         log.info("study %s: %d trials, %d already finished, %d to run", self.config.name, len(trials),
                  len(trials) - len(pending), len(pending))
-        if pending:
-            if backend is None:
-                backend = load_backend(self.config.model)
-            checked = set()
-            for t in pending:  # capabilities, lengths, model preparation: before any work
-                if t.label not in checked:
-                    checked.add(t.label)
-                    registry.get(t.strategy)(t.config).preflight(backend, self.config.task.type)
+        models = {m.name: m for m in self.config.all_models()}
+        backends: dict[str, Backend] = {}
+        if backend is not None:
+            backends = {name: backend for name in models}
+        checked = set()
+        for t in pending:  # load models, check capabilities, lengths and model preparation: before any work
+            if t.model not in backends:
+                backends[t.model] = load_backend(models[t.model])
+            if (t.label, t.model) not in checked:
+                checked.add((t.label, t.model))
+                registry.get(t.strategy)(t.config).preflight(backends[t.model], self.config.task.type)
         for i, trial in enumerate(pending, 1):
             self.reporter.trial_started(i, len(pending), f"{trial.label} seed={trial.seed} n={trial.train_size}")
             try:
-                row = self._run_trial(trial, backend)
+                row = self._run_trial(trial, backends[trial.model])
             except (TunebenchError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # one broken trial must not lose the others
@@ -202,7 +214,8 @@ class Study:
         record = {"config": self.config.model_dump(), "backend": backend.describe(), "versions": versions(),
                   "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
                   "best_epoch": result.best_epoch if result else None, "n_test": len(test_records),
-                  "prompt": predictor.prompt_info(test_records[0]) if test_records else None}
+                  "prompt": predictor.prompt_info(test_records[0]) if test_records else None,
+                  "model": trial.model}
         if out.generated is not None:
             record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                         zip(test_records[:3], out.generated[:3])]
@@ -248,5 +261,5 @@ def trial_json(row: dict) -> dict:
     return {"strategy": row["strategy"], "label": row["label"], "family": row["family"], "params": row["params"],
             "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
             "history": row["history"], "artifact": row["artifact"], "key": row["key"],
-            "prompt": row["record"].get("prompt")}
+            "prompt": row["record"].get("prompt"), "model": row["record"].get("model")}
 

@@ -159,7 +159,7 @@ class Predictor(ABC):
         tokens = [len(t) for t in self.backend.tokenize(texts, max_length)] if self.backend is not None else []
         return Output(self.predict(texts), tokens, [0] * len(texts))
 
-    def prompt_info(self) -> dict | None:
+    def prompt_info(self, record: dict | None = None) -> dict | None:
         """The exact template and one rendered example, for predictors that prompt (None otherwise)."""
         return None
 
@@ -189,6 +189,7 @@ class Strategy(ABC):
     family: ClassVar[str]  # prompting | prompt_tuning | weight_tuning
     requires: ClassVar[tuple[str, ...]] = ()
     uses_train: ClassVar[bool] = True  # False: the result does not depend on train data or seed
+    backends: ClassVar[tuple[str, ...]] = ("encoder", "causal")  # backend kinds it can run on
     predictor_cls: ClassVar[type[Predictor]]
 
     def __init__(self, config: StrategyConfig, *, seed: int = 0, reporter: Reporter = NULL_REPORTER):

@@ -65,6 +65,7 @@ class Hybrid(Strategy):
     config_cls = HybridConfig
     family = "hybrid"
     requires = ("train", "score")
+    backends = ("causal",)
     predictor_cls: ClassVar[type[Predictor]] = CausalPredictor
     config: HybridConfig
 

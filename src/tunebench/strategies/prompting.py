@@ -89,12 +89,6 @@ class PromptingStrategy(Strategy):
             return ("generate",) if self.reasoning or self.config.predict == "generate" else ("score",)
         return self.requires
 
-    def check(self, backend, task_type: str = "classification") -> None:
-        super().check(backend, task_type)
-        if backend.name != "causal" and self.config.template is not None:
-            raise ConfigError(f"strategy '{self.name}': 'template' is a prompt for causal models; the encoder "
-                              "backend embeds texts (see label_templates for zero_shot)")
-
     def demonstrations(self, backend, task, train) -> tuple[list[dict], Retrieval | None]:
         """Fixed demonstrations for every input, or a retrieval index (default: none)."""
         return [], None
@@ -274,6 +268,7 @@ class ChainOfThought(PromptingStrategy):
     name = "chain_of_thought"
     config_cls = ChainOfThoughtConfig
     requires = ("generate",)
+    backends = ("causal",)
     reasoning = True
     predictor_cls = CausalPredictor
     config: ChainOfThoughtConfig
