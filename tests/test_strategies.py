@@ -128,6 +128,7 @@ class TestEveryStrategy:
             assert result.trainable_params == total
 
 
+
 def test_same_seed_same_numbers(tiny_backend, toy_task):
     cls = registry.get("lora")
     runs = [cls(quick_config("lora"), seed=3).adapt(tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
@@ -158,6 +159,21 @@ def test_gradual_unfreeze_follows_its_schedule(tiny_backend, toy_task):
     assert counts[0] == 0 < counts[1] < counts[2]
     layer = sum(p.numel() for p in model.encoder.encoder.layer[-1].parameters())
     assert counts[1] == layer
+
+
+@pytest.mark.parametrize("name,params", [("full", {}), ("gradual_unfreeze", {"schedule": [1, 2]})])
+def test_unfrozen_encoder_weights_train(name, params, tiny_backend, toy_task):
+    """The encoder itself moves (features are not cached as if it were frozen), not just the head."""
+    import torch
+
+    cls = registry.get(name)
+    predictor = cls(cls.config_from_dict({**QUICK, **params}), seed=0).adapt(
+        tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+    pretrained = dict(tiny_backend._model.named_parameters())
+    moved = [n for n, p in predictor.model.encoder.named_parameters() if not torch.equal(p.detach(), pretrained[n])]
+    assert any(".layer.1." in n for n in moved)  # the top block trained
+    if name == "gradual_unfreeze":
+        assert not any("embeddings" in n for n in moved)  # never unfrozen by this schedule
 
 
 class _NoTrainBackend:

@@ -242,7 +242,7 @@ class CausalLMObjective:
         self.dev_answers = answers(task, dev)
         self.score_key = cfg.metric if self.classification else "loss"
 
-    def setup(self) -> None:
+    def setup(self, trainable) -> None:
         pass
 
     def train_mode(self) -> None:

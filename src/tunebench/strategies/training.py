@@ -118,8 +118,9 @@ class Objective:
     lengths: list[int]
     score_key: str
 
-    def setup(self) -> None:
-        """One-off work before training (e.g. features of a frozen encoder)."""
+    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+        """One-off work before training (e.g. features of a frozen encoder); ``trainable``: every parameter
+        that may train in some epoch."""
 
     def train_mode(self) -> None:
         self.model.train()
@@ -147,9 +148,9 @@ class ClassifierObjective(Objective):
         self.frozen = False
         self.train_feats = self.dev_feats = None
 
-    def setup(self) -> None:
+    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> None:
         encoder_params = {id(p) for p in self.model.encoder.parameters()}
-        self.frozen = not any(p.requires_grad for p in self.model.parameters() if id(p) in encoder_params)
+        self.frozen = not any(id(p) in encoder_params for p in trainable.values())
         if self.frozen:  # e.g. linear probe: encode once, then only the head's epochs repeat
             self.train_feats = frozen_features(self.model, self.backend, self.train_ids)
             self.dev_feats = frozen_features(self.model, self.backend, self.dev_ids)
@@ -212,7 +213,7 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
     wrapped, optim = accelerator.prepare(model, optim)
     result = TrainResult()
     t0 = time.perf_counter()
-    objective.setup()
+    objective.setup(trainable)
     result.train_seconds += time.perf_counter() - t0
     best_score, best_state, stale = -math.inf, None, 0
     max_trainable = 0
