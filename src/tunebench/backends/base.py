@@ -52,6 +52,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if ok else None
 
 
+def load_pretrained(path: str, model_cls, kind: str = "model"):
+    """Tokenizer and model from a local directory or a hub id; failures become one-line ``ModelLoadError``s."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..errors import ModelLoadError
+
+    local = Path(path).expanduser()
+    src = str(local) if local.exists() else path
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{local}: not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(src), model_cls.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        hint = "" if local.exists() else " (not a local directory; as a hub id it needs network access)"
+        raise ModelLoadError(f"{kind} '{path}' could not be loaded{hint}: {str(exc).splitlines()[0]}") from None
+
+
 class Backend(ABC):
     """A model and its capabilities (``embed``, ``train``, ``generate`` ...).
 

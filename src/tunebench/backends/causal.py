@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError, ModelLoadError
-from .base import Backend
+from ..errors import ConfigError
+from .base import Backend, load_pretrained
 from .encoder import EncoderClassifier
 
 log = logging.getLogger(__name__)
@@ -78,19 +77,9 @@ class CausalBackend(Backend):
         self._model.to(self.device).eval()
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        local = Path(self.path).expanduser()
-        src = str(local) if local.exists() else self.path
-        if local.exists() and not (local / "config.json").is_file():
-            raise ModelLoadError(f"{local}: not a Hugging Face model directory (no config.json)")
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(src)
-            self._model = AutoModelForCausalLM.from_pretrained(src)
-        except (OSError, ValueError) as exc:
-            hint = "" if local.exists() else " (not a local directory; as a hub id it needs network access)"
-            raise ModelLoadError(f"causal model '{self.path}' could not be loaded{hint}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+        self._tokenizer, self._model = load_pretrained(self.path, AutoModelForCausalLM, "causal model")
         log.info("loaded causal LM %s (%d parameters)", self.path, sum(p.numel() for p in self._model.parameters()))
 
     # ---- model facts -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
-from .base import Backend
+from .base import Backend, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +101,11 @@ class EncoderBackend(Backend):
         return "all-MiniLM-L6-v2 (default)" if self.config.path == "default" else self.config.path
 
     def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        local = Path(self.path).expanduser()
-        src = str(local) if local.exists() else self.path
-        if local.exists() and not (local / "config.json").is_file():
-            raise ModelLoadError(f"{local}: not a Hugging Face model directory (no config.json)")
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(src)
-            self._model = AutoModel.from_pretrained(src)
-            if getattr(self._model, "pooler", None) is not None:  # mean pooling never uses it
-                self._model.pooler = None
-        except OSError as exc:
-            hint = "" if local.exists() else " (not a local directory; as a hub id it needs network access)"
-            raise ModelLoadError(f"model '{self.path}' could not be loaded{hint}: {str(exc).splitlines()[0]}") from None
+        self._tokenizer, self._model = load_pretrained(self.path, AutoModel)
+        if getattr(self._model, "pooler", None) is not None:  # mean pooling never uses it
+            self._model.pooler = None
         log.info("loaded encoder %s (%d parameters)", self.model_id, sum(p.numel() for p in self._model.parameters()))
 
     @property
