@@ -93,7 +93,8 @@ def load_rows(args) -> tuple[list[tuple[str, str]], str]:
         keep = set(cats[: args.labels])
         return [r for r in rows if r[1] in keep], f"BANKING77 ({path.parent})"
     if args.labels > len(SYNTH_LABELS):
-        raise SystemExit(f"error: generated data has {len(SYNTH_LABELS)} labels; --labels {args.labels} needs BANKING77")
+        raise SystemExit(f"error: generated data has {len(SYNTH_LABELS)} labels; --labels {args.labels} "
+                         "needs BANKING77")
     rng = random.Random(args.seed)
     per_class = max(40, args.inputs // args.labels + args.shots + 10)
     rows = []
@@ -195,14 +196,15 @@ def main(argv=None) -> int:
     lens = [len(p) for p in prompts]
     shared = max(0, min(shared_prefix(prompts), min(lens) - 1))
     opt_lens = [len(o) for o in options]
-    # tokens each side feeds through the model (the cached side: prefix once, each prompt's suffix once,
-    # then every label after its prompt minus the first token, which the prompt's last position predicts)
+    # tokens each side feeds through the model, padding aside (the cached side: the shared prefix once, each
+    # prompt's rest once, then every label after its prompt unless all labels are single tokens)
     naive_tokens = sum(lens) * k + n * sum(opt_lens)
-    cached_tokens = shared + sum(lens) - n * shared + (n * sum(o - 1 for o in opt_lens) if max(opt_lens) > 1 else 0)
+    cached_tokens = shared + sum(lens) - n * shared + (n * sum(opt_lens) if max(opt_lens) > 1 else 0)
     params = sum(p.numel() for p in backend.model.parameters())
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"device {backend.device}, fp32; random Llama {args.layers} layers x {args.hidden} hidden, {args.heads} heads, "
+          f"device {backend.device}, fp32; random Llama {args.layers} layers x {args.hidden} hidden, "
+          f"{args.heads} heads, "
           f"{params / 1e6:.1f}M parameters, BPE vocab {len(backend.tokenizer)}; chat template "
           f"{'on' if backend.chat else 'off'}; data: {source}; score batch {bs}; median of {args.repeats} "
           f"alternating run(s)", flush=True)
