@@ -95,6 +95,18 @@ class Backend(ABC):
     def model_id(self) -> str:
         return self.config.path
 
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._model.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._model.config.num_hidden_layers)
+
     def autocast(self):
         """bf16 autocast where enabled, a no-op otherwise."""
         if self.amp_dtype is None:

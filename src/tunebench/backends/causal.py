@@ -88,21 +88,9 @@ class CausalBackend(Backend):
         return self._model
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._model.config.hidden_size)
-
-    @property
     def max_positions(self) -> int | None:
         cfg = self._model.config
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self._model.config.num_hidden_layers)
 
     def lm_copy(self) -> nn.Module:
         """A fresh trainable copy of the pretrained LM (the backend's own stays untouched)."""

@@ -109,21 +109,9 @@ class EncoderBackend(Backend):
         log.info("loaded encoder %s (%d parameters)", self.model_id, sum(p.numel() for p in self._model.parameters()))
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._model.config.hidden_size)
-
-    @property
     def max_positions(self) -> int | None:
         """Longest input (in tokens) the model's position embeddings allow, where it says."""
         return getattr(self._model.config, "max_position_embeddings", None)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self._model.config.num_hidden_layers)
 
     def encoder_copy(self) -> nn.Module:
         """A fresh trainable copy of the pretrained encoder (the backend's own stays untouched)."""
