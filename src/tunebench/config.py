@@ -153,6 +153,40 @@ class StrategyEntry(_Strict):
                                      "model whose backend the strategy supports).")
 
 
+PERTURBATION_KINDS = ("case", "punctuation", "whitespace", "typo", "synonym")
+
+
+class ConsistencyConfig(_Strict):
+    """How stable each trial's predictions are: under meaning-preserving edits and across samples."""
+
+    perturbations: list[Literal["case", "punctuation", "whitespace", "typo", "synonym"]] = Field(
+        default_factory=lambda: list(PERTURBATION_KINDS),
+        description="Edits applied to test inputs; the label-flip rate is measured for each ([] turns this off).")
+    max_items: int = Field(200, ge=1, description="Test items perturbed (the first N; bounds the extra inference).")
+    samples: int = Field(5, ge=2, description="Samples per input for sampled generation (temperature > 0).")
+
+
+class ApiPrice(_Strict):
+    """What a hosted model costs per million tokens."""
+
+    input_per_1m: float = Field(ge=0, description="Price per 1M prompt (input) tokens.")
+    output_per_1m: float = Field(0.0, ge=0, description="Price per 1M completion (output) tokens.")
+
+
+class CostConfig(_Strict):
+    """The price table: how training and serving are paid for, and how much traffic is expected."""
+
+    train_per_hour: float = Field(1.0, ge=0, description="Hourly cost of the hardware that trains (self-hosted).")
+    serve_per_hour: float = Field(1.0, ge=0, description="Hourly cost of the hardware that serves (self-hosted).")
+    concurrency: int = Field(1, ge=1, description="Requests one serving machine handles at once at the measured "
+                             "latency (self-hosted cost per request = latency x hourly rate / concurrency).")
+    volume_per_day: float = Field(10000, ge=0, description="Expected requests per day.")
+    horizon_days: float = Field(90, gt=0, description="Days over which total cost is counted.")
+    api: dict[str, ApiPrice] = Field(default_factory=dict, description="Per model name: token prices of a hosted "
+                                     "API; those models are priced by tokens instead of serving time.")
+    currency: str = Field("$", max_length=4, description="Shown before amounts.")
+
+
 class StudyConfig(_Strict):
     """A study: a task, a model, the strategies to compare, seeds and train sizes."""
 
@@ -165,6 +199,8 @@ class StudyConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"], min_length=1)
     store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    costs: CostConfig = Field(default_factory=CostConfig)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -219,6 +255,9 @@ class StudyConfig(_Strict):
             if unknown:
                 raise ValueError(f"strategies[{i}] ({entry.name}): unknown model(s) {unknown}; the study's models "
                                  f"are {names}")
+        unpriced = sorted(set(self.costs.api) - set(names))
+        if unpriced:
+            raise ValueError(f"costs.api: no model named {unpriced} in this study (its models are {names})")
         return self
 
     def all_models(self) -> list[ModelConfig]:

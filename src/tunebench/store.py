@@ -37,6 +37,14 @@ CREATE TABLE IF NOT EXISTS trials (
     finished_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS trials_study ON trials(study);
+CREATE TABLE IF NOT EXISTS items (
+    key TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS test_sets (
+    fingerprint TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS studies (
     name TEXT PRIMARY KEY,
     config TEXT NOT NULL,
@@ -99,8 +107,13 @@ class Store:
         with self._connect() as con:
             return {r[0] for r in con.execute("SELECT key FROM trials WHERE study = ?", (study,))}
 
-    def add_trial(self, row: dict, staged: Path | None) -> None:
-        """Move the staged artifact into place, then commit the row (the commit is what makes it count)."""
+    def add_trial(self, row: dict, staged: Path | None, items: dict | None = None,
+                  test_set: tuple[str, dict] | None = None) -> None:
+        """Move the staged artifact into place, then commit the row (the commit is what makes it count).
+
+        ``items`` holds the trial's per-test-item predictions and scores (what paired statistics need);
+        ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split.
+        Row, items and test set are written in one transaction."""
         final = None
         if staged is not None:
             final = self.artifact_dir(row["key"])
@@ -111,8 +124,29 @@ class Store:
         cols = ["key", "study", "strategy", "family", "label", "params", "seed", "train_size", "train_size_spec",
                 "metrics", "cost", "history", "record", "artifact", "finished_at"]
         with self._connect() as con:
+            if items is not None:
+                con.execute("INSERT OR REPLACE INTO items(key, data) VALUES (?, ?)", (row["key"], json.dumps(items)))
+            if test_set is not None:
+                con.execute("INSERT OR IGNORE INTO test_sets(fingerprint, data) VALUES (?, ?)",
+                            (test_set[0], json.dumps(test_set[1])))
             con.execute(f"INSERT OR IGNORE INTO trials({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                         [values[c] for c in cols])
+
+    def items(self, keys: list[str]) -> dict[str, dict]:
+        """Per-item predictions and scores of these trials (trials stored before tunebench kept them have none)."""
+        out = {}
+        with self._connect() as con:
+            for k in keys:
+                row = con.execute("SELECT data FROM items WHERE key = ?", (k,)).fetchone()
+                if row is not None:
+                    out[k] = json.loads(row[0])
+        return out
+
+    def test_set(self, fingerprint: str) -> dict | None:
+        """The stored truth of a test split (labels or reference texts), by its data fingerprint."""
+        with self._connect() as con:
+            row = con.execute("SELECT data FROM test_sets WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def trials(self, study: str, keys: set[str] | None = None) -> list[dict]:
         with self._connect() as con:

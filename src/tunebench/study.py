@@ -21,7 +21,9 @@ from .config import StudyConfig
 from .data import TaskData, load_task, stratified_order
 from .errors import TunebenchError
 from .evaluation.cost import PeakMemory, latency_ms
-from .evaluation.metrics import classification_metrics, generation_metrics
+from .evaluation.consistency import measure
+from .evaluation.metrics import classification_metrics, generation_item_scores, generation_metrics
+from .textfmt import render
 from .progress import StudyReporter
 from .store import Store
 from .strategies import StrategyConfig, registry
@@ -183,18 +185,27 @@ class Study:
             t1 = time.perf_counter()
             out = predictor.run(test_records)
             infer_s = time.perf_counter() - t1
-            p50, p95 = latency_ms(predictor.predict, test_records)
+            latencies = latency_ms(predictor.predict, test_records)
+            p50, p95 = (float(np.percentile(latencies, q)) for q in (50, 95))
             nll = None
             if data.test.targets is not None and hasattr(predictor, "reference_nll"):
                 nll = predictor.reference_nll(test_records, data.test.targets)
             self.reporter.advance()
             self.reporter.stop()
+            stability = self._consistency(predictor, test_records, out.predictions, trial.seed)
         if data.test.targets is not None:
             metrics = generation_metrics(list(out.predictions), data.test.targets)
             if nll is not None:
                 metrics["perplexity"] = float(np.exp(np.mean(nll)))
+            items = {"predictions": list(out.predictions),
+                     "scores": generation_item_scores(list(out.predictions), data.test.targets)}
+            truth = {"targets": list(data.test.targets)}
         else:
             metrics = classification_metrics(data.test.labels, out.predictions, data.label_names)
+            preds = [int(p) for p in out.predictions]
+            items = {"predictions": preds,
+                     "scores": {"accuracy": [float(p == y) for p, y in zip(preds, data.test.labels.tolist())]}}
+            truth = {"labels": data.test.labels.tolist(), "label_names": data.label_names}
         result = getattr(predictor, "train_result", None)
         trainable = result.trainable_params if result else 0
         cost: dict[str, Any] = {
@@ -204,6 +215,8 @@ class Study:
             "train_examples_per_s": round(result.examples_per_s, 2) if result else None,
             "latency_ms_p50": round(p50, 3),
             "latency_ms_p95": round(p95, 3),
+            "latency_ms_mean": round(float(np.mean(latencies)), 3),
+            "latency_ms_samples": [round(x, 3) for x in latencies],
             "throughput_per_s": round(len(test_records) / infer_s, 2) if infer_s > 0 else None,
             **token_stats(out.prompt_tokens, out.completion_tokens),
             "peak_memory_mb": round(mem.peak_mb, 1),
@@ -215,7 +228,7 @@ class Study:
                   "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
                   "best_epoch": result.best_epoch if result else None, "n_test": len(test_records),
                   "prompt": predictor.prompt_info(test_records[0]) if test_records else None,
-                  "model": trial.model}
+                  "model": trial.model, "consistency": stability}
         if out.generated is not None:
             record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                         zip(test_records[:3], out.generated[:3])]
@@ -227,10 +240,30 @@ class Study:
         if is_main_process():  # under `accelerate launch`, one process writes the store
             staged = self.store.staging_dir(trial.key)
             predictor.save(staged)
-            self.store.add_trial(row, staged)
+            self.store.add_trial(row, staged, items, (data.fingerprints()["test"], truth))
         log.info("trial %s seed=%d n=%d: %s", trial.label, trial.seed, row["train_size"],
                  ", ".join(f"{k} {metrics[k]:.4f}" for k in headline_metrics(metrics)))
         return row
+
+
+    def _consistency(self, predictor, records: list[dict], predictions, seed: int) -> dict | None:
+        """Flip rates under the configured perturbations (first ``max_items`` test items) and sample agreement."""
+        cfg = self.config.consistency
+        task = self.config.task
+        if not cfg.perturbations and cfg.samples < 2:
+            return None
+
+        def join(row: dict) -> str:
+            return render(task.text_template, row) if task.text_template else row[task.text[0]]
+
+        n = min(cfg.max_items, len(records))
+        self.reporter.start("consistency", 1)
+        try:
+            return measure(predictor, records[:n], list(predictions[:n]), kinds=cfg.perturbations, seed=seed,
+                           fields=task.text, join=join, samples=cfg.samples)
+        finally:
+            self.reporter.advance()
+            self.reporter.stop()
 
 
 def headline_metrics(metrics: dict) -> list[str]:

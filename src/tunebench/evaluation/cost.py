@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 import time
 
 import numpy as np
@@ -54,8 +55,8 @@ class PeakMemory:
             self.peak_mb = self._peak / 2**20
 
 
-def latency_ms(predict, texts: list[str], n: int = 32, warmup: int = 2) -> tuple[float, float]:
-    """p50 and p95 of single-example prediction latency over up to ``n`` examples, in milliseconds."""
+def latency_ms(predict, texts: list[str], n: int = 32, warmup: int = 2) -> list[float]:
+    """Single-example prediction latency of up to ``n`` examples (after ``warmup`` calls), in milliseconds."""
     sample = texts[:n]
     for t in sample[:warmup]:
         predict([t])
@@ -64,4 +65,66 @@ def latency_ms(predict, texts: list[str], n: int = 32, warmup: int = 2) -> tuple
         t0 = time.perf_counter()
         predict([t])
         times.append((time.perf_counter() - t0) * 1000)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    return times
+
+
+# ---- the cost model -------------------------------------------------------------------------------------------
+HOURS = 3600.0
+
+
+@dataclass
+class Pricing:
+    """What one approach costs: once (training compute) and per request (API tokens or serving time)."""
+
+    upfront: float
+    per_request: float
+    basis: str  # "api tokens" | "serving time"
+
+    def total(self, volume_per_day: float, days: float, trainings: int = 1) -> float:
+        """Cost over ``days`` at ``volume_per_day`` requests, paying for ``trainings`` training runs."""
+        return self.upfront * trainings + self.per_request * volume_per_day * days
+
+    def to_dict(self) -> dict:
+        return {"upfront": self.upfront, "per_request": self.per_request, "per_1k_requests": self.per_request * 1000,
+                "basis": self.basis}
+
+
+def price(cost: dict, model: str, table) -> Pricing:
+    """Price a strategy from its measured costs (means over seeds) and the study's ``costs`` table.
+
+    Upfront: training (or adaptation) seconds x the training hardware's hourly rate. Per request: for a model in
+    ``table.api``, mean prompt and completion tokens x the API's prices; otherwise mean single-request latency x
+    the serving hardware's hourly rate / ``table.concurrency``.
+    """
+    upfront = cost.get("train_seconds", 0.0) / HOURS * table.train_per_hour
+    api = table.api.get(model)
+    if api is not None:
+        per = (cost.get("prompt_tokens_mean", 0.0) * api.input_per_1m
+               + cost.get("completion_tokens_mean", 0.0) * api.output_per_1m) / 1e6
+        return Pricing(upfront, per, "api tokens")
+    latency_s = (cost.get("latency_ms_mean") or cost.get("latency_ms_p50") or 0.0) / 1000
+    return Pricing(upfront, latency_s / HOURS * table.serve_per_hour / table.concurrency, "serving time")
+
+
+def break_even(prompting: Pricing, tuning: Pricing) -> dict:
+    """Where ``tuning`` starts (or stops) costing less in total than ``prompting``, in requests.
+
+    ``status``: ``at`` (tuning is cheaper from ``requests`` on), ``always`` (cheaper from the first request),
+    ``below`` (cheaper only below ``requests``: it costs less upfront but more per request), ``never`` or ``equal``.
+
+    Example:
+        >>> round(break_even(Pricing(0.0, 0.002, "api tokens"), Pricing(10.0, 0.0005, "serving time"))["requests"])
+        6667
+    """
+    extra_upfront = tuning.upfront - prompting.upfront
+    saving = prompting.per_request - tuning.per_request  # what tuning saves on each request
+    if saving > 0:
+        if extra_upfront <= 0:
+            return {"requests": 0.0, "status": "always"}
+        return {"requests": extra_upfront / saving, "status": "at"}
+    if saving == 0:
+        status = "always" if extra_upfront < 0 else "equal" if extra_upfront == 0 else "never"
+        return {"requests": 0.0 if status != "never" else None, "status": status}
+    if extra_upfront < 0:
+        return {"requests": extra_upfront / saving, "status": "below"}
+    return {"requests": None, "status": "never"}

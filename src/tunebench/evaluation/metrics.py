@@ -1,4 +1,4 @@
-"""Quality metrics for classification."""
+"""Quality metrics: classification (accuracy, macro-F1, confusion) and generation (EM, token F1, ROUGE-L, BLEU, chrF)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,26 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def generation_item_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-item exact match, token F1 and ROUGE-L F: the item-level scores that metrics and bootstraps average."""
+    from rouge_score import rouge_scorer
+
+    from ..prompts import normalize
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return {"exact_match": [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)],
+            "token_f1": [token_f1(p, r) for p, r in zip(predictions, references)],
+            "rouge_l": [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]}
+
+
+def corpus_bleu_chrf(predictions: list[str], references: list[str]) -> tuple[float, float]:
+    """Corpus BLEU and chrF (``sacrebleu``) as fractions in [0, 1]."""
+    import sacrebleu
+
+    return (sacrebleu.corpus_bleu(predictions, [references]).score / 100,
+            sacrebleu.corpus_chrf(predictions, [references]).score / 100)
+
+
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """Exact match and token F1 (normalised), ROUGE-L F (``rouge-score``), corpus BLEU and chrF (``sacrebleu``).
 
@@ -78,17 +98,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
         >>> m["exact_match"], round(m["token_f1"], 2)
         (1.0, 1.0)
     """
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    from ..prompts import normalize
-
-    n = max(1, len(references))
-    em = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n
-    f1 = sum(token_f1(p, r) for p, r in zip(predictions, references)) / n
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / n
-    bleu = sacrebleu.corpus_bleu(predictions, [references]).score / 100
-    chrf = sacrebleu.corpus_chrf(predictions, [references]).score / 100
-    return {"exact_match": float(em), "token_f1": float(f1), "rouge_l": float(rouge), "bleu": float(bleu),
-            "chrf": float(chrf)}
+    items = generation_item_scores(predictions, references)
+    out = {k: float(np.mean(v)) if v else 0.0 for k, v in items.items()}
+    out["bleu"], out["chrf"] = corpus_bleu_chrf(predictions, references)
+    return out

@@ -1,0 +1,316 @@
+"""Evidence: stored trials turned into intervals, paired comparisons, learning curves, consistency and costs.
+
+Everything here reads the store only (trial rows, per-item predictions, the stored test truth): a report or a
+recommendation never reruns a trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .config import CostConfig
+from .errors import StoreError
+from .evaluation.consistency import agreement
+from .evaluation.cost import Pricing, break_even, price
+from .evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, metric_fn
+from .leaderboard import SECONDARY, default_metric
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+PROMPTING = ("prompting",)
+TUNING = ("weight_tuning", "prompt_tuning", "hybrid")
+
+
+@dataclass
+class Group:
+    """All seeds of one strategy label at one train size."""
+
+    label: str
+    strategy: str
+    family: str
+    model: str
+    train_size: int
+    rows: list[dict]
+    items: list[dict]  # per-seed stored items (empty for trials stored before tunebench kept them)
+    metric: str
+    truth: dict | None
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r["seed"] for r in self.rows)
+
+    @property
+    def values(self) -> list[float]:
+        return [r["metrics"][self.metric] for r in self.rows if self.metric in r["metrics"]]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+    @property
+    def has_items(self) -> bool:
+        return bool(self.items) and len(self.items) == len(self.rows) and self.truth is not None
+
+    @cached_property
+    def fn(self) -> MetricFn | None:
+        return metric_fn(self.metric, self.items, self.truth) if self.has_items else None
+
+    @cached_property
+    def ci(self) -> tuple[float, float] | None:
+        return bootstrap_ci(self.fn) if self.fn is not None else None
+
+    @property
+    def correct(self) -> list[np.ndarray] | None:
+        """Per seed, per item: right or wrong (McNemar's outcomes); classification only."""
+        if not self.has_items or "accuracy" not in self.items[0]["scores"]:
+            return None
+        return [np.asarray(it["scores"]["accuracy"]) > 0.5 for it in self.items]
+
+    def cost_mean(self, key: str) -> float | None:
+        vals = [r["cost"].get(key) for r in self.rows if r["cost"].get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    @property
+    def cost(self) -> dict[str, float]:
+        keys = ("train_seconds", "adapt_seconds", "latency_ms_p50", "latency_ms_p95", "latency_ms_mean",
+                "prompt_tokens_mean", "completion_tokens_mean", "tokens_per_request", "throughput_per_s",
+                "peak_memory_mb", "trainable_params", "train_examples_per_s")
+        return {k: v for k in keys if (v := self.cost_mean(k)) is not None}
+
+    @property
+    def latency_samples(self) -> list[float]:
+        return [x for r in self.rows for x in r["cost"].get("latency_ms_samples", [])]
+
+    def consistency(self) -> dict[str, Any]:
+        """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement."""
+        out: dict[str, Any] = {"seed_agreement": None, "perturbation": {}, "flip_rate": None, "sample_agreement": None}
+        if self.has_items and len(self.items) > 1:
+            out["seed_agreement"] = agreement([it["predictions"] for it in self.items])
+        recs = [r["record"].get("consistency") for r in self.rows if r["record"].get("consistency")]
+        if recs:
+            kinds = {k for rec in recs for k in rec.get("perturbation", {})}
+            for k in sorted(kinds):
+                vals = [rec["perturbation"].get(k) for rec in recs if rec["perturbation"].get(k) is not None]
+                out["perturbation"][k] = float(np.mean(vals)) if vals else None
+            flips = [rec["flip_rate"] for rec in recs if rec.get("flip_rate") is not None]
+            out["flip_rate"] = float(np.mean(flips)) if flips else None
+            samples = [rec["sample_agreement"] for rec in recs if rec.get("sample_agreement") is not None]
+            out["sample_agreement"] = float(np.mean(samples)) if samples else None
+        return out
+
+    def confusion(self) -> list[list[int]] | None:
+        cms = [np.asarray(r["metrics"]["confusion_matrix"]) for r in self.rows if "confusion_matrix" in r["metrics"]]
+        return np.sum(cms, axis=0).tolist() if cms else None
+
+
+@dataclass
+class Evidence:
+    """The analysed study: groups, the final comparison set, curves and prices. ``to_dict()`` is the JSON."""
+
+    study: str
+    metric: str
+    groups: list[Group]
+    costs: CostConfig
+    config: dict
+    truth: dict | None
+    _cmp: dict = field(default_factory=dict)
+
+    # ---- the comparison set: each label at the most training data it saw -------------------------------------
+    @cached_property
+    def final(self) -> list[Group]:
+        best: dict[str, Group] = {}
+        for g in self.groups:
+            if g.label not in best or g.train_size > best[g.label].train_size:
+                best[g.label] = g
+        return sorted(best.values(), key=lambda g: -g.mean if g.mean == g.mean else math.inf)
+
+    @property
+    def best(self) -> Group | None:
+        return self.final[0] if self.final else None
+
+    def group(self, label: str, train_size: int | None = None) -> Group:
+        for g in self.final if train_size is None else self.groups:
+            if g.label == label and (train_size is None or g.train_size == train_size):
+                return g
+        raise KeyError(label)
+
+    def compare(self, a: Group, b: Group) -> Comparison | None:
+        """Paired comparison of ``a`` against ``b`` on the same test items (cached); None without stored items."""
+        key = (a.label, a.train_size, b.label, b.train_size)
+        if key not in self._cmp:
+            if a.fn is None or b.fn is None or a.fn.n_items != b.fn.n_items:
+                self._cmp[key] = None
+            else:
+                pairs = _seed_pairs(a.correct, b.correct) if self.metric == "accuracy" else None
+                self._cmp[key] = compare(a.fn, b.fn, correct_pairs=pairs)
+        return self._cmp[key]
+
+    def tied_with(self, ref: Group, candidates: list[Group]) -> list[Group]:
+        """The candidates the evidence cannot separate from ``ref`` (``ref`` included)."""
+        out = []
+        for g in candidates:
+            if g is ref:
+                out.append(g)
+                continue
+            c = self.compare(g, ref)
+            if c is not None and c.tied:
+                out.append(g)
+        return out
+
+    # ---- prices ------------------------------------------------------------------------------------------------
+    def pricing(self, g: Group, costs: CostConfig | None = None) -> Pricing:
+        return price(g.cost, g.model, costs or self.costs)
+
+    def trainings(self, g: Group, horizon_days: float, changes_often: bool) -> int:
+        """Training runs paid over the horizon: one, or one a month when the task changes often."""
+        if not changes_often or g.family in PROMPTING:
+            return 1
+        return max(1, math.ceil(horizon_days / 30))
+
+    # ---- learning curves -------------------------------------------------------------------------------------
+    def curves(self) -> dict[str, list[dict]]:
+        by_label: dict[str, list[Group]] = defaultdict(list)
+        for g in self.groups:
+            by_label[g.label].append(g)
+        out = {}
+        for label, gs in by_label.items():
+            out[label] = [{"train_size": g.train_size, "mean": g.mean, "std": g.std, "ci": _pair(g.ci),
+                           "seeds": len(g.rows)} for g in sorted(gs, key=lambda g: g.train_size)]
+        return out
+
+    def crossover(self) -> dict:
+        """The smallest train size at which the best tuning strategy beats the best prompting strategy with
+        significance (prompting that uses no training data counts at every size)."""
+        tuning = [g for g in self.groups if g.family in TUNING]
+        prompting = [g for g in self.groups if g.family in PROMPTING]
+        if not tuning or not prompting:
+            return {"status": "not applicable", "train_size": None,
+                    "reason": "the study needs at least one prompting and one tuning strategy"}
+        sizes = sorted({g.train_size for g in tuning})
+        steps = []
+        for s in sizes:
+            t_best = max((g for g in tuning if g.train_size == s), key=lambda g: g.mean)
+            avail = [g for g in prompting if g.train_size in (0, s)]
+            if not avail:
+                continue
+            p_best = max(avail, key=lambda g: g.mean)
+            c = self.compare(t_best, p_best)
+            beats = c is not None and not c.tied and c.diff > 0
+            steps.append({"train_size": s, "tuning": t_best.label, "tuning_mean": t_best.mean,
+                          "prompting": p_best.label, "prompting_mean": p_best.mean,
+                          "diff": None if c is None else c.diff, "ci": None if c is None else list(c.ci),
+                          "significant": beats})
+            if beats:
+                return {"status": "reached", "train_size": s, "tuning": t_best.label, "prompting": p_best.label,
+                        "steps": steps}
+        return {"status": "not reached", "train_size": None, "steps": steps}
+
+    def data_needed(self, g: Group) -> int | None:
+        """The smallest train size at which this strategy's mean reaches its full-data interval (None: no curve)."""
+        gs = sorted((x for x in self.groups if x.label == g.label), key=lambda x: x.train_size)
+        if len(gs) < 2 or g.ci is None:
+            return None
+        return next((x.train_size for x in gs if x.mean >= g.ci[0]), g.train_size)
+
+    # ---- break-even ------------------------------------------------------------------------------------------
+    def break_evens(self, costs: CostConfig | None = None) -> list[dict]:
+        costs = costs or self.costs
+        out = []
+        for p in (g for g in self.final if g.family in PROMPTING):
+            for t in (g for g in self.final if g.family in TUNING):
+                be = break_even(self.pricing(p, costs), self.pricing(t, costs))
+                per_day = None if be["requests"] is None else be["requests"] / costs.horizon_days
+                out.append({"prompting": p.label, "tuning": t.label, **be, "per_day_over_horizon": per_day})
+        return out
+
+    # ---- JSON --------------------------------------------------------------------------------------------------
+    def entry(self, g: Group, costs: CostConfig | None = None) -> dict:
+        costs = costs or self.costs
+        best = self.best
+        c = self.compare(g, best) if best is not None and g is not best else None
+        pricing = self.pricing(g, costs)
+        second = SECONDARY.get(self.metric, self.metric)
+        sec = [r["metrics"][second] for r in g.rows if second in r["metrics"]]
+        return {
+            "label": g.label, "strategy": g.strategy, "family": g.family, "model": g.model,
+            "train_size": g.train_size, "seeds": g.seeds, "metric": self.metric, "mean": g.mean, "std": g.std,
+            "ci": _pair(g.ci), "secondary": second, "secondary_mean": float(np.mean(sec)) if sec else None,
+            "vs_best": None if c is None else c.to_dict(),
+            "tied_with_best": g is best or (c is not None and c.tied),
+            "cost": {**g.cost, **pricing.to_dict(),
+                     "total_over_horizon": pricing.total(costs.volume_per_day, costs.horizon_days)},
+            "consistency": g.consistency(), "data_needed": self.data_needed(g),
+            "latency_ms_samples": g.latency_samples, "confusion_matrix": g.confusion(),
+            "prompt": g.rows[0]["record"].get("prompt"),
+            "format_failure_rate": float(np.mean([r["metrics"].get("format_failure_rate", 0.0) for r in g.rows])),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "study": self.study, "metric": self.metric,
+            "n_test": len(self.best.items[0]["predictions"]) if self.best and self.best.has_items else None,
+            "labels": (self.truth or {}).get("label_names"),
+            "task_type": self.config.get("task", {}).get("type", "classification"),
+            "strategies": [self.entry(g) for g in self.final],
+            "leaderboard": [{"label": g.label, "family": g.family, "train_size": g.train_size, "seeds": g.seeds,
+                             "mean": g.mean, "std": g.std, "ci": _pair(g.ci)}
+                            for g in sorted(self.groups, key=lambda g: (-g.train_size, -g.mean))],
+            "curves": self.curves(), "crossover": self.crossover(),
+            "cost_model": self.costs.model_dump(), "break_even": self.break_evens(),
+            "missing_items": sorted({g.label for g in self.groups if not g.has_items}),
+        }
+
+
+def _seed_pairs(a: list[np.ndarray] | None, b: list[np.ndarray] | None) -> list[tuple] | None:
+    """Outcomes paired seed by seed (a single-seed side pairs with every seed of the other)."""
+    if not a or not b:
+        return None
+    if len(a) == 1 or len(b) == 1:
+        return [(x, y) for x in a for y in b]
+    return list(zip(a, b))
+
+
+def _pair(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+def analyze(store: Store, study: str, *, metric: str | None = None, costs: CostConfig | None = None) -> Evidence:
+    """Read a study's current trials from the store and build its evidence (nothing is rerun)."""
+    doc = store.study_config(study)
+    rows = store.trials(study, set(doc["keys"]))
+    if not rows:
+        raise StoreError(f"study '{study}' has no finished trial yet; run it first (`tunebench run STUDY.yaml`)")
+    metric = metric or default_metric(rows)
+    if metric not in rows[0]["metrics"]:
+        raise StoreError(f"metric '{metric}': this study's trials have no such metric "
+                         f"(they have {', '.join(k for k, v in rows[0]['metrics'].items() if isinstance(v, float))})")
+    config = doc["config"]
+    if costs is None:
+        costs = CostConfig(**config["costs"]) if config.get("costs") else CostConfig()
+    items = store.items([r["key"] for r in rows])
+    fps = {r["record"]["fingerprints"]["test"] for r in rows}
+    truth = store.test_set(next(iter(fps))) if len(fps) == 1 else None
+    if len(fps) > 1:
+        log.warning("study %s: trials were scored on different test splits; paired statistics are off", study)
+    grouped: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        grouped[(r["label"], r["train_size"])].append(r)
+    groups = []
+    for (label, size), rs in grouped.items():
+        rs.sort(key=lambda r: r["seed"])
+        its = [items[r["key"]] for r in rs if r["key"] in items]
+        groups.append(Group(label, rs[0]["strategy"], rs[0]["family"], rs[0]["record"].get("model", "default"), size,
+                            rs, its if len(its) == len(rs) else [], metric, truth))
+    return Evidence(study, metric, groups, costs, config, truth)

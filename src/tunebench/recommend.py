@@ -1,0 +1,215 @@
+"""The recommendation: which approach to ship under the user's constraints, with its reasons in plain words.
+
+It says ``tie`` when the evidence cannot separate the best candidates on quality (and then names the cheapest of
+them), and ``not enough evidence`` when the data cannot answer the question asked (a quality bar inside the
+best candidate's interval, or no per-item results to compare).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .analysis import PROMPTING, Evidence, Group
+from .config import CostConfig
+
+
+@dataclass
+class Constraints:
+    """What the user needs. ``None`` means no constraint; volume and horizon default to the study's cost table."""
+
+    volume_per_day: float | None = None
+    horizon_days: float | None = None
+    latency_p95_ms: float | None = None
+    min_quality: float | None = None
+    budget: float | None = None
+    changes_often: bool = False
+
+
+def _money(x: float, cur: str) -> str:
+    if x == 0:
+        return f"{cur}0"
+    if abs(x) < 0.01:
+        return f"{cur}{x:.2g}"
+    return f"{cur}{x:,.2f}"
+
+
+def _volume(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+class Recommender:
+    """Ranks the study's final candidates (each strategy at its largest train size) under ``Constraints``."""
+
+    def __init__(self, evidence: Evidence, constraints: Constraints):
+        self.ev = evidence
+        self.c = constraints
+        base = evidence.costs
+        self.costs: CostConfig = base.model_copy(update={
+            "volume_per_day": base.volume_per_day if constraints.volume_per_day is None else constraints.volume_per_day,
+            "horizon_days": base.horizon_days if constraints.horizon_days is None else constraints.horizon_days})
+
+    def _assess(self, g: Group) -> dict:
+        ev, c, costs = self.ev, self.c, self.costs
+        pricing = ev.pricing(g, costs)
+        trainings = ev.trainings(g, costs.horizon_days, c.changes_often)
+        total = pricing.total(costs.volume_per_day, costs.horizon_days, trainings)
+        p95 = g.cost_mean("latency_ms_p95")
+        checks, problems, doubts = {}, [], []
+        if c.min_quality is not None:
+            lo, hi = g.ci if g.ci is not None else (g.mean, g.mean)
+            if g.mean < c.min_quality:
+                checks["quality"] = "fail"
+                problems.append(f"{ev.metric} {g.mean:.3f} is below the required {c.min_quality:g}")
+            elif lo < c.min_quality:
+                checks["quality"] = "uncertain"
+                doubts.append(f"{ev.metric} {g.mean:.3f} meets {c.min_quality:g}, but its 95% interval "
+                              f"[{lo:.3f}, {hi:.3f}] reaches below it")
+            else:
+                checks["quality"] = "pass"
+        if c.latency_p95_ms is not None:
+            ok = p95 is not None and p95 <= c.latency_p95_ms
+            checks["latency"] = "pass" if ok else "fail"
+            if not ok:
+                problems.append(f"p95 latency {p95:.1f} ms exceeds {c.latency_p95_ms:g} ms")
+        if c.budget is not None:
+            ok = total <= c.budget
+            checks["budget"] = "pass" if ok else "fail"
+            if not ok:
+                problems.append(f"costs {_money(total, costs.currency)} over {costs.horizon_days:g} days, above the "
+                                f"budget of {_money(c.budget, costs.currency)}")
+        return {"group": g, "pricing": pricing, "trainings": trainings, "total": total, "p95": p95,
+                "checks": checks, "problems": problems, "doubts": doubts}
+
+    def _reasons(self, a: dict, top: Group | None) -> list[str]:
+        ev, costs, g = self.ev, self.costs, a["group"]
+        cur = costs.currency
+        out = []
+        q = f"{ev.metric} {g.mean:.3f}"
+        if g.ci is not None:
+            q += f" (95% CI {g.ci[0]:.3f}–{g.ci[1]:.3f}"
+            q += f", ± {g.std:.3f} over {len(g.rows)} seeds)" if len(g.rows) > 1 else ")"
+        if top is not None and g is not top:
+            cmp = ev.compare(g, top)
+            if cmp is not None:
+                rel = "tied with" if cmp.tied else ("worse than" if cmp.diff < 0 else "better than")
+                q += (f"; {rel} {top.label}: difference {cmp.diff:+.3f} (95% CI {cmp.ci[0]:+.3f} to "
+                      f"{cmp.ci[1]:+.3f})")
+        out.append(q)
+        p = a["pricing"]
+        per_1k = _money(p.per_request * 1000, cur)
+        retrain = f" x {a['trainings']} trainings" if a["trainings"] > 1 else ""
+        cost = (f"cost at {_volume(costs.volume_per_day)} requests/day over {costs.horizon_days:g} days: "
+                f"{_money(a['total'], cur)} ({_money(p.upfront, cur)} training{retrain} + {per_1k} per 1,000 "
+                f"requests, by {p.basis})")
+        out.append(cost)
+        if a["p95"] is not None:
+            out.append(f"latency p95 {a['p95']:.1f} ms per single request")
+        need = ev.data_needed(g)
+        if g.family in PROMPTING:
+            out.append("needs no training: a task change is a prompt edit" + (
+                f" (demonstrations drawn from {g.train_size} labelled examples)" if g.train_size else ""))
+        else:
+            data = f"trained on {g.train_size} labelled examples"
+            if need is not None and need < g.train_size:
+                data += f"; the learning curve reaches this level from {need}"
+            out.append(data + ("; each task change means relabelling and retraining" if self.c.changes_often
+                               else ""))
+        return out
+
+    def recommend(self) -> dict:
+        ev, costs = self.ev, self.costs
+        cands = [g for g in ev.final if g.mean == g.mean]
+        assessed = [self._assess(g) for g in cands]
+        feasible = [a for a in assessed if not a["problems"]]
+        out = {"study": ev.study, "metric": ev.metric, "constraints": {**asdict(self.c),
+               "volume_per_day": costs.volume_per_day, "horizon_days": costs.horizon_days},
+               "currency": costs.currency}
+        if not cands:
+            return {**out, "verdict": "not enough evidence", "summary": "no finished trial to judge", "ranking": []}
+        missing = [g.label for g in cands if g.fn is None]
+        if not feasible:
+            closest = max(assessed, key=lambda a: a["group"].mean)
+            summary = (f"no approach meets every constraint; the closest is {closest['group'].label}: "
+                       + "; ".join(closest["problems"]))
+            ranking = self._rank(assessed, None, [])
+            return {**out, "verdict": "none feasible", "recommended": None, "summary": summary, "ranking": ranking}
+        top = max(feasible, key=lambda a: a["group"].mean)
+        tied_groups = ev.tied_with(top["group"], [a["group"] for a in feasible]) if top["group"].fn else [top["group"]]
+        tied = [a for a in feasible if a["group"] in tied_groups]
+        tied.sort(key=lambda a: (a["total"], a["p95"] or 0.0))
+        pick = tied[0]
+        ranking = self._rank(assessed, top["group"], [a["group"] for a in tied])
+        g = pick["group"]
+        cur = costs.currency
+        if top["group"].fn is None:
+            verdict = "not enough evidence"
+            summary = (f"{top['group'].label} scores highest ({ev.metric} {top['group'].mean:.3f}) but its trials "
+                       "have no per-item results to test the difference (stored by an older tunebench): rerun the "
+                       "study into a fresh store")
+        elif pick["doubts"]:
+            verdict = "not enough evidence"
+            summary = (f"{g.label} is the best candidate, but the test set cannot confirm the quality bar: "
+                       + pick["doubts"][0] + "; more test data would settle it")
+        elif len(tied) > 1:
+            verdict = "tie"
+            others = ", ".join(a["group"].label for a in tied[1:])
+            summary = (f"tie on {ev.metric}: {g.label} and {others} cannot be separated on this test set; "
+                       f"{g.label} is the cheapest of them ({_money(pick['total'], cur)} over "
+                       f"{costs.horizon_days:g} days at {_volume(costs.volume_per_day)} requests/day)")
+        else:
+            verdict = "recommend"
+            runner = max((a for a in feasible if a is not pick), key=lambda a: a["group"].mean, default=None)
+            summary = f"{g.label}: best {ev.metric} ({g.mean:.3f})"
+            if runner is not None:
+                cmp = ev.compare(runner["group"], g)
+                if cmp is not None:
+                    summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} (95% CI "
+                                f"{-cmp.ci[1]:.3f} to {-cmp.ci[0]:.3f})")
+            summary += f"; {_money(pick['total'], cur)} over {costs.horizon_days:g} days at your volume"
+        return {**out, "verdict": verdict, "recommended": g.label, "tied": [a["group"].label for a in tied],
+                "summary": summary, "ranking": ranking, "missing_items": missing}
+
+    def _rank(self, assessed: list[dict], top: Group | None, tied: list[Group]) -> list[dict]:
+        def key(a: dict):
+            feasible = not a["problems"]
+            return (not feasible, a["group"] not in tied, a["total"] if a["group"] in tied else 0.0,
+                    -a["group"].mean)
+
+        out = []
+        for rank, a in enumerate(sorted(assessed, key=key), 1):
+            g = a["group"]
+            out.append({"rank": rank, "label": g.label, "family": g.family, "feasible": not a["problems"],
+                        "tied_with_top": g in tied, "quality": g.mean, "ci": None if g.ci is None else list(g.ci),
+                        "total_cost": a["total"], "upfront_cost": a["pricing"].upfront * a["trainings"],
+                        "cost_per_1k": a["pricing"].per_request * 1000, "latency_p95_ms": a["p95"],
+                        "checks": a["checks"], "problems": a["problems"], "doubts": a["doubts"],
+                        "reasons": self._reasons(a, top)})
+        return out
+
+
+def recommend(evidence: Evidence, constraints: Constraints | None = None) -> dict:
+    """Rank the study's approaches under ``constraints``; see the module docstring for the verdicts."""
+    return Recommender(evidence, constraints or Constraints()).recommend()
+
+
+def parse_amount(text: str, unit: str) -> float:
+    """``50000/day`` → 50000, ``100ms`` → 100, ``90d`` → 90, ``$200`` → 200 (the unit suffix is optional)."""
+    t = text.strip().lower().replace(",", "").replace("_", "")
+    for suffix in {"volume": ("/day", "/d", "perday"), "ms": ("ms",), "days": ("days", "day", "d"),
+                   "money": ()}[unit]:
+        if t.endswith(suffix):
+            t = t[: -len(suffix)]
+            break
+    if unit == "days" and t.endswith("w"):
+        return float(t[:-1]) * 7
+    if unit == "ms" and t.endswith("s"):
+        return float(t[:-1]) * 1000
+    t = t.lstrip("$€£")
+    mult = 1.0
+    if t and t[-1] in "km":
+        mult, t = (1e3 if t[-1] == "k" else 1e6), t[:-1]
+    value = float(t) * mult
+    if math.isnan(value) or value < 0:
+        raise ValueError(text)
+    return value
