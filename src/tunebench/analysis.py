@@ -95,11 +95,13 @@ class Group:
 
     def consistency(self) -> dict[str, Any]:
         """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement."""
-        out: dict[str, Any] = {"seed_agreement": None, "perturbation": {}, "flip_rate": None, "sample_agreement": None}
+        out: dict[str, Any] = {"seed_agreement": None, "perturbation": {}, "flip_rate": None, "sample_agreement": None,
+                               "n_items": None}
         if self.has_items and len(self.items) > 1:
             out["seed_agreement"] = agreement([it["predictions"] for it in self.items])
         recs = [r["record"].get("consistency") for r in self.rows if r["record"].get("consistency")]
         if recs:
+            out["n_items"] = max(rec.get("n_items", 0) for rec in recs)
             kinds = {k for rec in recs for k in rec.get("perturbation", {})}
             for k in sorted(kinds):
                 vals = [rec["perturbation"].get(k) for rec in recs if rec["perturbation"].get(k) is not None]
@@ -253,7 +255,7 @@ class Evidence:
                      "total_over_horizon": pricing.total(costs.volume_per_day, costs.horizon_days)},
             "consistency": g.consistency(), "data_needed": self.data_needed(g),
             "latency_ms_samples": g.latency_samples, "confusion_matrix": g.confusion(),
-            "prompt": g.rows[0]["record"].get("prompt"),
+            "prompt": g.rows[0]["record"].get("prompt"), "params": g.rows[0]["params"],
             "format_failure_rate": float(np.mean([r["metrics"].get("format_failure_rate", 0.0) for r in g.rows])),
         }
 

@@ -196,6 +196,16 @@ def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: boo
             err.print(f"[bold]tunebench demo[/]: {len(cfg.strategies)} strategies on 400 customer-support messages "
                       f"(8 intents) with all-MiniLM-L6-v2, on CPU. Study file: {demo_study_path()}")
         _run_study(cfg, base, str(demo_study_path()), store, as_json)
+        if not as_json:
+            from .analysis import analyze
+            from .recommend import Constraints
+            from .store import Store
+
+            st = Store(store if store is not None else cfg.store_path(base), create=False)
+            result = _write_report(analyze(st, cfg.name), Constraints(), None, st.root)
+            rec = result["recommendation"]
+            out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
+            out.print(f"Report: {result['paths']['html']}", highlight=False)
     except TunebenchError as exc:
         _fail(exc)
 
@@ -267,6 +277,163 @@ def show(study: str = typer.Argument(..., help="Study name or study YAML."), sto
         err.print(f"study '{name}' has no finished trial yet")
         return
     print_leaderboard(name, rows, metric, out)
+
+
+VolumeOpt = typer.Option(None, "--volume", help="Expected requests per day, e.g. 50000/day or 50k (default: the "
+                         "study's costs.volume_per_day).")
+HorizonOpt = typer.Option(None, "--horizon", help="Days the cost is counted over, e.g. 90d or 12w (default: the "
+                          "study's costs.horizon_days).")
+LatencyOpt = typer.Option(None, "--latency-p95", help="Most p95 latency per request, e.g. 100ms.")
+MinQualityOpt = typer.Option(None, "--min-accuracy", "--min-quality",
+                             help="Least acceptable value of the study's metric (accuracy, or exact match), e.g. 0.9.")
+BudgetOpt = typer.Option(None, "--budget", help="Most total cost over the horizon (training + serving), e.g. 200.")
+ChangesOpt = typer.Option(False, "--changes-often", help="The task changes often: tuned models are retrained "
+                          "once a month over the horizon, prompts are edited.")
+TrainRateOpt = typer.Option(None, "--train-per-hour", help="Override costs.train_per_hour (training hardware, per hour).")
+ServeRateOpt = typer.Option(None, "--serve-per-hour", help="Override costs.serve_per_hour (serving hardware, per hour).")
+ConcurrencyOpt = typer.Option(None, "--concurrency", help="Override costs.concurrency (requests served at once).")
+ApiPriceOpt = typer.Option(None, "--api-price", help="MODEL=IN/OUT: price a model by tokens, per 1M input/output "
+                           "tokens (repeatable), e.g. gpt-4o-mini=0.15/0.60.")
+
+
+def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optional[str], volume, horizon, latency,
+                              min_quality, budget, changes_often, train_rate, serve_rate, concurrency, api_price):
+    """Open the store, analyse the study with the (overridden) cost table, parse the constraints."""
+    from .analysis import analyze
+    from .config import ApiPrice, CostConfig
+    from .recommend import Constraints, parse_amount
+    from .store import Store
+
+    if metric is not None and metric not in METRICS:
+        raise TunebenchError(f"--metric: '{metric}' is not one of {', '.join(METRICS)}")
+
+    def amount(flag: str, text: Optional[str], unit: str, example: str) -> Optional[float]:
+        if text is None:
+            return None
+        try:
+            return parse_amount(text, unit)
+        except ValueError:
+            raise TunebenchError(f"{flag}: cannot read '{text}'; write it like {example}") from None
+
+    name, root = _resolve_study_name(study, store)
+    st = Store(root, create=False)
+    cfg = st.study_config(name)["config"]
+    costs = CostConfig(**(cfg.get("costs") or {}))
+    update: dict = {}
+    if train_rate is not None:
+        update["train_per_hour"] = train_rate
+    if serve_rate is not None:
+        update["serve_per_hour"] = serve_rate
+    if concurrency is not None:
+        update["concurrency"] = concurrency
+    if api_price:
+        api = dict(costs.api)
+        for item in api_price:
+            try:
+                model, prices = item.split("=", 1)
+                inp, _, outp = prices.partition("/")
+                api[model.strip()] = ApiPrice(input_per_1m=float(inp), output_per_1m=float(outp or 0))
+            except (ValueError, TypeError):
+                raise TunebenchError(f"--api-price: cannot read '{item}'; write MODEL=IN/OUT, e.g. "
+                                     "gpt-4o-mini=0.15/0.60 (per 1M tokens)") from None
+        update["api"] = api
+    try:
+        costs = CostConfig(**{**costs.model_dump(), **update})
+    except Exception as exc:  # pydantic: a negative rate, a zero concurrency
+        raise TunebenchError(f"cost flags: {exc}") from None
+    constraints = Constraints(
+        volume_per_day=amount("--volume", volume, "volume", "50000/day or 50k"),
+        horizon_days=amount("--horizon", horizon, "days", "90d"),
+        latency_p95_ms=amount("--latency-p95", latency, "ms", "100ms"),
+        min_quality=amount("--min-accuracy", min_quality, "money", "0.9"),
+        budget=amount("--budget", budget, "money", "200"), changes_often=changes_often)
+    if constraints.horizon_days == 0:
+        raise TunebenchError("--horizon: give a positive number of days, e.g. 90d")
+    return analyze(st, name, metric=metric, costs=costs), constraints, st
+
+
+def _write_report(evidence, constraints, out_dir: Optional[Path], store_root: Path) -> dict:
+    from . import report
+    from .recommend import recommend as make_recommendation
+
+    rec = make_recommendation(evidence, constraints)
+    target = out_dir or store_root / "reports" / evidence.study
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        progress.add_task("writing the report (statistics, plots)", total=None)
+        paths = report.write(evidence, rec, target)
+    return {"recommendation": rec, "paths": paths}
+
+
+@app.command("report")
+def report_cmd(study: str = typer.Argument(..., help="Study name or study YAML."), store: Optional[Path] = StoreOpt,
+               out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for report.html, report.md and "
+                                                      "report.json (default: STORE/reports/STUDY)."),
+               metric: Optional[str] = typer.Option(None, help="Metric to judge by (default: accuracy, or exact_match)."),
+               volume: Optional[str] = VolumeOpt, horizon: Optional[str] = HorizonOpt,
+               latency: Optional[str] = LatencyOpt, min_quality: Optional[str] = MinQualityOpt,
+               budget: Optional[str] = BudgetOpt, changes_often: bool = ChangesOpt,
+               train_rate: Optional[float] = TrainRateOpt, serve_rate: Optional[float] = ServeRateOpt,
+               concurrency: Optional[int] = ConcurrencyOpt, api_price: Optional[list[str]] = ApiPriceOpt,
+               as_json: bool = JsonOpt) -> None:
+    """Write the study's report from the store (no trial is rerun): HTML (self-contained), Markdown and JSON."""
+    _setup_logging(False)
+    try:
+        ev, constraints, st = _evidence_and_constraints(study, store, metric, volume, horizon, latency, min_quality,
+                                                        budget, changes_often, train_rate, serve_rate, concurrency,
+                                                        api_price)
+        result = _write_report(ev, constraints, out_dir, st.root)
+    except TunebenchError as exc:
+        _fail(exc)
+    paths = result["paths"]
+    if as_json:
+        sys.stdout.write(json.dumps({"study": ev.study, **{k: str(v) for k, v in paths.items()},
+                                     "verdict": result["recommendation"]["verdict"],
+                                     "recommended": result["recommendation"].get("recommended")}) + "\n")
+        return
+    rec = result["recommendation"]
+    out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
+    out.print(f"Report: {paths['html']} (also {paths['md'].name} and {paths['json'].name})", highlight=False)
+
+
+@app.command("recommend")
+def recommend_cmd(study: str = typer.Argument(..., help="Study name or study YAML."), store: Optional[Path] = StoreOpt,
+                  metric: Optional[str] = typer.Option(None, help="Metric to judge by (default: accuracy, or "
+                                                       "exact_match)."),
+                  volume: Optional[str] = VolumeOpt, horizon: Optional[str] = HorizonOpt,
+                  latency: Optional[str] = LatencyOpt, min_quality: Optional[str] = MinQualityOpt,
+                  budget: Optional[str] = BudgetOpt, changes_often: bool = ChangesOpt,
+                  train_rate: Optional[float] = TrainRateOpt, serve_rate: Optional[float] = ServeRateOpt,
+                  concurrency: Optional[int] = ConcurrencyOpt, api_price: Optional[list[str]] = ApiPriceOpt,
+                  as_json: bool = JsonOpt) -> None:
+    """Which approach to ship under your constraints, ranked, with reasons; says 'tie' or 'not enough evidence'
+    when that is the truth."""
+    _setup_logging(False)
+    from .recommend import recommend as make_recommendation
+
+    try:
+        ev, constraints, _ = _evidence_and_constraints(study, store, metric, volume, horizon, latency, min_quality,
+                                                       budget, changes_often, train_rate, serve_rate, concurrency,
+                                                       api_price)
+        rec = make_recommendation(ev, constraints)
+    except TunebenchError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(rec, default=_json_default) + "\n")
+        return
+    colour = {"recommend": "green", "tie": "yellow", "not enough evidence": "yellow"}.get(rec["verdict"], "red")
+    out.print(f"[bold {colour}]{rec['verdict'].upper()}[/]" + (f": [bold]{rec['recommended']}[/]"
+                                                               if rec.get("recommended") else ""))
+    out.print(rec["summary"], highlight=False)
+    for r in rec["ranking"]:
+        mark = "[green]✓[/]" if r["feasible"] else "[red]✗[/]"
+        out.print(f"\n{r['rank']}. {mark} [bold]{r['label']}[/] ({r['family'].replace('_', ' ')})", highlight=False)
+        for line in r["problems"]:
+            out.print(f"   [red]- {line}[/]", highlight=False)
+        for line in r["doubts"]:
+            out.print(f"   [yellow]- {line}[/]", highlight=False)
+        for line in r["reasons"]:
+            out.print(f"   - {line}", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,123 @@
+"""``tunebench report``: one self-contained HTML file (plots embedded, no network), Markdown and JSON.
+
+Built from the store alone: the analysis (:mod:`tunebench.analysis`) and the recommendation
+(:mod:`tunebench.recommend`), rendered through a Jinja2 template with autoescaping (prompts and labels are user
+text).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from .. import __version__
+from ..analysis import Evidence
+from ..errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "leaderboard": "Leaderboard with 95% intervals",
+    "learning_curves": "Learning curves",
+    "pareto": "Quality versus cost",
+    "latency": "Latency distribution",
+    "confusion": "Confusion matrices",
+    "break_even": "Cost over the horizon by request volume",
+}
+
+
+def _clean(o):
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else o
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def build(evidence: Evidence, recommendation: dict) -> dict:
+    """The report's document: analysis, recommendation and provenance (what ``report.json`` holds)."""
+    return _clean({"tunebench": __version__, "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "analysis": evidence.to_dict(), "recommendation": recommendation})
+
+
+def figures(doc: dict) -> dict[str, bytes]:
+    """PNG bytes per figure; a figure the data cannot support (one train size, no labels) is left out."""
+    from . import plots
+
+    a = doc["analysis"]
+    out = {"leaderboard": plots.leaderboard(a), "pareto": plots.pareto(a), "break_even": plots.break_even(a)}
+    if any(len(pts) > 1 for pts in a["curves"].values()):
+        out["learning_curves"] = plots.learning_curves(a)
+    if any(s["latency_ms_samples"] for s in a["strategies"]):
+        out["latency"] = plots.latency(a)
+    cm = plots.confusion(a)
+    if cm is not None:
+        out["confusion"] = cm
+    return {k: out[k] for k in FIGURES if k in out}
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("tunebench", "report/templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["f3"] = lambda v: "–" if v is None else f"{v:.3f}"
+    env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    env.filters["money"] = _money
+    env.filters["num"] = lambda v: "–" if v is None else f"{v:,.0f}"
+    env.filters["ci"] = lambda v: "–" if not v else f"[{v[0]:.3f}, {v[1]:.3f}]"
+    return env
+
+
+def _money(v, cur: str = "$") -> str:
+    if v is None:
+        return "–"
+    if v != 0 and abs(v) < 0.01:
+        return f"{cur}{v:.2g}"
+    return f"{cur}{v:,.2f}"
+
+
+def write(evidence: Evidence, recommendation: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.html``, ``report.md`` and ``report.json`` under ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot create the report directory: {exc}") from None
+    doc = build(evidence, recommendation)
+    figs = figures(doc)
+    env = _env()
+    context = {"doc": doc, "a": doc["analysis"], "rec": recommendation, "titles": FIGURES,
+               "cur": doc["analysis"]["cost_model"].get("currency", "$"), "kinds": _perturbation_kinds(doc)}
+    html = env.get_template("report.html.j2").render(
+        **context, figures={k: base64.b64encode(v).decode("ascii") for k, v in figs.items()})
+    md = env.get_template("report.md.j2").render(**context, figures=figs)
+    paths = {"html": out / "report.html", "md": out / "report.md", "json": out / "report.json"}
+    for kind, text in (("html", html), ("md", md), ("json", json.dumps(doc, indent=1))):
+        tmp = paths[kind].with_suffix(paths[kind].suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(paths[kind])
+    figdir = out / "figures"
+    figdir.mkdir(exist_ok=True)
+    for name, data in figs.items():  # the Markdown links these; the HTML embeds them
+        (figdir / f"{name}.png").write_bytes(data)
+    log.info("report for %s written to %s", evidence.study, out)
+    return paths
+
+
+def _perturbation_kinds(doc: dict) -> list[str]:
+    kinds: list[str] = []
+    for s in doc["analysis"]["strategies"]:
+        for k in s["consistency"]["perturbation"]:
+            if k not in kinds:
+                kinds.append(k)
+    return kinds
