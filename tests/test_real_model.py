@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +69,8 @@ def test_demo_runs(tmp_path):
     chance = 1 / 8
     assert all(np.mean(v) > 2 * chance for v in by.values()), by
     assert np.mean(by["full"]) > 0.8 and np.mean(by["lora"]) > 0.8
+    report = Path(doc["report"]["html"])
+    assert report.is_file() and report.parent == tmp_path / "runs" / "reports" / "demo-support-intents"
+    assert doc["recommendation"]["verdict"] in ("recommend", "tie", "not enough evidence")
+    analysis = json.loads(Path(doc["report"]["json"]).read_text())["analysis"]
+    assert len(analysis["strategies"]) == len({t["label"] for t in doc["trials"]})

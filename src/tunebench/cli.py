@@ -134,7 +134,8 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
     console.print(table)
 
 
-def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool) -> None:
+def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool,
+               with_report: bool = False) -> None:
     from .store import Store
     from .study import Study, trial_json
 
@@ -149,16 +150,30 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
             reporter.progress.stop()
             err.print("[yellow]interrupted[/]: finished trials are saved; run the same command again to resume.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+    report = None
+    if with_report and rows:
+        from .analysis import analyze
+        from .recommend import Constraints
+
+        report = _write_report(analyze(study_store, cfg.name), Constraints(), None, study_store.root)
     if as_json:
         data = {"checks": study.data.checks, "warnings": study.data.warnings, "labels": study.data.label_names}
-        sys.stdout.write(json.dumps({"study": cfg.name, "store": str(study_store.root), "data": data,
-                                     "trials": [trial_json(r) for r in rows]}, default=_json_default) + "\n")
+        doc = {"study": cfg.name, "store": str(study_store.root), "data": data,
+               "trials": [trial_json(r) for r in rows]}
+        if report is not None:
+            doc["report"] = {k: str(v) for k, v in report["paths"].items()}
+            doc["recommendation"] = report["recommendation"]
+        sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
     else:
         from .leaderboard import default_metric
 
         print_leaderboard(cfg.name, rows, default_metric(rows), out)
         out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
                   f"`tunebench show {cfg.name}` shows them again.")
+        if report is not None:
+            rec = report["recommendation"]
+            out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
+            out.print(f"Report: {report['paths']['html']}", highlight=False)
     if study.failures:
         err.print(f"[red]{len(study.failures)} trial(s) failed[/]; see the messages above. Rerun to retry them.")
         raise typer.Exit(EXIT_TRIALS_FAILED)
@@ -188,24 +203,15 @@ def demo_study_path() -> Path:
 
 @app.command()
 def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
-    """Run the bundled demo: customer-support intents, every strategy, the embedded default model, offline."""
+    """Run the bundled demo: customer-support intents, every strategy, the embedded default model, offline; ends by
+    writing the HTML report and printing its path."""
     _setup_logging(verbose)
     try:
         cfg, base = load_study(demo_study_path())
         if not as_json:
             err.print(f"[bold]tunebench demo[/]: {len(cfg.strategies)} strategies on 400 customer-support messages "
                       f"(8 intents) with all-MiniLM-L6-v2, on CPU. Study file: {demo_study_path()}")
-        _run_study(cfg, base, str(demo_study_path()), store, as_json)
-        if not as_json:
-            from .analysis import analyze
-            from .recommend import Constraints
-            from .store import Store
-
-            st = Store(store if store is not None else cfg.store_path(base), create=False)
-            result = _write_report(analyze(st, cfg.name), Constraints(), None, st.root)
-            rec = result["recommendation"]
-            out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
-            out.print(f"Report: {result['paths']['html']}", highlight=False)
+        _run_study(cfg, base, str(demo_study_path()), store, as_json, with_report=True)
     except TunebenchError as exc:
         _fail(exc)
 
