@@ -87,14 +87,16 @@ def test_generation_study_reports_generation_metrics(tmp_path, tiny_llama_dir):
     study = write_study(tmp_path, {
         "name": "gen",
         "task": {"type": "generation", "data": data, "text": "word", "target": "phrase"},
-        "model": {"backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
-        "strategies": [{"zero_shot": {"max_new_tokens": 4}}, {"full": {"epochs": 1, "max_new_tokens": 4}}],
+        "model": {"name": "llm", "backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
+        "strategies": [{"zero_shot": {"max_new_tokens": 4}}, {"full": {"epochs": 1, "max_new_tokens": 4}},
+                       {"zero_shot": {"max_new_tokens": 4, "temperature": 1.5}}],
+        "consistency": {"perturbations": ["case", "typo"], "max_items": 8, "samples": 3},
         "store": "runs",
     })
     result = runner.invoke(app, ["run", str(study), "--json"])
     assert result.exit_code == 0, result.output
     trials = json.loads(result.stdout)["trials"]
-    assert len(trials) == 2
+    assert len(trials) == 3
     for t in trials:
         assert set(t["metrics"]) >= {"exact_match", "token_f1", "rouge_l", "bleu", "chrf", "perplexity"}
         assert 0 < t["cost"]["completion_tokens_mean"] <= 4
@@ -102,6 +104,27 @@ def test_generation_study_reports_generation_metrics(tmp_path, tiny_llama_dir):
     assert "dev_loss" in full["metrics"]
     board = runner.invoke(app, ["show", str(study)])
     assert "exact_match" in board.stdout and "rouge_l" in board.stdout
+
+    # the evidence for generation: intervals on ROUGE-L, flip rates on generated text, sample agreement
+    res = runner.invoke(app, ["report", str(study), "--metric", "rouge_l", "--json", "--api-price",
+                              "llm=1/2"])
+    assert res.exit_code == 0, res.output
+    analysis = json.loads(Path(json.loads(res.stdout)["json"]).read_text())["analysis"]
+    assert analysis["metric"] == "rouge_l" and analysis["task_type"] == "generation"
+    by = {s["label"]: s for s in analysis["strategies"]}
+    for s in by.values():
+        assert s["ci"][0] <= s["mean"] <= s["ci"][1]
+        assert set(s["consistency"]["perturbation"]) == {"case", "typo"}
+        assert s["cost"]["basis"] == "api tokens" and s["confusion_matrix"] is None
+    sampled = next(s for label, s in by.items() if "temperature" in label)
+    assert 0 <= sampled["consistency"]["sample_agreement"] <= 1
+    greedy = next(s for label, s in by.items() if label.startswith("zero_shot") and "temperature" not in label)
+    assert greedy["consistency"]["sample_agreement"] is None  # greedy: nothing to sample
+    bad = runner.invoke(app, ["recommend", str(study), "--api-price", "gpt=1/2"])
+    assert bad.exit_code == 2 and "no model named 'gpt'" in bad.output and "llm" in bad.output
+    rec = runner.invoke(app, ["recommend", str(study), "--metric", "bleu", "--json"])
+    assert rec.exit_code == 0, rec.output
+    assert json.loads(rec.stdout)["metric"] == "bleu"
 
 
 def test_bad_causal_configs_fail_before_any_trial(tmp_path, colour_files, tiny_llama_dir):

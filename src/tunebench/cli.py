@@ -342,6 +342,7 @@ def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optiona
             except (ValueError, TypeError):
                 raise TunebenchError(f"--api-price: cannot read '{item}'; write MODEL=IN/OUT, e.g. "
                                      "gpt-4o-mini=0.15/0.60 (per 1M tokens)") from None
+        unknown = sorted(set(api) - set(costs.api))
         update["api"] = api
     try:
         costs = CostConfig(**{**costs.model_dump(), **update})
@@ -355,7 +356,14 @@ def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optiona
         budget=amount("--budget", budget, "money", "200"), changes_often=changes_often)
     if constraints.horizon_days == 0:
         raise TunebenchError("--horizon: give a positive number of days, e.g. 90d")
-    return analyze(st, name, metric=metric, costs=costs), constraints, st
+    evidence = analyze(st, name, metric=metric, costs=costs)
+    if api_price:
+        names = sorted({g.model for g in evidence.groups})
+        unknown = [u for u in unknown if u not in names]
+        if unknown:
+            raise TunebenchError(f"--api-price: no model named {', '.join(repr(u) for u in unknown)} in study "
+                                 f"'{name}' (its models: {', '.join(names)})")
+    return evidence, constraints, st
 
 
 def _write_report(evidence, constraints, out_dir: Optional[Path], store_root: Path) -> dict:
