@@ -29,7 +29,7 @@ PROMPTING = ("prompting",)
 TUNING = ("weight_tuning", "prompt_tuning", "hybrid")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a group is one stored set of trials
 class Group:
     """All seeds of one strategy label at one train size."""
 
