@@ -81,6 +81,8 @@ class TaskConfig(_Strict):
         for value, spec in items:
             if isinstance(spec, dict):
                 spec = dict(spec)
+                if value is None:  # the stored (dumped) form lists {value, name, description}
+                    value = spec.pop("value", None)
                 name = spec.pop("name", None)
                 desc = spec.pop("description", None)
                 if spec:
