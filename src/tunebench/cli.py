@@ -227,6 +227,17 @@ def _resolve_study_name(study: str, store: Optional[Path]) -> tuple[str, Path]:
 METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l", "bleu", "chrf")
 
 
+def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
+    table = Table(title=f"trials ({metric} on test)", title_justify="left")
+    for col in ("id", "strategy", "seed", "train n", metric):
+        table.add_column(col, overflow="fold", justify="right" if col in ("seed", "train n", metric) else "left")
+    for r in sorted(rows, key=lambda r: (r["label"], r["train_size"], r["seed"])):
+        value = r["metrics"].get(metric)
+        table.add_row(r["key"][:8], r["label"], str(r["seed"]), str(r["train_size"] or "-"),
+                      "-" if value is None else f"{value:.3f}")
+    console.print(table)
+
+
 def print_prompts(rows: list[dict], console: Console) -> None:
     """Each prompting trial's exact template and one rendered example (the first test input)."""
     seen = set()
@@ -253,6 +264,7 @@ def show(study: str = typer.Argument(..., help="Study name or study YAML."), sto
          metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: accuracy, or "
                                               "exact_match for generation)."),
          prompts: bool = typer.Option(False, "--prompts", help="Print each trial's template and a rendered example."),
+         ids: bool = typer.Option(False, "--ids", help="List every trial with its id (for serve and export)."),
          as_json: bool = JsonOpt) -> None:
     """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
     _setup_logging(False)
@@ -274,6 +286,9 @@ def show(study: str = typer.Argument(..., help="Study name or study YAML."), sto
                              f"(they have {', '.join(k for k in METRICS if k in rows[0]['metrics'])})"))
     if prompts and not as_json:
         print_prompts(rows, out)
+        return
+    if ids and not as_json:
+        print_trial_ids(rows, metric, out)
         return
     if as_json:
         sys.stdout.write(json.dumps({"study": name, "leaderboard": leaderboard(rows, metric),
@@ -448,6 +463,66 @@ def recommend_cmd(study: str = typer.Argument(..., help="Study name or study YAM
             out.print(f"   [yellow]- {line}[/]", highlight=False)
         for line in r["reasons"]:
             out.print(f"   - {line}", highlight=False)
+
+
+@app.command()
+def serve(study: Optional[str] = typer.Argument(None, help="Study name or study YAML (omit with --model)."),
+          trial: Optional[str] = typer.Option(None, "--trial", help="Trial id (or its first 6+ characters; "
+                                              "`tunebench show --ids` lists them)."),
+          best: bool = typer.Option(False, "--best", help="Serve the top trial of the study's leaderboard."),
+          model_path: Optional[str] = typer.Option(None, "--model", help="Serve a plain causal LM (local directory) "
+                                                   "instead of a trial: completions and prompt log-probabilities."),
+          raw: bool = typer.Option(False, "--raw", help="Serve a causal trial's tuned LM as a plain model (no prompt)."),
+          name: Optional[str] = typer.Option(None, "--name", help="Model id for --model (default: the directory name)."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8000, "--port", help="Port to listen on."),
+          api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one "
+                                                      "per line (also: $TUNEBENCH_API_KEY, comma-separated)."),
+          no_auth: bool = typer.Option(False, "--no-auth", help="No API key (allowed on a loopback address only)."),
+          max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most inputs run together in a micro-batch."),
+          window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0, help="How long the first request of a "
+                                          "batch waits for others (ms)."),
+          max_body: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
+          max_input_tokens: int = typer.Option(4096, "--max-input-tokens", min=1, help="Most tokens per input."),
+          max_tokens: int = typer.Option(1024, "--max-tokens-limit", min=1, help="Largest max_tokens a request may "
+                                         "ask for."),
+          max_inputs: int = typer.Option(64, "--max-inputs", min=1, help="Most inputs (prompts) in one request."),
+          store: Optional[Path] = StoreOpt, verbose: bool = VerboseOpt) -> None:
+    """Serve a trial (or a causal LM) with the OpenAI API: /v1/models, /v1/chat/completions, /v1/completions
+    (streaming too), /v1/classify and /health, micro-batched, behind bearer API keys."""
+    _setup_logging(verbose)
+    import uvicorn
+
+    from .serving import Limits, api_keys, create_app, lm_engine, trial_engine
+
+    try:
+        if (model_path is None) == (study is None):
+            raise TunebenchError("give a STUDY with --trial ID or --best, or --model PATH (not both)")
+        if study is not None and (trial is None) == (not best):
+            raise TunebenchError("say which trial: --trial ID or --best (one of them)")
+        keys = api_keys(api_key_file, no_auth=no_auth, host=host)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                      transient=True) as progress:
+            progress.add_task("loading the model", total=None)
+            if model_path is not None:
+                engine = lm_engine(model_path, name)
+            else:
+                name_, root = _resolve_study_name(study, store)
+                engine = trial_engine(root, name_, trial, best=best, raw=raw)
+    except TunebenchError as exc:
+        _fail(exc)
+    limits = Limits(max_body_bytes=max_body, max_input_tokens=max_input_tokens, max_tokens=max_tokens,
+                    max_batch_inputs=max_inputs)
+    app_ = create_app(engine, api_keys=keys, limits=limits, max_batch=max_batch, window_ms=window_ms)
+    info = engine.describe()
+    what = f"{info.get('label', '')} ({info.get('strategy', '')})" if engine.kind == "trial" else info["base_model"]
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"Serving [bold]{engine.id}[/]: {what}", highlight=False)
+    err.print(f"  http://{shown}:{port}/v1  (chat/completions, completions, classify, models; /health)", highlight=False)
+    err.print("  auth: " + ("[yellow]off (loopback only)[/]" if keys is None else f"{len(keys)} API key(s)"),
+              highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="info" if verbose else "warning",
+                timeout_graceful_shutdown=30)
 
 
 @app.command()

@@ -122,6 +122,7 @@ class Output:
     prompt_tokens: list[int]
     completion_tokens: list[int]
     generated: Optional[list[str]] = None
+    scores: Optional[np.ndarray] = None  # class scores (n, n_labels) where the predictor computed them
 
 
 class Predictor(ABC):
@@ -157,7 +158,8 @@ class Predictor(ABC):
         texts = as_texts(inputs)
         max_length = getattr(self.config, "max_length", 512)
         tokens = [len(t) for t in self.backend.tokenize(texts, max_length)] if self.backend is not None else []
-        return Output(self.predict(texts), tokens, [0] * len(texts))
+        scores = self.predict_scores(texts)
+        return Output(scores.argmax(axis=1), tokens, [0] * len(texts), scores=scores)
 
     def prompt_info(self, record: dict | None = None) -> dict | None:
         """The exact template and one rendered example, for predictors that prompt (None otherwise)."""

@@ -153,9 +153,10 @@ class CausalPredictor(Predictor):
         prompts = self.prompts(inputs)
         if self.task_type == "classification" and self.mode == "score":
             ids = [self.backend.prompt_ids(p, self.max_length) for p in prompts]
-            pred = self.label_scores(ids).argmax(1)
+            scores = self.label_scores(ids)
+            pred = scores.argmax(1)
             opts = self._options()
-            return Output(pred, [len(x) for x in ids], [len(opts[int(p)]) for p in pred])
+            return Output(pred, [len(x) for x in ids], [len(opts[int(p)]) for p in pred], scores=scores)
         cfg = self.decode
         gens = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, stop=cfg.stop, seed=self.seed, model=self.model,

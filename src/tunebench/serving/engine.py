@@ -1,0 +1,280 @@
+"""What a server runs: a stored trial as a task endpoint, or a causal LM as a plain completion model.
+
+An engine receives *jobs* (one per HTTP request, each with one or more inputs) in micro-batches and runs
+the jobs of a batch together: inputs with the same decoding options go through the model in one call.
+Engines run in one worker thread; they never see HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..textfmt import render
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (becomes a 400 with ``param`` named)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class Decode:
+    """Per-request decoding options of a plain LM (a trial decodes as it was evaluated)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    """One request's work: ``op`` is classify, complete or logprobs; ``inputs`` are texts, records or prompts."""
+
+    op: str
+    inputs: list[Any]
+    decode: Decode | None = None
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = max(1, len(self.inputs))
+
+    def group_key(self) -> tuple:
+        d = self.decode
+        return (self.op,) if d is None else (self.op, d.max_tokens, d.temperature, d.top_p, d.stop, d.seed)
+
+
+@dataclass
+class Result:
+    """One input's answer: the text, token counts, and for classification the label and its scores."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+    label: str | None = None
+    label_id: int | None = None
+    scores: dict[str, float] | None = None
+    logprobs: dict | None = None
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.asarray(x, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Engine(ABC):
+    """The served model. ``id`` is what clients put in ``model``."""
+
+    id: str
+    kind: str  # trial | lm
+    task_type: str | None = None
+    labels: list[str] | None = None
+    max_positions: int | None = None
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a text as the model's tokenizer counts them."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Facts shown in ``/v1/models`` and ``/health``."""
+
+    def chat_prompt(self, messages: list[dict]) -> Any:
+        """What a chat request's messages become as one input."""
+        raise NotImplementedError
+
+    def run_batch(self, jobs: list[Job]) -> list[list[Result] | Exception]:
+        """Run jobs together: one model call per group of compatible jobs; a group's failure fails its jobs only."""
+        out: list[list[Result] | Exception | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.group_key(), []).append(i)
+        for idx in groups.values():
+            flat = [x for i in idx for x in jobs[i].inputs]
+            t0 = time.perf_counter()
+            try:
+                results = self._run(jobs[idx[0]], flat)
+            except RequestError as exc:
+                for i in idx:
+                    out[i] = exc
+                continue
+            except Exception as exc:  # logged here; the client gets a 500 without internals
+                log.exception("batch of %d inputs failed", len(flat))
+                for i in idx:
+                    out[i] = exc
+                continue
+            log.debug("ran %d inputs (%s) in %.1f ms", len(flat), jobs[idx[0]].op, 1000 * (time.perf_counter() - t0))
+            pos = 0
+            for i in idx:
+                n = len(jobs[i].inputs)
+                out[i] = results[pos : pos + n]
+                pos += n
+        return out  # type: ignore[return-value]
+
+    @abstractmethod
+    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
+        """Answer ``inputs`` (all with ``job``'s op and options)."""
+
+
+class TrialEngine(Engine):
+    """A stored trial as a task endpoint: the input goes through the trial's own prompt, demonstrations and
+    weights, and the answer is the task's output (a label name, or the generated text). What was measured
+    is what is served: decoding follows the trial's configuration."""
+
+    kind = "trial"
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.predictor = loaded.predictor
+        self.id = loaded.name
+        self.task_type = loaded.task_type
+        self.labels = loaded.labels if loaded.task_type == "classification" else None
+        self.fields: list[str] = list(loaded.task.get("text") or ["text"])
+        self.text_template: str | None = loaded.task.get("text_template")
+        self.tokenizer = loaded.backend.tokenizer
+        self.max_positions = getattr(loaded.backend, "max_positions", None)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def describe(self) -> dict:
+        row = self.loaded.row
+        return {"kind": "trial", "study": self.loaded.study, "trial": row["key"], "strategy": row["strategy"],
+                "label": row["label"], "family": row["family"], "task": self.task_type, "labels": self.labels,
+                "base_model": self.loaded.backend.model_id,
+                "metrics": {k: v for k, v in row["metrics"].items() if isinstance(v, (int, float))}}
+
+    def record(self, x: Any, where: str) -> dict:
+        """A request input as a prompt record: a text, or (tasks with several fields) an object of the fields."""
+        if isinstance(x, dict):
+            missing = [f for f in self.fields if f not in x]
+            if missing:
+                raise RequestError(f"{where}: missing field(s) {missing}; this task's inputs have {self.fields}", where)
+            rec = {f: str(x[f]) for f in self.fields}
+            rec["input"] = render(self.text_template, rec) if self.text_template else rec[self.fields[0]]
+            return rec
+        if not isinstance(x, str):
+            raise RequestError(f"{where}: an input is a string" + (" or an object" if len(self.fields) > 1 else ""),
+                               where)
+        if len(self.fields) > 1:
+            try:
+                obj = json.loads(x)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise RequestError(f"{where}: this task's inputs have several fields {self.fields}; send them as a "
+                                   "JSON object", where)
+            return self.record(obj, where)
+        return {"input": x}
+
+    def chat_prompt(self, messages: list[dict]) -> Any:
+        users = [m for m in messages if m["role"] == "user"]
+        if not users:
+            raise RequestError("messages: a trial answers the last user message; there is none", "messages")
+        return users[-1]["content"]
+
+    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
+        if job.op == "logprobs":
+            raise RequestError("logprobs: a trial endpoint answers its task; prompt log-probabilities come from a "
+                               "plain model (`tunebench serve --model PATH`, or --raw for a tuned causal trial)",
+                               "logprobs")
+        if job.op == "classify" and self.task_type != "classification":
+            raise RequestError("/v1/classify serves classification trials; this one generates text "
+                               "(use /v1/completions)", "input")
+        out = self.predictor.run(inputs)
+        results = []
+        for i in range(len(inputs)):
+            p, c = int(out.prompt_tokens[i]), int(out.completion_tokens[i])
+            if self.task_type != "classification":
+                results.append(Result(str(out.predictions[i]), p, c))
+                continue
+            lid = int(out.predictions[i])
+            label = self.labels[lid] if lid >= 0 else None
+            scores = None
+            if out.scores is not None:
+                scores = dict(zip(self.labels, softmax(out.scores[i]).round(6).tolist()))
+            # a generated answer that names no label (-1) is returned as generated, with no label
+            text = label if label is not None else (out.generated[i].strip() if out.generated else "")
+            results.append(Result(text, p, c, label=label, label_id=lid if lid >= 0 else None, scores=scores))
+        return results
+
+
+class LMEngine(Engine):
+    """A causal LM (base, or a tuned trial's weights with ``--raw``) completing whatever prompt it is sent.
+
+    Chat messages go through the tokenizer's chat template. ``/v1/completions`` with ``echo`` and
+    ``logprobs`` (and ``max_tokens`` 0) returns each prompt token's log-probability: how a remote client
+    scores label continuations.
+    """
+
+    kind = "lm"
+
+    def __init__(self, backend, model=None, model_id: str = "model", info: dict | None = None):
+        self.backend, self.model, self.id = backend, model, model_id
+        self.tokenizer = backend.tokenizer
+        self.max_positions = backend.max_positions
+        self.info = info or {}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def describe(self) -> dict:
+        return {"kind": "lm", "base_model": self.backend.model_id, "chat_template": bool(self.backend.chat), **self.info}
+
+    def chat_prompt(self, messages: list[dict]) -> Any:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
+        if job.op == "classify":
+            raise RequestError("/v1/classify needs a classification trial; this server runs a plain LM", "input")
+        if job.op == "logprobs":
+            return self._logprobs(inputs)
+        d = job.decode
+        gens = self.backend.generate(inputs, max_new_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
+                                     stop=list(d.stop), seed=d.seed, model=self.model, batch_size=len(inputs))
+        results = []
+        for g in gens:
+            finish = "length" if g.completion_tokens >= d.max_tokens else "stop"
+            results.append(Result(g.text, g.prompt_tokens, g.completion_tokens, finish))
+        return results
+
+    @torch.inference_mode()
+    def _logprobs(self, prompts: list[str]) -> list[Result]:
+        """Each prompt's tokens with their log-probabilities (the first has none) and character offsets."""
+        tok = self.tokenizer
+        enc = [tok(p, add_special_tokens=False, return_offsets_mapping=True) for p in prompts]
+        ids = [e["input_ids"] or [tok.eos_token_id] for e in enc]
+        model = self.model if self.model is not None else self.backend.model
+        batch = self.backend.collate(ids)
+        with self.backend.autocast():
+            logits = model(**batch).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        results = []
+        for r, (e, x) in enumerate(zip(enc, ids)):
+            t = torch.tensor(x[1:], device=logp.device)
+            lps = logp[r, torch.arange(len(x) - 1, device=logp.device), t].tolist() if len(x) > 1 else []
+            offsets = [o[0] for o in e.get("offset_mapping", [])] or [0] * len(x)
+            lp = {"tokens": [tok.decode([i]) for i in x], "token_logprobs": [None] + [round(v, 6) for v in lps],
+                  "text_offset": offsets, "top_logprobs": None}
+            results.append(Result(prompts[r], len(x), 0, "length", logprobs=lp))
+        return results
