@@ -87,7 +87,7 @@ def load_trial(store_root: str | Path, study: str, trial: str | None = None, *, 
     try:
         cfg = StudyConfig.model_validate(doc)
     except Exception as exc:  # a store written by another version
-        raise StoreError(f"study '{study}': its stored config no longer validates: {str(exc).splitlines()[0]}") from None
+        raise StoreError(f"study '{study}': its stored config no longer validates: {exc}") from None
     models = {m.name: m for m in cfg.all_models()}
     model_name = row["record"].get("model") or next(iter(models))
     if model_name not in models:

@@ -123,7 +123,7 @@ class Study:
                     for seed, spec in combos:
                         n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
                         ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
-                                 "train_size": n, "model": model.model_dump(exclude={"name"}), "data": fingerprints,
+                                 "train_size": n, "model": model.identity(), "data": fingerprints,
                                  "labels": [lab.model_dump() for lab in data.labels]}
                         key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
                         if key in seen:
@@ -232,7 +232,10 @@ class Study:
         if out.generated is not None:
             record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                         zip(test_records[:3], out.generated[:3])]
-        row = {"key": trial.key, "study": self.config.name, "strategy": trial.strategy, "family": cls.family,
+        family = cls.family
+        if family == "prompting" and getattr(backend.config, "tuned", None):  # prompting a model tuned elsewhere
+            family = "hybrid"
+        row = {"key": trial.key, "study": self.config.name, "strategy": trial.strategy, "family": family,
                "label": trial.label, "params": trial.config.to_dict(), "seed": trial.seed,
                "train_size": trial.train_size if trial.train_size else len(train) if cls.uses_train else 0,
                "train_size_spec": trial.train_size_spec, "metrics": metrics, "cost": cost,

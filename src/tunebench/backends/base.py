@@ -79,6 +79,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    lm: ClassVar[bool] = False  # reads prompts (causal LMs, remote endpoints)
+    remote: ClassVar[bool] = False  # reached over HTTP: no local weights or tokenizer
 
     def __init__(self, config: ModelConfig):
         self.config = config
@@ -128,4 +130,8 @@ def load_backend(config: ModelConfig) -> Backend:
         from .causal import CausalBackend
 
         return CausalBackend(config)
+    if config.backend == "openai":
+        from .openai_api import OpenAIBackend
+
+        return OpenAIBackend(config)
     raise CapabilityError(f"unknown backend '{config.backend}'")

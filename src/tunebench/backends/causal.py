@@ -59,6 +59,7 @@ class CausalBackend(Backend):
 
     name: ClassVar[str] = "causal"
     capabilities: ClassVar[frozenset[str]] = frozenset({"generate", "score", "train"})
+    lm: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig, *, model: nn.Module | None = None, tokenizer=None):
         super().__init__(config)

@@ -113,6 +113,7 @@ class CausalPredictor(Predictor):
         self.decode = decode if decode is not None else config  # prompt length and decoding options
         self.trained, self.retrieval, self.seed = trained or [], retrieval, seed
         self.task_type = builder.task_type
+        self.fallback: str | None = None  # why a remote endpoint could not score labels
 
     @property
     def max_length(self) -> int:
@@ -133,12 +134,31 @@ class CausalPredictor(Predictor):
                                           cache=not is_prompt_tuned(self.model), batch_size=INFER_BATCH)
         return total / np.maximum(count, 1)
 
+    def _score(self, prompts: list[str]) -> tuple[np.ndarray, list[int], list[int]] | None:
+        """Label scores, prompt tokens and answer tokens per prompt; None when a remote endpoint cannot score
+        (the predictor then generates and parses, and says so in its prompt info)."""
+        if not self.backend.remote:
+            ids = [self.backend.prompt_ids(p, self.max_length) for p in prompts]
+            scores = self.label_scores(ids)
+            opts = self._options()
+            return scores, [len(x) for x in ids], [len(opts[int(p)]) for p in scores.argmax(1)]
+        from ..backends.openai_api import NoLogprobs
+
+        try:
+            total, count, billed = self.backend.score_texts(prompts, [self.backend.answer_text(n) for n in self.labels])
+        except NoLogprobs as exc:
+            log.warning("%s: %s; predicting by generation and parsing instead", self.strategy, exc)
+            self.mode, self.fallback = "generate", str(exc)
+            return None
+        return total / np.maximum(count, 1), billed, [0] * len(prompts)
+
     def predict_scores(self, inputs) -> np.ndarray:
         if self.task_type != "classification":
             raise TypeError("a generation predictor has no class scores; use predict()")
         if self.mode == "score":
-            ids = [self.backend.prompt_ids(p, self.max_length) for p in self.prompts(inputs)]
-            return self.label_scores(ids)
+            scored = self._score(self.prompts(inputs))
+            if scored is not None:
+                return scored[0]
         pred = self.run(inputs).predictions
         scores = np.zeros((len(pred), len(self.labels)))
         for i, p in enumerate(pred):
@@ -152,11 +172,10 @@ class CausalPredictor(Predictor):
     def run(self, inputs) -> Output:
         prompts = self.prompts(inputs)
         if self.task_type == "classification" and self.mode == "score":
-            ids = [self.backend.prompt_ids(p, self.max_length) for p in prompts]
-            scores = self.label_scores(ids)
-            pred = scores.argmax(1)
-            opts = self._options()
-            return Output(pred, [len(x) for x in ids], [len(opts[int(p)]) for p in pred], scores=scores)
+            scored = self._score(prompts)
+            if scored is not None:
+                scores, prompt_tokens, answer_tokens = scored
+                return Output(scores.argmax(1), prompt_tokens, answer_tokens, scores=scores)
         cfg = self.decode
         gens = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, stop=cfg.stop, seed=self.seed, model=self.model,
@@ -169,8 +188,18 @@ class CausalPredictor(Predictor):
             pred = ["" if a is None else a for a in answers_]
         return Output(pred, [g.prompt_tokens for g in gens], [g.completion_tokens for g in gens], texts)
 
-    def reference_nll(self, inputs, targets: list[str]) -> np.ndarray:
-        """Mean negative log-likelihood per token of each reference answer (perplexity = exp of the mean)."""
+    def reference_nll(self, inputs, targets: list[str]) -> np.ndarray | None:
+        """Mean negative log-likelihood per token of each reference answer (perplexity = exp of the mean); None
+        from an endpoint that returns no log-probabilities."""
+        if self.backend.remote:
+            from ..backends.openai_api import NoLogprobs
+
+            try:
+                total, count, _ = self.backend.score_texts_paired(self.prompts(inputs),
+                                                                  [self.backend.answer_text(t) for t in targets])
+            except NoLogprobs:
+                return None
+            return -(total / np.maximum(count, 1))
         ids = [self.backend.prompt_ids(p, self.max_length) for p in self.prompts(inputs)]
         conts = [[self.backend.answer_ids(t, eos=True)] for t in targets]
         total, count = self.backend.score(ids, conts, model=self.model, cache=not is_prompt_tuned(self.model),
@@ -180,6 +209,8 @@ class CausalPredictor(Predictor):
     def prompt_info(self, record: dict | None = None) -> dict:
         info = {"template": self.builder.template, "mode": self.mode, "chat_template": self.backend.chat,
                 "demonstrations": "retrieved" if self.retrieval else len(self.builder.demos)}
+        if self.fallback:
+            info["fallback"] = f"predicted by generation: {self.fallback}"
         if record is not None:
             info["example"] = self.prompts([record])[0]
         return info

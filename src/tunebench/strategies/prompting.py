@@ -81,11 +81,12 @@ class PromptingStrategy(Strategy):
     """Frozen weights: on the encoder backend embeddings; on the causal backend the LM reads a prompt."""
 
     family = "prompting"
+    backends = ("encoder", "causal", "openai")
     reasoning: ClassVar[bool] = False
     config: PromptConfig
 
     def needs(self, backend) -> tuple[str, ...]:
-        if backend.name == "causal":
+        if backend.lm:
             return ("generate",) if self.reasoning or self.config.predict == "generate" else ("score",)
         return self.requires
 
@@ -155,7 +156,7 @@ class ZeroShot(PromptingStrategy):
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
         self.check(backend, task.task.type)
-        if backend.name == "causal":
+        if backend.lm:
             return self.adapt_causal(backend, task, train=train, dev=dev)
         tpl = PromptTemplate(self.config.label_templates[0], "label_templates")
         prompts, owner = [], []
@@ -210,7 +211,7 @@ class FewShot(PromptingStrategy):
 
     def check(self, backend, task_type: str = "classification") -> None:
         super().check(backend, task_type)
-        if backend.name != "causal" and self.config.selection == "retrieved":
+        if not backend.lm and self.config.selection == "retrieved":
             raise CapabilityError("few_shot: selection 'retrieved' puts the nearest examples in a causal model's "
                                   "prompt; on the encoder backend use classifier: knn")
 
@@ -227,7 +228,7 @@ class FewShot(PromptingStrategy):
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
         self.check(backend, task.task.type)
-        if backend.name == "causal":
+        if backend.lm:
             return self.adapt_causal(backend, task, train=train, dev=dev)
         n = len(task.labels)
         chosen = self.select(train.labels, n)
@@ -268,7 +269,7 @@ class ChainOfThought(PromptingStrategy):
     name = "chain_of_thought"
     config_cls = ChainOfThoughtConfig
     requires = ("generate",)
-    backends = ("causal",)
+    backends = ("causal", "openai")
     reasoning = True
     predictor_cls = CausalPredictor
     config: ChainOfThoughtConfig
