@@ -97,7 +97,8 @@ class OpenAIBackend(Backend):
             raise RemoteError(f"{self.config.base_url}: not found (404) - is '{self.config.model}' served there? "
                               f"{_message(exc)}") from exc
         except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
-            raise RemoteError(f"{self.config.base_url}: no answer after {self.config.max_retries} retries "
+            n = self.config.max_retries
+            raise RemoteError(f"{self.config.base_url}: no answer after {n} {'retry' if n == 1 else 'retries'} "
                               f"({type(exc).__name__}: {_message(exc)}). Finished trials are stored: rerun the study "
                               "to resume") from exc
         except openai.APIStatusError as exc:
@@ -186,7 +187,7 @@ class OpenAIBackend(Backend):
                              if self.chat else "the endpoint returned no prompt log-probabilities")
         if self.logprobs_ok is None and pairs:  # probe once before sending everything
             try:
-                self._echo(0, pairs[0])
+                self._map(self._echo, pairs[:1])
             except NoLogprobs:
                 self.logprobs_ok = False
                 raise
