@@ -143,14 +143,15 @@ def test_prompting_study_through_the_openai_backend_matches_the_local_model(tmp_
 
 def test_chat_api_without_logprobs_falls_back_to_generation(tmp_path, files, server, monkeypatch):
     monkeypatch.setenv("TB_TEST_KEY", KEY)
-    path = study_file(tmp_path, "chat", remote(server, api="chat"), files,
+    # the endpoint stands for a model tuned elsewhere: prompting it is a hybrid in the analysis
+    path = study_file(tmp_path, "chat", remote(server, api="chat", tuned="trial 1234abcd"), files,
                       [{"zero_shot": {"template": TEMPLATE, "max_new_tokens": 3}}])
     r = run(path)
     assert r.exit_code == 0, r.output
     trial = json.loads(r.stdout)["trials"][0]
     assert "predicted by generation" in trial["prompt"]["fallback"]
     assert trial["prompt"]["mode"] == "generate" and 0 < trial["cost"]["completion_tokens_mean"] <= 3
-    assert "format_failure_rate" in trial["metrics"]
+    assert "format_failure_rate" in trial["metrics"] and trial["family"] == "hybrid"
 
 
 def test_a_wrong_key_or_a_missing_key_variable_fails_clearly(tmp_path, files, server, monkeypatch):

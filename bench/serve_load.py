@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Load on `tunebench serve`: N concurrent clients for a bounded time, micro-batching on and off, side by side.
+
+1. Trains (once, into a temporary store) the served trial: an encoder classifier (``linear_probe`` on the
+   default all-MiniLM-L6-v2, ``--train`` SST-2 train sentences; toy data when ../shared is absent). Serving
+   cost is the same as for a fully fine-tuned one: the whole encoder runs on every request.
+2. Starts ``tunebench serve STUDY --best`` on loopback twice, one after the other, with the same trial:
+   micro-batching on (``--max-batch 32 --batch-window-ms 5``) and off (``--max-batch 1 --batch-window-ms 0``).
+3. Each time, ``--clients`` asyncio clients (httpx, one connection each) send ``/v1/classify`` requests (one
+   SST-2 dev sentence each, bearer key) back to back for ``--seconds``; every answer is checked (HTTP 200 and
+   a label). Prints requests/s, p50/p95 latency and the error count for both, and the ratio.
+
+Targets (issue 5): zero errors at 64 concurrent clients; micro-batching >= 2x the requests/s of batch-size-1.
+
+Usage:
+    python bench/serve_load.py                     # 64 clients, 20 s per mode
+    python bench/serve_load.py --clients 16 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, read_tsv  # noqa: E402
+
+KEY = "bench-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_trial(root: Path, n_train: int) -> tuple[str, list[str]]:
+    """A finished study with one encoder classifier; returns its name and the texts clients send."""
+    import yaml
+
+    sst = DATA / "sst2"
+    if (sst / "train.tsv").is_file():
+        texts, labels = read_tsv(sst / "train.tsv")
+        dev_texts, dev_labels = read_tsv(sst / "dev.tsv")
+        names = ["negative", "positive"]
+        source = "SST-2"
+    else:  # a fresh clone without ../shared: toy sentiment data
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.conftest import toy_rows
+
+        rows = toy_rows(n_train + 400, 0)
+        texts, labels = [t for t, _ in rows[:n_train]], [int(y == "pos") for _, y in rows[:n_train]]
+        dev_texts, dev_labels = [t for t, _ in rows[n_train:]], [int(y == "pos") for _, y in rows[n_train:]]
+        names = ["negative", "positive"]
+        source = "toy data (../shared/data absent)"
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(texts), size=min(n_train, len(texts)), replace=False)
+
+    def write(path: Path, xs, ys):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("text\tlabel\n")
+            for x, y in zip(xs, ys):
+                f.write(x.replace("\t", " ") + "\t" + names[int(y)] + "\n")
+        return str(path)
+
+    data = {"train": write(root / "train.tsv", [texts[i] for i in pick], [labels[i] for i in pick]),
+            "dev": write(root / "dev.tsv", dev_texts[:200], dev_labels[:200]),
+            "test": write(root / "test.tsv", dev_texts[200:600], dev_labels[200:600])}
+    study = {"name": "serve-load", "task": {"data": data, "text": "text", "label": "label"},
+             "model": {"path": "default"}, "strategies": [{"linear_probe": {"epochs": 3, "batch_size": 32}}],
+             "consistency": {"perturbations": []}, "store": "runs"}
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study), encoding="utf-8")
+    print(f"training the served trial (linear probe, {len(pick)} {source} sentences) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "tunebench", "run", str(path)], check=True, stdout=subprocess.DEVNULL)
+    return str(path), dev_texts
+
+
+def start_server(study: str, batching: bool) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    args = ["--max-batch", "32", "--batch-window-ms", "5"] if batching else ["--max-batch", "1",
+                                                                              "--batch-window-ms", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", study, "--best", "--port", str(port), *args],
+                            env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit("the server exited while starting")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+async def drive(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as c:
+            k = i
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/v1/classify", json={"input": texts[k % len(texts)]})
+                    ok = r.status_code == 200 and r.json()["data"][0]["label"] is not None
+                    if not ok:
+                        errors.append(f"{r.status_code}: {r.text[:120]}")
+                except httpx.HTTPError as exc:
+                    errors.append(type(exc).__name__)
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                k += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000 if latencies else np.asarray([float("nan")])
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)), "errors": len(errors), "first_errors": errors[:3]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--train", type=int, default=2000, help="SST-2 train sentences for the served trial")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="tunebench-load-") as tmp:
+        study, texts = train_trial(Path(tmp), args.train)
+        results = {}
+        for name, batching in (("micro-batching", True), ("batch size 1", False)):
+            proc, url = start_server(study, batching)
+            try:
+                asyncio.run(drive(url, texts, args.clients, 2.0))  # warm-up
+                print(f"{name}: {args.clients} clients for {args.seconds:g} s ...", flush=True)
+                results[name] = asyncio.run(drive(url, texts, args.clients, args.seconds))
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(60)
+    print()
+    print(f"{'mode':<16}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'errors':>8}")
+    for name, r in results.items():
+        print(f"{name:<16}{r['requests']:>10}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p95']:>10.1f}{r['errors']:>8}")
+        for e in r["first_errors"]:
+            print(f"    e.g. {e}")
+    on, off = results["micro-batching"], results["batch size 1"]
+    ratio = on["rps"] / off["rps"] if off["rps"] else float("inf")
+    errors = on["errors"] + off["errors"]
+    print(f"\nmicro-batching / batch size 1: {ratio:.2f}x requests/s (target >= 2x): "
+          f"{'met' if ratio >= 2 else 'NOT met'}")
+    print(f"errors at {args.clients} concurrent clients: {errors} (target 0): {'met' if errors == 0 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
