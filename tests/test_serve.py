@@ -46,7 +46,9 @@ def stores(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
                (("train", 32, 1), ("dev", 8, 2), ("test", 8, 3))}
     run_study(root, {"name": "llm", "task": {"data": colours, "text": "text", "label": "label"},
                      "model": {"backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
-                     "strategies": [{"few_shot": {"shots": 1}}], "store": "runs"})
+                     "strategies": [{"few_shot": {"shots": 1}}, {"full": {"epochs": 1, "batch_size": 16,
+                                                                          "max_length": 64}}],
+                     "store": "runs"})
     gen = str(write_csv(root / "gen.csv", [(w, f"the {c}") for w, c in colour_rows(40, 4)], header=("word", "phrase")))
     run_study(root, {"name": "gen", "task": {"type": "generation", "data": gen, "text": "word", "target": "phrase"},
                      "model": {"backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
@@ -54,8 +56,14 @@ def stores(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
     return root / "runs"
 
 
-def client_for(store, study, *, keys=frozenset({KEY}), limits=None, **kw) -> TestClient:
-    engine = trial_engine(store, study, None, best=True)
+def trial_id(store, study: str, strategy: str) -> str:
+    from tunebench.store import Store
+
+    return next(t["key"] for t in Store(store).trials(study) if t["strategy"] == strategy)
+
+
+def client_for(store, study, *, keys=frozenset({KEY}), limits=None, trial=None, raw=False, **kw) -> TestClient:
+    engine = trial_engine(store, study, trial, best=trial is None, raw=raw)
     return TestClient(create_app(engine, api_keys=set(keys) if keys is not None else None, limits=limits, **kw))
 
 
@@ -108,10 +116,11 @@ def test_served_classification_equals_the_predictor(stores):
 
 def test_served_causal_trials_answer_like_their_predictors(stores):
     words = [w for w, _ in colour_rows(6, 7)]
-    with client_for(stores, "llm") as c:
+    few = trial_id(stores, "llm", "few_shot")
+    with client_for(stores, "llm", trial=few) as c:
         r = c.post("/v1/classify", headers=AUTH, json={"input": words})
         comp = c.post("/v1/completions", headers=AUTH, json={"prompt": words}).json()
-    loaded = load_trial(stores, "llm", best=True)
+    loaded = load_trial(stores, "llm", few)
     out = loaded.predictor.run(words)
     assert [d["label_id"] for d in r.json()["data"]] == out.predictions.tolist()
     assert [ch["text"] for ch in comp["choices"]] == [loaded.labels[i] for i in out.predictions]
@@ -239,3 +248,27 @@ def test_micro_batcher_groups_concurrent_requests_and_finishes_queued_work_on_cl
     results = asyncio.run(main())
     assert [r[0].text for r in results] == [str(i) for i in range(20)]  # every queued request answered, in order
     assert sum(seen) == 20 and max(seen) == 8 and len(seen) <= 4  # batched, never over the maximum
+
+
+def test_raw_serving_of_a_tuned_causal_trial_scores_like_the_trial(stores):
+    """--raw: the tuned LM as a plain model; its prompt log-probabilities reproduce the trial's label scores."""
+    full = trial_id(stores, "llm", "full")
+    loaded = load_trial(stores, "llm", full)
+    pred = loaded.predictor
+    word = colour_rows(1, 11)[0][0]
+    prompt = pred.prompts([word])[0]
+    texts = [prompt + pred.backend.answer_text(lab) for lab in loaded.labels]
+    with client_for(stores, "llm", trial=full, raw=True) as c:
+        model = c.get("/v1/models", headers=AUTH).json()["data"][0]
+        assert model["id"].endswith(":raw") and model["tunebench"]["strategy"] == "full"
+        r = c.post("/v1/completions", headers=AUTH, json={"prompt": texts, "echo": True, "logprobs": 1,
+                                                          "max_tokens": 0})
+        bad = c.post("/v1/classify", headers=AUTH, json={"input": word})
+    assert r.status_code == 200, r.text
+    means = []
+    for ch in r.json()["choices"]:
+        lp = ch["logprobs"]
+        vals = [v for v, off in zip(lp["token_logprobs"], lp["text_offset"]) if off >= len(prompt)]
+        means.append(sum(vals) / len(vals))
+    assert np.allclose(means, pred.run([word]).scores[0], atol=1e-4)
+    assert bad.status_code == 400
