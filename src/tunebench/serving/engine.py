@@ -148,10 +148,12 @@ class TrialEngine(Engine):
         self.labels = loaded.labels if loaded.task_type == "classification" else None
         self.fields: list[str] = list(loaded.task.get("text") or ["text"])
         self.text_template: str | None = loaded.task.get("text_template")
-        self.tokenizer = loaded.backend.tokenizer
+        self.tokenizer = loaded.backend.tokenizer  # None for a remote endpoint
         self.max_positions = getattr(loaded.backend, "max_positions", None)
 
     def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:  # a trial on a remote endpoint: estimate (about 4 characters per token)
+            return max(1, len(text) // 4)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict:
@@ -262,7 +264,8 @@ class LMEngine(Engine):
     def _logprobs(self, prompts: list[str]) -> list[Result]:
         """Each prompt's tokens with their log-probabilities (the first has none) and character offsets."""
         tok = self.tokenizer
-        enc = [tok(p, add_special_tokens=False, return_offsets_mapping=True) for p in prompts]
+        # tokenized as the backend tokenizes prompts (BOS where the tokenizer adds one, unless a chat template is used)
+        enc = [tok(p, add_special_tokens=not self.backend.chat, return_offsets_mapping=True) for p in prompts]
         ids = [e["input_ids"] or [tok.eos_token_id] for e in enc]
         model = self.model if self.model is not None else self.backend.model
         batch = self.backend.collate(ids)
