@@ -87,6 +87,9 @@ def test_every_route_but_health_needs_the_right_key(stores):
                 assert "label" not in r.text and "choices" not in r.text  # nothing served
             ok = getattr(c, method)(path, headers=AUTH, **({"json": body} if body else {}))
             assert ok.status_code == 200, ok.text
+        # the key is checked before the body is read: no field names leak to a caller without one
+        r = c.post("/v1/chat/completions", json={"nonsense": True})
+        assert r.status_code == 401 and "messages" not in r.text
 
 
 def test_served_classification_equals_the_predictor(stores):

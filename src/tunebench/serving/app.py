@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -150,6 +150,31 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class BearerAuth:
+    """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer KEY`` with a known key.
+
+    It runs before anything reads the body, so a caller without a key learns nothing (not even field names)."""
+
+    def __init__(self, app, keys: set[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") == "/health":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        ok = scheme.lower() == b"bearer" and bool(token) and any(hmac.compare_digest(token, k) for k in self.keys)
+        if ok:
+            return await self.app(scope, receive, send)
+        message = "missing API key (Authorization: Bearer KEY)" if not header else "invalid API key"
+        body = json.dumps(error_body(message, "authentication_error", None, "invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _field(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body",)]
     return ".".join(parts) or "body"
@@ -171,6 +196,8 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
 
     app = FastAPI(title="tunebench", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    if api_keys is not None:
+        app.add_middleware(BearerAuth, keys=api_keys)  # added last: runs first
     app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
 
     @app.exception_handler(ApiError)
@@ -190,17 +217,6 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
                       "server_error")
-
-    async def authorize(request: Request) -> None:
-        if api_keys is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        ok = scheme.lower() == "bearer" and token.strip() and any(
-            hmac.compare_digest(token.strip().encode(), k.encode()) for k in api_keys)
-        if not ok:
-            raise ApiError(401, "missing API key (Authorization: Bearer KEY)" if not header else "invalid API key",
-                           "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name != engine.id:
@@ -263,12 +279,12 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
     async def health():
         return {"status": "ok", "model": engine.id, "queue": batcher._queue.qsize() if batcher._queue else 0}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.id, "object": "model", "created": started,
                                             "owned_by": "tunebench", "tunebench": engine.describe()}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -290,7 +306,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
                              "finish_reason": res.finish_reason, "logprobs": None, **_extras(res)}],
                 "usage": usage([res])}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -318,7 +334,7 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.id, "choices": choices,
                 "usage": usage(results)}
 
-    @app.post("/v1/classify", dependencies=[Depends(authorize)])
+    @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
         check_model(req.model)
         if engine.kind != "trial" or engine.task_type != "classification":

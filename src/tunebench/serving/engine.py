@@ -105,7 +105,7 @@ class Engine(ABC):
         out: list[list[Result] | Exception | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(job.group_key(), []).append(i)
+            groups.setdefault(self.group_key(job), []).append(i)
         for idx in groups.values():
             flat = [x for i in idx for x in jobs[i].inputs]
             t0 = time.perf_counter()
@@ -127,6 +127,10 @@ class Engine(ABC):
                 out[i] = results[pos : pos + n]
                 pos += n
         return out  # type: ignore[return-value]
+
+    def group_key(self, job: Job) -> tuple:
+        """Jobs with the same key run in one model call."""
+        return job.group_key()
 
     @abstractmethod
     def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
@@ -192,14 +196,14 @@ class TrialEngine(Engine):
             raise RequestError("messages: a trial answers the last user message; there is none", "messages")
         return users[-1]["content"]
 
+    def group_key(self, job: Job) -> tuple:
+        return (job.op == "logprobs",)  # classify and complete both run the predictor as evaluated
+
     def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
         if job.op == "logprobs":
             raise RequestError("logprobs: a trial endpoint answers its task; prompt log-probabilities come from a "
                                "plain model (`tunebench serve --model PATH`, or --raw for a tuned causal trial)",
                                "logprobs")
-        if job.op == "classify" and self.task_type != "classification":
-            raise RequestError("/v1/classify serves classification trials; this one generates text "
-                               "(use /v1/completions)", "input")
         out = self.predictor.run(inputs)
         results = []
         for i in range(len(inputs)):
