@@ -92,7 +92,10 @@ def start_server(study: str, batching: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = ["--max-batch", "32", "--batch-window-ms", "5"] if batching else ["--max-batch", "1",
                                                                               "--batch-window-ms", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", study, "--best", "--port", str(port), *args],
+    # the load generator runs on the same machine: leave it a core (the same for both modes)
+    threads = str(max(1, (os.cpu_count() or 2) - 1))
+    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", study, "--best", "--port", str(port),
+                             "--threads", threads, *args],
                             env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

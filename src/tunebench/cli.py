@@ -487,6 +487,9 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           max_tokens: int = typer.Option(1024, "--max-tokens-limit", min=1, help="Largest max_tokens a request may "
                                          "ask for."),
           max_inputs: int = typer.Option(64, "--max-inputs", min=1, help="Most inputs (prompts) in one request."),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: "
+                                                "PyTorch's, one per core); leave cores free for whatever shares the "
+                                                "machine."),
           store: Optional[Path] = StoreOpt, verbose: bool = VerboseOpt) -> None:
     """Serve a trial (or a causal LM) with the OpenAI API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /v1/classify and /health, micro-batched, behind bearer API keys."""
@@ -513,7 +516,7 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
         _fail(exc)
     limits = Limits(max_body_bytes=max_body, max_input_tokens=max_input_tokens, max_tokens=max_tokens,
                     max_batch_inputs=max_inputs)
-    app_ = create_app(engine, api_keys=keys, limits=limits, max_batch=max_batch, window_ms=window_ms)
+    app_ = create_app(engine, api_keys=keys, limits=limits, max_batch=max_batch, window_ms=window_ms, threads=threads)
     info = engine.describe()
     what = f"{info.get('label', '')} ({info.get('strategy', '')})" if engine.kind == "trial" else info["base_model"]
     shown = f"[{host}]" if ":" in host else host
@@ -590,6 +593,76 @@ def strategies() -> None:
         defaults = cls.config_cls()
         for f in dataclasses.fields(cls.config_cls):
             out.print(f"    {f.name} = {getattr(defaults, f.name)!r}  {f.metadata.get('help', '')}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(study: str = typer.Argument(..., help="Study name or study YAML."),
+               trial: Optional[str] = typer.Option(None, "--trial", help="Trial id (or its first 6+ characters; "
+                                                   "`tunebench show --ids` lists them)."),
+               best: bool = typer.Option(False, "--best", help="Export the top trial of the study's leaderboard."),
+               fmt: str = typer.Option(..., "--format", help="hf: the adapter alone (PEFT) or head / prompt; merged: "
+                                       "weights merged into the base model (plain transformers); onnx: encoder "
+                                       "classifiers as ONNX fp32 + int8."),
+               out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: "
+                                                      "exports/STUDY-ID-FORMAT); must not exist or be empty."),
+               force: bool = typer.Option(False, "--force", help="Replace an earlier tunebench export in --out."),
+               per_channel: bool = typer.Option(False, "--per-channel", help="onnx: quantize weights per output "
+                                                "channel instead of per tensor."),
+               store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+    """Export a trial: its adapter (PEFT), its weights merged into the base model, or ONNX with int8 quantization;
+    each export carries a model card (README.md) with the trial's task, metrics and config."""
+    _setup_logging(verbose)
+    from .artifacts import find_trial, load_trial
+    from .export import FORMATS, check_format, check_out_dir, default_out_dir, export_trial
+    from .store import Store
+
+    try:
+        if fmt not in FORMATS:
+            raise TunebenchError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+        if (trial is None) == (not best):
+            raise TunebenchError("say which trial: --trial ID or --best (one of them)")
+        name, root = _resolve_study_name(study, store)
+        st = Store(root, create=False)
+        row = find_trial(st, name, trial, best=best)
+        try:  # check the format before the (slow) model load; load_trial reports a config that no longer fits
+            models = {m.name: m for m in StudyConfig.model_validate(st.study_config(name)["config"]).all_models()}
+            model = models.get(row["record"].get("model")) or next(iter(models.values()))
+        except Exception:
+            model = None
+        if model is not None:
+            check_format(row["strategy"], row.get("params"), model.backend, fmt, f"trial {row['key'][:8]}")
+        target = out_dir or default_out_dir(name, row["key"], fmt)
+        check_out_dir(target, force)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                      transient=True) as progress:
+            task = progress.add_task(f"loading trial {row['key'][:8]} ({row['label']})", total=None)
+            loaded = load_trial(root, name, row["key"])
+            result = export_trial(loaded, target, fmt, force=force, per_channel=per_channel,
+                                  status=lambda msg: progress.update(task, description=msg))
+    except TunebenchError as exc:
+        _fail(exc)
+
+    def size(n: int) -> str:
+        for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+            if n >= div:
+                return f"{n / div:.1f} {unit}"
+        return f"{n} B"
+
+    total = sum(f["bytes"] for f in result.files)
+    if as_json:
+        sys.stdout.write(json.dumps({"study": name, "trial": row["key"], "label": row["label"], "format": fmt,
+                                     "path": str(result.path), "files": result.files, "bytes": total}) + "\n")
+        return
+    out.print(f"[green]✓[/] exported trial [bold]{row['key'][:8]}[/] ({row['label']}) of study '{name}' as "
+              f"[bold]{fmt}[/] to {result.path}", highlight=False)
+    table = Table(show_header=True, title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", justify="right", no_wrap=True)
+    for f in result.files:
+        table.add_row(f["path"], size(f["bytes"]))
+    table.add_row("[bold]total[/]", f"[bold]{size(total)}[/]")
+    out.print(table)
+    out.print(f"Model card: {result.path / 'README.md'} (how to load and predict)", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

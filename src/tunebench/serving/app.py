@@ -181,10 +181,11 @@ def _field(loc: tuple) -> str:
 
 
 def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | None = None, max_batch: int = 32,
-               window_ms: float = 5.0) -> FastAPI:
+               window_ms: float = 5.0, threads: int | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``. ``api_keys=None`` turns auth off (the CLI allows that on loopback only)."""
     limits = limits or Limits()
-    batcher = MicroBatcher(engine.run_batch, max_batch=max_batch, window_ms=window_ms, max_queue=limits.max_queue)
+    batcher = MicroBatcher(engine.run_batch, max_batch=max_batch, window_ms=window_ms, max_queue=limits.max_queue,
+                           threads=threads)
     started = int(time.time())
 
     @asynccontextmanager

@@ -17,6 +17,14 @@ from .engine import Job
 log = logging.getLogger(__name__)
 
 
+def _set_threads(n: int | None) -> None:
+    """Intra-op threads of the model thread (OpenMP settings are per thread, so set them in it)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 class Busy(Exception):
     """The queue is full (or the server is shutting down): the client should retry later."""
 
@@ -28,12 +36,13 @@ class MicroBatcher:
     """
 
     def __init__(self, run: Callable[[list[Job]], list], *, max_batch: int = 32, window_ms: float = 5.0,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, threads: int | None = None):
         self.run, self.max_batch, self.window = run, max(1, max_batch), max(0.0, window_ms) / 1000
         self.max_queue = max_queue
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunebench-model")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunebench-model",
+                                        initializer=_set_threads, initargs=(threads,))
         self._closing = False
         self._carry: tuple[Job, asyncio.Future] | None = None
         self.batches = 0
