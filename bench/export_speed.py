@@ -16,7 +16,7 @@ PyTorch throughput with accuracy within 0.5 points. Nothing asserts on timing.
 
 Usage:
     python bench/export_speed.py                      # 4,000 train sentences, 1 epoch, whole dev set
-    python bench/export_speed.py --per-channel --rounds 7 --profile
+    python bench/export_speed.py --sweep 8,128 --profile   # also other batch sizes; onnxruntime op times
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size of every path")
     p.add_argument("--threads", type=int, default=None, help="threads of PyTorch and onnxruntime (default: CPUs)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds over the dev set per path; median reported")
-    p.add_argument("--per-channel", action="store_true", help="int8 weights quantized per output channel")
+    p.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor (default: per channel)")
+    p.add_argument("--sweep", default="", help="extra batch sizes, e.g. 8,128: PyTorch fp32 vs ONNX int8 at each")
     p.add_argument("--profile", action="store_true", help="also print onnxruntime's time per operator type")
     p.add_argument("--keep", type=Path, default=None, help="write the ONNX export here instead of a temp dir")
     p.add_argument("--seed", type=int, default=0)
@@ -88,6 +89,21 @@ def op_profile(model_path: Path, batches, threads: int, top: int = 8) -> list[tu
             per_op[e["args"]["op_name"]] += e["dur"]
     total = sum(per_op.values()) or 1
     return [(op, 100 * t / total) for op, t in per_op.most_common(top)]
+
+
+def timed_rounds(paths: dict, texts: list[str], rounds: int) -> tuple[dict, dict]:
+    """Seconds of each round per path (paths in rotating order, so none always runs first) and its outputs."""
+    import numpy as np
+
+    names = list(paths)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    scores: dict = {}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            scores[name] = np.asarray(paths[name](texts), dtype=np.float32)
+            times[name].append(time.perf_counter() - t0)
+    return times, scores
 
 
 def main(argv=None) -> int:
@@ -134,7 +150,8 @@ def main(argv=None) -> int:
     backend = load_backend(ModelConfig(path="default", precision="fp32"))
     cls = registry.get(args.strategy)
     cfg = cls.config_from_dict({"epochs": args.epochs, "max_length": max_len})
-    print(f"\ntraining '{args.strategy}' on {len(train)} SST-2 train sentences ({args.epochs} epoch(s)) ...", flush=True)
+    print(f"\ntraining '{args.strategy}' on {len(train)} SST-2 train sentences ({args.epochs} epoch(s)) ...",
+          flush=True)
     t0 = time.perf_counter()
     predictor = cls(cfg, seed=args.seed).adapt(backend, task, train=train, dev=select)
     print(f"  trained in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -142,7 +159,7 @@ def main(argv=None) -> int:
     out_dir = args.keep or Path(tempfile.mkdtemp(prefix="tunebench-export-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = write_onnx(predictor, out_dir, per_channel=args.per_channel, max_length=max_len)
+    info = write_onnx(predictor, out_dir, per_channel=not args.per_tensor, max_length=max_len)
     sizes = {f: (out_dir / f).stat().st_size / 2**20 for f in (ONNX_FP32, ONNX_INT8)}
     q = info["onnx"]["quantization"]
     print(f"  exported to ONNX ({info['onnx']['exporter']} exporter) and quantized ({q['granularity']}) in "
@@ -166,15 +183,9 @@ def main(argv=None) -> int:
     warm = texts[:: max(1, len(texts) // 512)]  # every length range once: allocators, kernels, first-run work
     for fn in paths.values():
         fn(warm)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    scores: dict[str, np.ndarray] = {}
-    names = list(paths)
     print(f"\ntiming {len(texts)} SST-2 dev sentences x {args.rounds} rounds (rotating order) ...", flush=True)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            scores[name] = np.asarray(paths[name](texts), dtype=np.float32)
-            times[name].append(time.perf_counter() - t0)
+    times, scores = timed_rounds(paths, texts, args.rounds)
+    names = list(paths)
 
     base = "PyTorch fp32"
     t_base = statistics.median(times[base])
@@ -199,6 +210,21 @@ def main(argv=None) -> int:
           f"{'PASS' if ok_speed else 'MISS'}; |Δ accuracy| <= {TARGET_DELTA_PTS} pt: {abs(delta):.2f} pt "
           f"{'PASS' if ok_acc else 'MISS'}  => {'MET' if ok_speed and ok_acc else 'NOT MET'}")
     print("(spread: slowest-fastest round; examples/s: median round. Timings include tokenization.)")
+
+    sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
+    if sweep:
+        print("\nother batch sizes (median of rounds, same protocol):")
+    for b in sweep:
+        int8_b = OnnxClassifier(out_dir, quantized=True, threads=threads, batch_size=b)
+        pair = {"fp32": lambda t, b=b: predict_logits(model, backend, backend.tokenize(t, max_len), batch_size=b),
+                "int8": int8_b.predict_scores}
+        for fn in pair.values():
+            fn(warm)
+        t_b, s_b = timed_rounds(pair, texts, args.rounds)
+        e32, e8 = (len(texts) / statistics.median(t_b[k]) for k in ("fp32", "int8"))
+        a32, a8 = (100 * float((s_b[k].argmax(1) == y).mean()) for k in ("fp32", "int8"))
+        print(f"batch {b:>4}: PyTorch fp32 {e32:7.1f}/s, ONNX int8 {e8:7.1f}/s = {e8 / e32:.2f}x; accuracy "
+              f"{a32:.2f}% vs {a8:.2f}% ({a8 - a32:+.2f} pt)", flush=True)
 
     if args.profile:
         batches = []

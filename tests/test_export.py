@@ -107,7 +107,8 @@ def test_hf_adapters_reload_with_peft_on_the_base_and_give_the_same_logits(store
                                    atol=1e-4, rtol=1e-4)
     # the adapter of the LoRA trial on the plain base model: same hidden states as the trial's encoder
     loaded = trial_of(store, "enc", "lora")
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_model_dir)), str(tmp_path / "lora")).eval()
+    base = AutoModel.from_pretrained(str(tiny_model_dir))
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
     batch = loaded.backend.collate(loaded.backend.tokenize(TEXTS, 32))
     with torch.no_grad():
         ours = loaded.predictor.model.encoder(**batch).last_hidden_state
@@ -277,8 +278,9 @@ def test_unsupported_combinations_fail_clearly(store, tmp_path):
     for strategy, params, backend, fmt, hint in cases:
         with pytest.raises(CapabilityError, match=re.escape(hint)):
             check_format(strategy, params, backend, fmt)
-    for strategy, params, backend, fmt in (("lora", None, "encoder", "onnx"), ("hybrid", {"tune": "lora"}, "causal",
-                                                                                 "hf"), ("few_shot", None, "openai", "hf")):
+    fine = [("lora", None, "encoder", "onnx"), ("hybrid", {"tune": "lora"}, "causal", "hf"),
+            ("few_shot", None, "openai", "hf"), ("linear_probe", None, "encoder", "merged")]
+    for strategy, params, backend, fmt in fine:
         check_format(strategy, params, backend, fmt)
     loaded = trial_of(store, "enc", "soft_prompt")
     with pytest.raises(CapabilityError, match="virtual tokens"):
@@ -304,7 +306,8 @@ def test_cli_export_end_to_end(store, tmp_path):
                             "--out", str(tmp_path / "cli-merged")])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert f"exported trial {key[:8]} (full(lr=0.001)) of study 'enc' as merged" in text and "model.safetensors" in text and "README.md" in text
+    assert f"exported trial {key[:8]} (full(lr=0.001)) of study 'enc' as merged" in text
+    assert "model.safetensors" in text and "tunebench_export.json" in text and "README.md" in text
 
     r = runner.invoke(cli, ["export", "enc", "--store", str(store), "--trial", key[:8], "--format", "onnx",
                             "--out", str(out)])

@@ -606,8 +606,8 @@ def export_cmd(study: str = typer.Argument(..., help="Study name or study YAML."
                out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: "
                                                       "exports/STUDY-ID-FORMAT); must not exist or be empty."),
                force: bool = typer.Option(False, "--force", help="Replace an earlier tunebench export in --out."),
-               per_channel: bool = typer.Option(False, "--per-channel", help="onnx: quantize weights per output "
-                                                "channel instead of per tensor."),
+               per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="onnx: int8 weight "
+                                                "scales per output channel (more accurate) or one per tensor."),
                store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
     """Export a trial: its adapter (PEFT), its weights merged into the base model, or ONNX with int8 quantization;
     each export carries a model card (README.md) with the trial's task, metrics and config."""
