@@ -221,6 +221,11 @@ class Study:
             **token_stats(out.prompt_tokens, out.completion_tokens),
             "peak_memory_mb": round(mem.peak_mb, 1),
         }
+        searched = getattr(predictor, "search_trace", None)  # prompt_search: every candidate it scored
+        if searched:
+            cost["search_calls"] = int(searched["calls"])
+            cost["search_seconds"] = round(float(searched["seconds"]), 4)
+            metrics["dev_score"] = searched["best_dev_score"]
         if result:
             best = result.history[result.best_epoch - 1]
             metrics.update({k: v for k, v in best.items() if k.startswith("dev_")})
@@ -229,6 +234,8 @@ class Study:
                   "best_epoch": result.best_epoch if result else None, "n_test": len(test_records),
                   "prompt": predictor.prompt_info(test_records[0]) if test_records else None,
                   "model": trial.model, "consistency": stability}
+        if searched:
+            record["prompt_search"] = searched
         if out.generated is not None:
             record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                         zip(test_records[:3], out.generated[:3])]

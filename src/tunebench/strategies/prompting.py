@@ -30,8 +30,9 @@ class EmbeddingPredictor(Predictor):
     kind: ClassVar[str] = "embedding"
 
     def __init__(self, strategy, config, labels, *, backend, anchors: torch.Tensor, anchor_labels: torch.Tensor,
-                 mode: str = "prototype", k: int = 1, max_length: int = 256):
+                 mode: str = "prototype", k: int = 1, max_length: int = 256, prompt: dict | None = None):
         super().__init__(strategy, config, labels)
+        self.prompt = prompt  # what a prompt search chose (label prompt, demonstrations, weight)
         self.backend = backend
         self.anchors = anchors.float()
         self.anchor_labels = anchor_labels.long()
@@ -54,13 +55,17 @@ class EmbeddingPredictor(Predictor):
         scores.scatter_add_(1, self.anchor_labels[idx], top + 1.0)  # +1 keeps contributions positive
         return scores.numpy()
 
+    def prompt_info(self, record: dict | None = None) -> dict | None:
+        return dict(self.prompt) if self.prompt else None
+
     def _save(self, directory: Path) -> None:
         save_file({"anchors": self.anchors.contiguous(), "anchor_labels": self.anchor_labels.contiguous()},
                   str(directory / "anchors.safetensors"))
         import json
 
         (directory / "embedding.json").write_text(
-            json.dumps({"mode": self.mode, "k": self.k, "max_length": self.max_length}), encoding="utf-8")
+            json.dumps({"mode": self.mode, "k": self.k, "max_length": self.max_length, "prompt": self.prompt}),
+            encoding="utf-8")
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
