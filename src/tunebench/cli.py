@@ -534,14 +534,20 @@ def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: boo
     _setup_logging(False)
     from .study import Study
 
+    from .store import Store
+
     try:
         cfg, base = load_study(study)
-        st = Study(cfg, base_dir=base, store=_NoStore())
+        try:  # with a store at hand, prompt: references are checked against its registry
+            study_store = Store(cfg.store_path(base), create=False)
+        except TunebenchError:
+            study_store = _NoStore()
+        st = Study(cfg, base_dir=base, store=study_store)
         trials = st.plan()
         data = st.data
     except TunebenchError as exc:
         _fail(exc)
-    summary = {"study": cfg.name, "valid": True, "labels": data.label_names,
+    summary = {"study": cfg.name, "valid": True, "labels": data.label_names, "unchecked_prompts": st.unchecked_prompts,
                "splits": {s.name: len(s) for s in (data.train, data.dev, data.test)},
                "checks": data.checks, "warnings": data.warnings, "trials": len(trials),
                "strategies": sorted({t.strategy for t in trials})}
@@ -550,6 +556,9 @@ def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: boo
         return
     for w in data.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for ref in st.unchecked_prompts:
+        err.print(f"[yellow]warning:[/] {ref}: not checked (no results store at {cfg.store_path(base)} yet)",
+                  highlight=False)
     out.print(f"[green]✓[/] {study}: valid. {len(data.label_names)} labels; train {len(data.train)}, "
               f"dev {len(data.dev)}, test {len(data.test)}; {len(trials)} trials "
               f"({', '.join(summary['strategies'])}).", highlight=False)
@@ -663,6 +672,249 @@ def export_cmd(study: str = typer.Argument(..., help="Study name or study YAML."
     table.add_row("[bold]total[/]", f"[bold]{size(total)}[/]")
     out.print(table)
     out.print(f"Model card: {result.path / 'README.md'} (how to load and predict)", highlight=False)
+
+
+prompts_app = typer.Typer(help="The prompt registry: every template trials used, versioned by content, with the "
+                          "trials and scores of each version.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+RegistryStoreOpt = typer.Option(None, "--store", help=f"Results directory (default: ./{DEFAULT_STORE}).")
+
+
+def _registry(store: Optional[Path], create: bool = False):
+    """The store's registry, with trials stored before the registry existed linked to their templates."""
+    from .prompt_registry import PromptRegistry, backfill
+    from .store import Store
+
+    st = Store(store or Path(DEFAULT_STORE), create=create)
+    backfill(st)
+    return PromptRegistry(st)
+
+
+def _when(ts: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def _score(use: dict) -> str:
+    return "-" if use["score"] is None else f"{use['score']:.3f} {use['metric']}"
+
+
+def _uses_table(uses: list[dict], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("study", "trial", "strategy", "seed", "train n", "test", "dev"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("seed", "train n") else "left")
+    for u in uses:
+        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in u["dev"].items() if isinstance(v, (int, float))) or "-"
+        table.add_row(u["study"], u["key"][:8], u["label"], str(u["seed"]), str(u["train_size"] or "-"), _score(u),
+                      dev)
+    return table
+
+
+@prompts_app.command("list")
+def prompts_list(store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+    """Every registered name: latest version, number of versions, kinds, trials that used it, best test score."""
+    _setup_logging(False)
+    try:
+        reg = _registry(store)
+        rows = reg.summary()
+    except TunebenchError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(reg.store.root), "prompts": rows}, default=_json_default) + "\n")
+        return
+    if not rows:
+        out.print(f"no prompts registered in {reg.store.root} yet: trials register the templates they use, "
+                  "`tunebench prompts import FILE` adds one", highlight=False)
+        return
+    table = Table(title=f"prompts in {reg.store.root}", title_justify="left")
+    for col in ("name", "latest", "versions", "kinds", "trials", "best (test)"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("latest", "versions", "trials") else "left")
+    for r in rows:
+        best = r["best"]
+        shown = "-" if best is None else f"{_score(best)} (@{best['version']}, {best['label']})"
+        table.add_row(r["name"], str(r["latest"]), str(r["versions"]), ", ".join(r["kinds"]), str(r["trials"]), shown)
+    out.print(table)
+
+
+@prompts_app.command("show")
+def prompts_show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION, NAME@latest or NAME@#HASH."),
+                 store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+    """One version: its exact template text, hash, date, source and the trials that used it."""
+    _setup_logging(False)
+    try:
+        reg = _registry(store)
+        pv = reg.get(ref)
+        uses = reg.uses(pv.name, pv.version)
+    except TunebenchError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({**pv.to_dict(), "trials": uses}, default=_json_default) + "\n")
+        return
+    out.rule(f"[bold]{pv.ref}[/] #{pv.short} ({pv.kind})")
+    out.print(f"created {_when(pv.created)}; source: {pv.source or '-'}; sha256 {pv.hash}", highlight=False)
+    out.print(pv.template, markup=False, highlight=False)
+    out.rule()
+    if uses:
+        out.print(_uses_table(uses, f"trials that used {pv.ref}"))
+    else:
+        out.print(f"no stored trial used {pv.ref}", highlight=False)
+
+
+@prompts_app.command("diff")
+def prompts_diff(a: str = typer.Argument(..., help="A reference, e.g. support-intent@1."),
+                 b: str = typer.Argument(..., help="Another, e.g. support-intent@2 or other@3 (a bare number is a "
+                                         "version of A's name)."),
+                 context: int = typer.Option(3, "--context", "-U", min=0, help="Unchanged lines shown around changes."),
+                 store: Optional[Path] = RegistryStoreOpt) -> None:
+    """Unified diff of two versions' template text."""
+    import difflib
+
+    from rich.text import Text
+
+    _setup_logging(False)
+    try:
+        reg = _registry(store)
+        first = reg.get(a)
+        second = reg.get(f"{first.name}@{b}" if b.isdigit() else b)
+    except TunebenchError as exc:
+        _fail(exc)
+    if first.hash == second.hash:
+        out.print(f"{first.ref} and {second.ref} are identical (#{first.short})", highlight=False)
+        return
+    lines = list(difflib.unified_diff(first.template.splitlines(), second.template.splitlines(),
+                                      f"{first.ref} #{first.short}", f"{second.ref} #{second.short}", n=context,
+                                      lineterm=""))
+    if not lines:
+        out.print(f"{first.ref} and {second.ref} differ only in line endings or a final newline", highlight=False)
+        return
+    styles = {"+++": "bold", "---": "bold", "@@": "cyan", "+": "green", "-": "red"}
+    for line in lines:
+        style = next((v for k, v in styles.items() if line.startswith(k)), "")
+        out.print(Text(line, style=style), soft_wrap=True)
+
+
+@prompts_app.command("log")
+def prompts_log(name: str = typer.Argument(..., help="A registered name."), store: Optional[Path] = RegistryStoreOpt,
+                as_json: bool = JsonOpt) -> None:
+    """History of a name, newest first: each version's hash, date and source, with the trials that used it, their
+    test score and, where they selected on dev, their dev score."""
+    _setup_logging(False)
+    try:
+        reg = _registry(store)
+        reg.get(name.partition("@")[0])  # an unknown name fails with the known ones
+        versions = reg.versions(name.partition("@")[0])
+        uses = reg.uses(versions[0].name)
+    except TunebenchError as exc:
+        _fail(exc)
+    by_version: dict[int, list[dict]] = {}
+    for u in uses:
+        by_version.setdefault(u["version"], []).append(u)
+    if as_json:
+        doc = {"name": versions[0].name, "versions": [{**v.to_dict(), "trials": by_version.get(v.version, [])}
+                                                      for v in reversed(versions)]}
+        sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
+        return
+    for v in reversed(versions):
+        out.print(f"[bold yellow]{v.ref}[/] #{v.short}  {_when(v.created)}  {v.kind}  {v.source or ''}",
+                  highlight=False)
+        if v.version in by_version:
+            out.print(_uses_table(by_version[v.version]))
+        else:
+            out.print("  no stored trial used this version")
+
+
+@prompts_app.command("export")
+def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@VERSION (default version: latest)."),
+                   out_dir: Path = typer.Option(Path("."), "--out", help="Directory to write into (a name with / "
+                                                "becomes folders)."),
+                   all_: bool = typer.Option(False, "--all", help="Export the latest version of every name."),
+                   force: bool = typer.Option(False, "--force", help="Replace existing files with different content."),
+                   store: Optional[Path] = RegistryStoreOpt) -> None:
+    """Write NAME@V.jinja (the exact template text) and NAME@V.yaml (name, version, hash, kind, source) for review
+    in version control; `tunebench prompts import` reads them back."""
+    import yaml
+
+    _setup_logging(False)
+    try:
+        if (ref is None) == (not all_):
+            raise TunebenchError("say what to export: NAME[@VERSION] or --all (one of them)")
+        reg = _registry(store)
+        chosen = [reg.get(n) for n in reg.names()] if all_ else [reg.get(ref)]
+        files = []
+        for pv in chosen:
+            base = out_dir / f"{pv.ref}.jinja"
+            meta = {"name": pv.name, "version": pv.version, "hash": pv.hash, "kind": pv.kind, "source": pv.source}
+            for path, data in ((base, pv.template.encode("utf-8")),
+                               (base.with_suffix(".yaml"), yaml.safe_dump(meta, sort_keys=False).encode("utf-8"))):
+                if path.exists() and path.read_bytes() != data and not force:
+                    raise TunebenchError(f"{path} exists with different content; --force replaces it")
+                files.append((pv, path, data))
+        for pv, path, data in files:  # every file checked before any is written
+            unchanged = path.exists() and path.read_bytes() == data
+            if not unchanged:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            if path.suffix == ".jinja":
+                out.print(f"[green]✓[/] {pv.ref} #{pv.short} → {path}{' (unchanged)' if unchanged else ''}",
+                          highlight=False)
+    except OSError as exc:
+        _fail(TunebenchError(f"cannot write the export: {exc}"))
+    except TunebenchError as exc:
+        _fail(exc)
+
+
+@prompts_app.command("import")
+def prompts_import(files: list[Path] = typer.Argument(..., help="Template files (e.g. NAME@V.jinja from export)."),
+                   name: Optional[str] = typer.Option(None, "--name", help="Register under this name (default: the "
+                                                      "sidecar NAME@V.yaml's name, else the file name before '@')."),
+                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt or label (default: the sidecar's, "
+                                                      "else prompt)."),
+                   store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+    """Register the text of template files: new text becomes a new version, text already there gives its version."""
+    import yaml
+
+    from .prompt_registry import content_hash
+    from .prompts import PromptTemplate
+
+    _setup_logging(False)
+    results = []
+    try:
+        reg = _registry(store, create=True)
+        for file in files:
+            try:
+                text = file.read_bytes().decode("utf-8")
+            except OSError as exc:
+                raise TunebenchError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+            except UnicodeDecodeError as exc:
+                raise TunebenchError(f"{file}: not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+            sidecar = file.with_suffix(".yaml")
+            meta = {}
+            if sidecar != file and sidecar.is_file():
+                try:
+                    meta = yaml.safe_load(sidecar.read_text(encoding="utf-8")) or {}
+                except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                    raise TunebenchError(f"{sidecar}: not a readable sidecar ({exc}); fix or delete it") from None
+                if not isinstance(meta, dict):
+                    raise TunebenchError(f"{sidecar}: a sidecar is a mapping of name, version, hash, kind, source")
+            target = name or meta.get("name") or (file.name.split("@")[0] if "@" in file.name else file.stem)
+            the_kind = kind or meta.get("kind") or "prompt"
+            if the_kind == "prompt":
+                PromptTemplate(text, str(file))  # a syntax error names the file and line
+            before = {v.hash for v in reg.versions(str(target))}
+            pv = reg.register(str(target), text, the_kind, f"file {file.name}")
+            edited = bool(meta.get("hash")) and meta["hash"] != content_hash(text)
+            results.append({**pv.to_dict(), "file": str(file), "new": pv.hash not in before, "edited": edited})
+    except TunebenchError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(reg.store.root), "imported": results}) + "\n")
+        return
+    for r in results:
+        what = "new version" if r["new"] else "already registered"
+        if r["edited"]:
+            what += ", edited since it was exported"
+        out.print(f"[green]✓[/] {r['file']} → [bold]{r['ref']}[/] #{r['hash'][:12]} ({what})", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

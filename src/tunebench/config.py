@@ -342,7 +342,8 @@ class StudyConfig(_Strict):
             if unknown_shared:
                 raise ConfigError(f"training: unknown key(s) {unknown_shared}")
             try:
-                config = cls.config_from_dict(cls.merge_shared(self.training, entry.params))
+                config = cls.config_from_dict(_one_template_source(
+                    cls.merge_shared(self.training, entry.params), entry.params, f"strategies[{i}].{entry.name}"))
             except ConfigError as exc:
                 raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
             kinds = {m.name: m.backend for m in self.all_models()}
@@ -352,6 +353,27 @@ class StudyConfig(_Strict):
                                   f"{wrong} ({', '.join(kinds[m] for m in wrong)})")
             out.append((entry.name, config, entry.models))
         return out
+
+
+def _one_template_source(merged: dict[str, Any], own: dict[str, Any], where: str) -> dict[str, Any]:
+    """A prompt comes from ``template`` (or ``template_file``) or from ``prompt`` (a registered template), not both.
+
+    Both in one place is an error naming the field; an entry's own key wins over the other from ``training``.
+    """
+    def both(params: Any) -> bool:
+        return isinstance(params, dict) and params.get("template") is not None and params.get("prompt") is not None
+
+    if both(own):
+        raise ConfigError(f"{where}: give either template (or template_file) or prompt (a registered template, "
+                          "e.g. prompt: support-intent@3), not both")
+    if isinstance(own.get("prompt_params"), dict) and both(own["prompt_params"]):
+        raise ConfigError(f"{where}.prompt_params: give either template (or template_file) or prompt, not both")
+    if both(merged):  # one of them came from the study-wide training keys
+        if own.get("template") is None and own.get("prompt") is None:
+            raise ConfigError("training: give either template (or template_file) or prompt, not both")
+        merged = dict(merged)
+        merged.pop("prompt" if own.get("template") is not None else "template")
+    return merged
 
 
 def _all_config_keys() -> set[str]:

@@ -51,6 +51,24 @@ CREATE TABLE IF NOT EXISTS studies (
     source TEXT,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS prompts (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    template TEXT NOT NULL,
+    created REAL NOT NULL,
+    source TEXT,
+    UNIQUE(name, version),
+    UNIQUE(name, hash)
+);
+CREATE TABLE IF NOT EXISTS prompt_uses (
+    trial_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY(trial_key, name, version)
+);
+CREATE INDEX IF NOT EXISTS prompt_uses_name ON prompt_uses(name, version);
 """
 _JSON_COLS = ("params", "metrics", "cost", "history", "record")
 
@@ -113,7 +131,10 @@ class Store:
 
         ``items`` holds the trial's per-test-item predictions and scores (what paired statistics need);
         ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split.
-        Row, items and test set are written in one transaction."""
+        Row, items, test set and the registry entries of the templates the trial used (see
+        :mod:`tunebench.prompt_registry`) are written in one transaction."""
+        from .prompt_registry import record_trial
+
         final = None
         if staged is not None:
             final = self.artifact_dir(row["key"])
@@ -131,6 +152,7 @@ class Store:
                             (test_set[0], json.dumps(test_set[1])))
             con.execute(f"INSERT OR IGNORE INTO trials({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                         [values[c] for c in cols])
+            record_trial(con, row)
 
     def items(self, keys: list[str]) -> dict[str, dict]:
         """Per-item predictions and scores of these trials (trials stored before tunebench kept them have none)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from . import __version__
 from .backends import Backend, load_backend
 from .config import StudyConfig
 from .data import TaskData, load_task, stratified_order
-from .errors import TunebenchError
+from .errors import ConfigError, TunebenchError
 from .evaluation.cost import PeakMemory, latency_ms
 from .evaluation.consistency import measure
 from .evaluation.metrics import classification_metrics, generation_item_scores, generation_metrics
@@ -27,6 +28,7 @@ from .textfmt import render
 from .progress import StudyReporter
 from .store import Store
 from .strategies import StrategyConfig, registry
+from .strategies.base import PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class Study:
         self.source = source
         self._data: TaskData | None = None
         self.failures: list[tuple[str, BaseException]] = []
+        self.unchecked_prompts: list[str] = []  # prompt references planned without a store (validate)
 
     def _store_path(self) -> Path:
         return self.config.store_path(self.base_dir)
@@ -109,20 +112,25 @@ class Study:
         models = {m.name: m for m in self.config.all_models()}
         several = len(models) > 1
         trials, seen = [], set()
-        for name, config, only in self.config.resolved_entries():
+        resolved: dict[str, str] = {}
+        for i, (name, config, only) in enumerate(self.config.resolved_entries()):
             cls = registry.get(name)
             baseline = cls.config_from_dict(self.config.shared_params(cls)).to_dict()
             targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
             for model in targets:
-                for cfg in cls.expand(config):
+                for written in cls.expand(config):
+                    cfg = self._resolve_prompt(f"strategies[{i}].{name}", written, resolved)
                     if cls.uses_train:
                         combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
                     else:
                         combos = [(self.config.seeds[0], "none")]
-                    label = describe_params(name, cfg, baseline) + (f" @{model.name}" if several else "")
+                    label = describe_params(name, written, baseline) + (f" @{model.name}" if several else "")
+                    params = cfg.to_dict()
+                    if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
+                        params.pop("prompt", None)
                     for seed, spec in combos:
                         n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
-                        ident = {"study": self.config.name, "strategy": name, "params": cfg.to_dict(), "seed": seed,
+                        ident = {"study": self.config.name, "strategy": name, "params": params, "seed": seed,
                                  "train_size": n, "model": model.identity(), "data": fingerprints,
                                  "labels": [lab.model_dump() for lab in data.labels]}
                         key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -131,6 +139,43 @@ class Study:
                         seen.add(key)
                         trials.append(Trial(name, cfg, seed, str(spec), n, key, label, model.name))
         return trials
+
+    def _resolve_prompt(self, where: str, cfg: StrategyConfig, resolved: dict[str, str]) -> StrategyConfig:
+        """``cfg`` with the text of its ``prompt:`` reference (from the store's registry) as its ``template``.
+
+        ``prompt`` stays in the params, so keys change with the reference and with the text it resolves to (an
+        ``@latest`` that moved). A hybrid's reference sits in its ``prompt_params``. Without a store (``validate``
+        given none) references are listed in ``unchecked_prompts`` and left unresolved.
+        """
+        prompt_params = getattr(cfg, "prompt_params", None)
+        if isinstance(prompt_params, dict) and prompt_params.get("prompt"):
+            text = self._prompt_text(f"{where}.prompt_params.prompt", prompt_params["prompt"], resolved)
+            return cfg if text is None else dataclasses.replace(cfg, prompt_params={**prompt_params, "template": text})
+        if isinstance(cfg, PromptConfig) and cfg.prompt:
+            text = self._prompt_text(f"{where}.prompt", cfg.prompt, resolved)
+            return cfg if text is None else dataclasses.replace(cfg, template=text)
+        return cfg
+
+    def _prompt_text(self, where: str, ref: str, resolved: dict[str, str]) -> str | None:
+        if ref in resolved:
+            return resolved[ref]
+        if not isinstance(self.store, Store):
+            self.unchecked_prompts.append(f"{where}: {ref}")
+            return None
+        from .prompt_registry import PromptRegistry, backfill
+
+        if not resolved:  # a store written before the registry: its templates become referable
+            backfill(self.store)
+        try:
+            pv = PromptRegistry(self.store).get(ref)
+        except TunebenchError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if pv.kind != "prompt":
+            raise ConfigError(f"{where}: {pv.ref} is a {pv.kind} template; prompt: takes a prompt template "
+                              "(`tunebench prompts list` shows each name's kinds)")
+        log.info("%s: %s resolved to %s (#%s)", where, ref, pv.ref, pv.short)
+        resolved[ref] = pv.template
+        return pv.template
 
     def run(self, backend: Backend | None = None) -> list[dict]:
         """Run pending trials; returns the stored rows of every trial in the plan.

@@ -43,6 +43,9 @@ class PromptConfig(StrategyConfig):
     template: Union[str, list[str], None] = doc(
         "causal: Jinja2 prompt template, inline or `template_file: path` in the YAML; a list runs one trial per "
         "template. Default: built in for the task type.", default=None)
+    prompt: Optional[str] = doc(
+        "causal: a registered template instead of `template`: NAME, NAME@VERSION, NAME@latest or NAME@#HASH "
+        "(`tunebench prompts list`); resolved from the store when the study is planned.", default=None)
     predict: str = doc("causal classification: score (log-likelihood of each label; always a valid label) or "
                        "generate (generate and parse; unparseable answers count as format failures).",
                        default="score")
@@ -54,6 +57,13 @@ class PromptConfig(StrategyConfig):
     def __post_init__(self) -> None:
         if isinstance(self.template, list) and not self.template:
             raise ValueError("template: give a template or a non-empty list of templates")
+        if self.prompt is not None:  # the syntax only; the store resolves it (Study.plan)
+            from ..prompt_registry import parse_ref
+
+            try:
+                parse_ref(self.prompt)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         if self.predict not in ("score", "generate"):
             raise ValueError(f"predict must be 'score' or 'generate', not {self.predict!r}")
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -52,7 +52,7 @@ class HybridConfig(StrategyConfig):
         prompt_cfg = registry.get(self.prompt).config_from_dict(self.prompt_params)
         tune_params = dict(self.tune_params)
         tune_params.setdefault("max_length", prompt_cfg.max_length)  # demonstrations make prompts long
-        for key in ("template", "predict"):
+        for key in ("template", "prompt", "predict"):
             tune_params[key] = getattr(prompt_cfg, key)
         return registry.get(self.tune).config_from_dict(tune_params), prompt_cfg
 

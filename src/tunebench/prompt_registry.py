@@ -1,0 +1,305 @@
+"""The prompt registry: every template a trial used, versioned by content under a name, in the results store.
+
+A version is the exact template text: its id is the sha256 of the text (12 hex characters shown), its number
+is 1 + the highest number under the name. Registering the same text under the same name again returns the
+existing version, so versions only grow when the content changes. ``prompt_uses`` links each trial to the
+versions it used; that is how ``tunebench prompts log`` shows the scores of each version.
+
+Names: ``[A-Za-z0-9_.-/]+``. Templates are registered automatically when a trial is stored
+(:func:`record_trial`, in the trial's transaction) under
+
+- the name a study referenced (``prompt: support-intent@3``),
+- ``builtin.<task_type>`` / ``builtin.<task_type>.cot`` for tunebench's built-in templates
+  (``builtin.label`` for the default encoder label prompt ``{{ label }}``),
+- ``<study>.<strategy>`` for a template written in the study (or produced by a search), and
+  ``<study>.<strategy>.label`` for encoder zero-shot label templates.
+
+References: ``NAME`` or ``NAME@latest`` (the highest version), ``NAME@3``, ``NAME@#1a2b3c`` (a hash prefix).
+
+Example:
+    >>> reg = PromptRegistry(Store("tunebench-runs"))  # doctest: +SKIP
+    >>> reg.register("support-intent", "Classify: {{ input }}\\nAnswer:").ref
+    'support-intent@1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = r"[A-Za-z0-9_.\-/]+"
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+KINDS = ("prompt", "label")
+SHORT = 12
+DEFAULT_LABEL_TEMPLATE = "{{ label }}"
+
+
+@dataclass(frozen=True)
+class PromptVersion:
+    """One registered version of a named template."""
+
+    name: str
+    version: int
+    hash: str
+    kind: str
+    template: str
+    created: float
+    source: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """``name@version``: what a study's ``prompt:`` takes."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def short(self) -> str:
+        """The first 12 hex characters of the content hash."""
+        return self.hash[:SHORT]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ref": self.ref}
+
+
+def content_hash(template: str) -> str:
+    """sha256 (hex) of the exact template text: one changed character is a new version."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+def check_name(name: str) -> str:
+    """A registry name: letters, digits, ``_ . - /``; ``/`` separates folders (no empty, ``.`` or ``..`` parts)."""
+    parts = name.split("/")
+    if not _NAME.match(name) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"prompt name {name!r}: use letters, digits and _ . - / (folders separated by /, "
+                          "no empty, '.' or '..' parts), e.g. support-intent or team/support-intent")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``NAME[@VERSION]`` -> ``(name, selector)``; the selector is ``latest``, a number or ``#hashprefix``."""
+    name, _, selector = ref.strip().partition("@")
+    selector = selector or "latest"
+    check_name(name)
+    if not (selector == "latest" or selector.isdigit() or re.fullmatch(r"#[0-9a-fA-F]+", selector)):
+        raise ConfigError(f"prompt reference {ref!r}: after '@' give a version number, 'latest' or '#' and a hash "
+                          "prefix, e.g. support-intent@3, support-intent@latest or support-intent@#1a2b3c")
+    return name, selector
+
+
+def _version(row: sqlite3.Row | tuple) -> PromptVersion:
+    return PromptVersion(*tuple(row))
+
+
+_COLS = "name, version, hash, kind, template, created, source"
+
+
+def register_in(con: sqlite3.Connection, name: str, template: str, kind: str = "prompt", source: str | None = None,
+                created: float | None = None) -> PromptVersion:
+    """Register ``template`` under ``name`` inside the caller's transaction (see :meth:`PromptRegistry.register`)."""
+    check_name(name)
+    if kind not in KINDS:
+        raise ConfigError(f"prompt kind {kind!r}: one of {', '.join(KINDS)}")
+    digest = content_hash(template)
+    row = con.execute(f"SELECT {_COLS} FROM prompts WHERE name = ? AND hash = ?", (name, digest)).fetchone()
+    if row is not None:
+        return _version(row)
+    version = con.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM prompts WHERE name = ?", (name,)).fetchone()[0]
+    pv = PromptVersion(name, int(version), digest, kind, template, created if created is not None else time.time(),
+                       source)
+    con.execute(f"INSERT INTO prompts({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (pv.name, pv.version, pv.hash, pv.kind, pv.template, pv.created, pv.source))
+    log.info("registered prompt %s (#%s, %s)", pv.ref, pv.short, source or "no source")
+    return pv
+
+
+def _builtin_names() -> dict[str, str]:
+    from .prompts import default_template
+
+    out = {}
+    for task_type in ("classification", "generation"):
+        out[default_template(task_type)] = f"builtin.{task_type}"
+        out[default_template(task_type, reasoning=True)] = f"builtin.{task_type}.cot"
+    return out
+
+
+def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
+    """``(name, template, kind, source)`` of every template a stored trial used.
+
+    A causal or remote predictor's prompt template (from ``record.prompt``) is kind ``prompt``; an encoder
+    zero-shot trial's label templates are kind ``label``. The task instruction is not registered: it is a task
+    field the template shows (``{{ instruction }}``), stored with the study config, not a template.
+    """
+    params = row.get("params") or {}
+    study, strategy = row["study"], row["strategy"]
+    where = f"study {study}: {row.get('label', strategy)}"
+    info = (row.get("record") or {}).get("prompt")
+    if info and isinstance(info.get("template"), str):
+        text = info["template"]
+        # a hybrid's own `prompt` names its prompting strategy; a registry reference sits in its prompt_params
+        ref = (params.get("prompt_params") or {}).get("prompt") if "prompt_params" in params else params.get("prompt")
+        builtin = _builtin_names().get(text)
+        if ref:
+            return [(parse_ref(ref)[0], text, "prompt", where)]
+        if builtin:
+            from . import __version__
+
+            return [(builtin, text, "prompt", f"tunebench {__version__}")]
+        return [(f"{study}.{strategy}", text, "prompt", where)]
+    if info is None and params.get("label_templates"):  # encoder zero-shot: the label prompts were embedded
+        out = []
+        for t in params["label_templates"]:
+            if t == DEFAULT_LABEL_TEMPLATE:
+                from . import __version__
+
+                out.append(("builtin.label", t, "label", f"tunebench {__version__}"))
+            else:
+                out.append((f"{study}.{strategy}.label", t, "label", where))
+        return out
+    return []
+
+
+def record_trial(con: sqlite3.Connection, row: dict, created: float | None = None) -> list[PromptVersion]:
+    """Register the templates of a trial being stored and link the trial to their versions (caller's transaction)."""
+    used = []
+    for name, text, kind, source in templates_of(row):
+        pv = register_in(con, name, text, kind, source, created)
+        con.execute("INSERT OR IGNORE INTO prompt_uses(trial_key, name, version) VALUES (?, ?, ?)",
+                    (row["key"], pv.name, pv.version))
+        used.append(pv)
+    return used
+
+
+def backfill(store: Store) -> int:
+    """Register the templates of trials stored before the registry existed; returns how many trials were linked.
+
+    Only trials that used a template and have no ``prompt_uses`` row are read, so a second call is cheap. Their
+    versions are numbered in the order the trials finished, dated when the trial finished.
+    """
+    n = 0
+    with store._connect() as con:
+        con.execute("BEGIN IMMEDIATE")
+        rows = con.execute(
+            "SELECT key, study, strategy, label, params, record, finished_at FROM trials t "
+            "WHERE NOT EXISTS (SELECT 1 FROM prompt_uses u WHERE u.trial_key = t.key) "
+            "AND (json_extract(t.record, '$.prompt.template') IS NOT NULL "
+            "OR json_extract(t.params, '$.label_templates') IS NOT NULL) ORDER BY finished_at").fetchall()
+        for r in rows:
+            d = {**dict(r), "params": json.loads(r["params"]), "record": json.loads(r["record"])}
+            if record_trial(con, d, created=r["finished_at"]):
+                n += 1
+    if n:
+        log.info("prompt registry: linked %d earlier trial(s) to their templates", n)
+    return n
+
+
+def score_of(metrics: dict) -> tuple[str | None, float | None]:
+    """The headline test metric of a trial (accuracy, or the first generation metric it has) and its value."""
+    from .study import headline_metrics
+
+    keys = headline_metrics(metrics)
+    return (keys[0], metrics[keys[0]]) if keys else (None, None)
+
+
+class PromptRegistry:
+    """Named, versioned templates in a results store.
+
+    Example:
+        >>> reg = PromptRegistry(store)  # doctest: +SKIP
+        >>> reg.register("support-intent", text).version, reg.get("support-intent@latest").hash[:12]
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def register(self, name: str, template: str, kind: str = "prompt", source: str | None = None) -> PromptVersion:
+        """Register ``template`` under ``name``: the existing version when the text is already there, else a new
+        version (the highest + 1; the first is 1)."""
+        try:
+            with self.store._connect() as con:
+                con.execute("BEGIN IMMEDIATE")  # number versions under the write lock
+                return register_in(con, name, template, kind, source)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.store.root}: cannot register prompt {name!r}: {exc}") from None
+
+    def names(self) -> list[str]:
+        with self.store._connect() as con:
+            return [r[0] for r in con.execute("SELECT DISTINCT name FROM prompts ORDER BY name")]
+
+    def versions(self, name: str) -> list[PromptVersion]:
+        """Every version under ``name``, oldest first (empty when the name is unknown)."""
+        with self.store._connect() as con:
+            rows = con.execute(f"SELECT {_COLS} FROM prompts WHERE name = ? ORDER BY version", (name,)).fetchall()
+        return [_version(r) for r in rows]
+
+    def get(self, ref: str) -> PromptVersion:
+        """The version a reference names: ``NAME``, ``NAME@latest``, ``NAME@3`` or ``NAME@#1a2b3c``."""
+        name, selector = parse_ref(ref)
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none yet"
+            raise StoreError(f"no prompt named '{name}' in {self.store.root} (known: {known}); "
+                             "`tunebench prompts list` shows them, `tunebench prompts import FILE` adds one")
+        listed = ", ".join(f"{v.version} (#{v.short})" for v in versions)
+        if selector == "latest":
+            return versions[-1]
+        if selector.startswith("#"):
+            hits = [v for v in versions if v.hash.startswith(selector[1:].lower())]
+            if len(hits) == 1:
+                return hits[0]
+            what = "no version" if not hits else f"{len(hits)} versions"
+            raise StoreError(f"prompt '{name}': {what} with a hash starting {selector[1:]} (versions: {listed})")
+        for v in versions:
+            if v.version == int(selector):
+                return v
+        raise StoreError(f"prompt '{name}' has no version {selector} (versions: {listed})")
+
+    def uses(self, name: str, version: int | None = None) -> list[dict]:
+        """The trials that used ``name`` (one version or all): study, trial key, label, seed, train size, the
+        headline test metric and its value, and the dev scores where the trial selected on dev."""
+        sql = ("SELECT u.version, t.key, t.study, t.strategy, t.label, t.seed, t.train_size, t.metrics, "
+               "t.finished_at FROM prompt_uses u JOIN trials t ON t.key = u.trial_key WHERE u.name = ?")
+        args: list[Any] = [name]
+        if version is not None:
+            sql += " AND u.version = ?"
+            args.append(version)
+        with self.store._connect() as con:
+            rows = con.execute(sql + " ORDER BY u.version, t.finished_at", args).fetchall()
+        out = []
+        for r in rows:
+            metrics = json.loads(r["metrics"])
+            metric, score = score_of(metrics)
+            out.append({"version": r["version"], "key": r["key"], "study": r["study"], "strategy": r["strategy"],
+                        "label": r["label"], "seed": r["seed"], "train_size": r["train_size"], "metric": metric,
+                        "score": score, "dev": {k: v for k, v in metrics.items() if k.startswith("dev_")},
+                        "finished_at": r["finished_at"]})
+        return out
+
+    def summary(self) -> list[dict]:
+        """One entry per name: latest version, number of versions, kinds, trials that used it, best score."""
+        with self.store._connect() as con:
+            rows = con.execute("SELECT name, MAX(version) AS latest, COUNT(*) AS versions, "
+                               "GROUP_CONCAT(DISTINCT kind) AS kinds, MAX(created) AS updated FROM prompts "
+                               "GROUP BY name ORDER BY name").fetchall()
+        out = []
+        for r in rows:
+            uses = self.uses(r["name"])
+            scored = [u for u in uses if u["score"] is not None]
+            best = max(scored, key=lambda u: u["score"], default=None)
+            out.append({"name": r["name"], "latest": r["latest"], "versions": r["versions"],
+                        "kinds": sorted(r["kinds"].split(",")), "trials": len({u["key"] for u in uses}),
+                        "updated": r["updated"],
+                        "best": None if best is None else {k: best[k] for k in ("version", "key", "study", "label",
+                                                                                 "metric", "score")}})
+        return out
