@@ -20,7 +20,7 @@ from .errors import StoreError
 from .evaluation.consistency import agreement
 from .evaluation.cost import Pricing, break_even, price
 from .evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, metric_fn
-from .leaderboard import SECONDARY, default_metric
+from .leaderboard import SECONDARY, cv_summary, default_metric
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class Evidence:
             "latency_ms_samples": g.latency_samples, "confusion_matrix": g.confusion(),
             "prompt": g.rows[0]["record"].get("prompt"), "params": g.rows[0]["params"],
             "format_failure_rate": float(np.mean([r["metrics"].get("format_failure_rate", 0.0) for r in g.rows])),
+            "cv": cv_summary(g.rows, self.metric) or None,
         }
 
     def to_dict(self) -> dict:
@@ -267,7 +268,7 @@ class Evidence:
             "task_type": self.config.get("task", {}).get("type", "classification"),
             "strategies": [self.entry(g) for g in self.final],
             "leaderboard": [{"label": g.label, "family": g.family, "train_size": g.train_size, "seeds": g.seeds,
-                             "mean": g.mean, "std": g.std, "ci": _pair(g.ci)}
+                             "mean": g.mean, "std": g.std, "ci": _pair(g.ci), "cv": cv_summary(g.rows, self.metric) or None}
                             for g in sorted(self.groups, key=lambda g: (-g.train_size, -g.mean))],
             "curves": self.curves(), "crossover": self.crossover(),
             "cost_model": self.costs.model_dump(), "break_even": self.break_evens(),

@@ -122,13 +122,16 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
     table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
     table.add_column("family", no_wrap=True)
     second = board[0]["secondary"] if board else "macro_f1"
-    for col in ("train n", "seeds", metric, second, "train s", "p50 ms", "tokens/req", "trainable"):
+    cv = next((e for e in board if "cv_mean" in e), None)
+    cv_cols = [f"cv {cv['cv_metric']} ({cv['cv_k']}-fold)"] if cv else []
+    for col in ("train n", "seeds", metric, second, *cv_cols, "train s", "p50 ms", "tokens/req", "trainable"):
         table.add_column(col, justify="right", no_wrap=True)
     for e in board:
         q = f"{e['quality_mean']:.3f} ± {e['quality_std']:.3f}" if len(e["seeds"]) > 1 else f"{e['quality_mean']:.3f}"
         f1 = f"{e['secondary_mean']:.3f}"
         tokens = e.get("tokens_per_request")
-        table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1,
+        cv_cell = [f"{e['cv_mean']:.3f} ± {e['cv_std']:.3f}" if "cv_mean" in e else "-"] if cv else []
+        table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1, *cv_cell,
                       f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}",
                       "-" if tokens is None or tokens != tokens else f"{tokens:.0f}", _fmt_params(e["trainable_params"]))
     console.print(table)

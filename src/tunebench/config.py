@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -182,6 +183,109 @@ class ModelConfig(_Strict):
 _REMOTE_KEYS = ("base_url", "model", "api_key_env", "api", "max_concurrency", "timeout_s", "max_retries", "tuned")
 
 
+SEARCH_KEYS = ("trials", "seconds", "metric", "pruning", "startup")
+SEARCH_METRICS = {"classification": ("accuracy", "macro_f1"),
+                  "generation": ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")}
+
+
+class SearchConfig(_Strict):
+    """A hyperparameter search over one strategy's parameters (Optuna TPE, median pruning on dev per epoch).
+
+    In the YAML every key other than the budget and options below is a parameter of the strategy: a list is a
+    set of choices, ``{low, high, log, step}`` a range (integers when ``low`` and ``high`` are integers).
+    """
+
+    trials: int = Field(10, ge=1, description="Configurations tried (the budget; also bounded by seconds).")
+    seconds: float | None = Field(None, gt=0, description="Wall-clock budget of the search in seconds.")
+    metric: str | None = Field(None, description="Dev metric maximised (default: accuracy for classification, "
+                               "token_f1 for generation).")
+    pruning: Literal["median", "none"] = Field("median", description="median: stop a configuration whose dev "
+                                               "score after an epoch is below the median of earlier ones.")
+    startup: int = Field(3, ge=0, description="Configurations run in full before pruning starts.")
+    space: dict[str, Any] = Field(description="Searched parameters: a list of choices or {low, high, log, step}.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("give a mapping of parameters to search, e.g. {lr: {low: 1e-5, high: 5e-4, log: true}, "
+                             "r: [4, 8, 16], trials: 12}")
+        if isinstance(v.get("space"), dict):  # the stored (dumped) form
+            return v
+        out = {k: v[k] for k in SEARCH_KEYS if k in v}
+        out["space"] = {k: x for k, x in v.items() if k not in SEARCH_KEYS}
+        return out
+
+    @field_validator("space")
+    @classmethod
+    def _nonempty(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("name at least one parameter to search, e.g. lr: {low: 1e-5, high: 5e-4, log: true}")
+        return v
+
+    def names(self) -> list[str]:
+        return list(self.space)
+
+    def check(self, strategy_cls, base: dict[str, Any], where: str, task_type: str) -> None:
+        """Raise :class:`ConfigError` naming ``<where>.search.<key>`` for unknown parameters, bad ranges, or values
+        the strategy rejects (every choice and both ends of every range are validated as its config)."""
+        valid = [f.name for f in dataclasses.fields(strategy_cls.config_cls)]
+        hints = typing.get_type_hints(strategy_cls.config_cls)
+        metrics = SEARCH_METRICS[task_type]
+        if self.metric is not None and self.metric not in metrics:
+            raise ConfigError(f"{where}.search.metric: '{self.metric}' is not a {task_type} metric "
+                              f"(use {', '.join(metrics)})")
+        for key, spec in self.space.items():
+            at = f"{where}.search.{key}"
+            if key not in valid:
+                raise ConfigError(f"{at}: unknown parameter '{key}' (valid: {', '.join(valid)}; search options: "
+                                  f"{', '.join(SEARCH_KEYS)})")
+            if isinstance(spec, list):
+                if not spec:
+                    raise ConfigError(f"{at}: give at least one choice")
+                values = spec
+            elif isinstance(spec, dict):
+                values = _check_range(spec, at)
+                integer = isinstance(values[0], int) and isinstance(values[1], int)
+                if hints.get(key) is int and not integer:
+                    raise ConfigError(f"{at}: '{key}' is an integer; give integer low and high "
+                                      f"(got {values[0]!r}, {values[1]!r})")
+            else:
+                raise ConfigError(f"{at}: give a list of choices or a range {{low, high, log, step}}, not {spec!r}")
+            for value in values:
+                try:
+                    strategy_cls.config_from_dict({**base, key: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"{at}: value {value!r} is not valid: {exc}") from None
+
+
+def _check_range(spec: dict, at: str) -> list:
+    """Both ends of a valid ``{low, high, log, step}`` range."""
+    unknown = sorted(set(spec) - {"low", "high", "log", "step"})
+    if unknown or "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{at}: a range is {{low, high}} with optional log and step (got keys {sorted(spec)})")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not num(low) or not num(high):
+        raise ConfigError(f"{at}: low and high must be numbers (got {low!r}, {high!r})")
+    if not low < high:
+        raise ConfigError(f"{at}: low ({low}) must be below high ({high})")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{at}: log must be true or false")
+    if log and low <= 0:
+        raise ConfigError(f"{at}: a log range needs low > 0 (got {low})")
+    if step is not None:
+        if not num(step) or step <= 0:
+            raise ConfigError(f"{at}: step must be a positive number (got {step!r})")
+        if log:
+            raise ConfigError(f"{at}: give either log or step, not both")
+    if isinstance(low, int) and isinstance(high, int):
+        if step is not None and not isinstance(step, int):
+            raise ConfigError(f"{at}: an integer range needs an integer step")
+        return [low, high]
+    return [low, high]
+
+
 class StrategyEntry(_Strict):
     """One rung of the ladder: a registered strategy name, its parameters and (optionally) the models it runs on."""
 
@@ -189,6 +293,8 @@ class StrategyEntry(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     models: list[str] | None = Field(None, description="Names of the study's models to run on (default: every "
                                      "model whose backend the strategy supports).")
+    search: SearchConfig | None = Field(None, description="Hyperparameter search over this strategy's parameters; "
+                                        "the best configuration is refit and scored once on test.")
 
 
 PERTURBATION_KINDS = ("case", "punctuation", "whitespace", "typo", "synonym")
@@ -239,6 +345,8 @@ class StudyConfig(_Strict):
     store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     costs: CostConfig = Field(default_factory=CostConfig)
+    cv: int | None = Field(None, ge=2, description="k-fold cross-validation over train + dev (stratified): each "
+                           "trial also reports mean ± std over k folds; test is still scored once per final model.")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -258,9 +366,11 @@ class StudyConfig(_Strict):
                 (name, params), = item.items()
                 params = dict(params or {}) if isinstance(params, dict) else params
                 models = params.pop("models", None) if isinstance(params, dict) else None
+                search = params.pop("search", None) if isinstance(params, dict) else None
                 if isinstance(models, str):
                     models = [models]
-                out.append({"name": name, "params": params if params is not None else {}, "models": models})
+                out.append({"name": name, "params": params if params is not None else {}, "models": models,
+                            "search": search})
             else:
                 out.append(item)
         return out
@@ -296,6 +406,10 @@ class StudyConfig(_Strict):
         unpriced = sorted(set(self.costs.api) - set(names))
         if unpriced:
             raise ValueError(f"costs.api: no model named {unpriced} in this study (its models are {names})")
+        searched = [f"strategies[{i}] ({e.name})" for i, e in enumerate(self.strategies) if e.search is not None]
+        if self.cv is not None and searched:
+            raise ValueError(f"cv with a search ({', '.join(searched)}) would need nested cross-validation, which "
+                             "tunebench does not run; drop cv or the search")
         return self
 
     def all_models(self) -> list[ModelConfig]:
@@ -341,11 +455,14 @@ class StudyConfig(_Strict):
             unknown_shared = sorted(set(self.training) - _all_config_keys())
             if unknown_shared:
                 raise ConfigError(f"training: unknown key(s) {unknown_shared}")
+            merged = cls.merge_shared(self.training, entry.params)
             try:
-                config = cls.config_from_dict(_one_template_source(
-                    cls.merge_shared(self.training, entry.params), entry.params, f"strategies[{i}].{entry.name}"))
+                merged = _one_template_source(merged, entry.params, f"strategies[{i}].{entry.name}")
+                config = cls.config_from_dict(merged)
             except ConfigError as exc:
                 raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
+            if entry.search is not None:
+                entry.search.check(cls, merged, f"strategies[{i}].{entry.name}", self.task.type)
             kinds = {m.name: m.backend for m in self.all_models()}
             wrong = [m for m in entry.models or [] if kinds[m] not in cls.backends]
             if wrong:

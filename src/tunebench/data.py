@@ -239,6 +239,29 @@ def stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.nda
     return np.sort(np.asarray(kept, dtype=np.int64)), np.sort(np.asarray(taken, dtype=np.int64))
 
 
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint folds covering every index; each class is dealt round-robin, so per class the folds' counts
+    differ by at most one (and fold sizes too: each class starts where the previous one stopped)."""
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    start = 0
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(start + j) % k].append(int(i))
+        start = (start + len(idx)) % k
+    return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
+
+
+def concat(a: Split, b: Split, name: str) -> Split:
+    """The rows of ``a`` then ``b`` as one split (e.g. train + dev pooled for cross-validation)."""
+    both = lambda x, y: x + y if x and y else []  # noqa: E731  (per-row lists only where both have them)
+    targets = a.targets + b.targets if a.targets is not None and b.targets is not None else None
+    return Split(name, a.texts + b.texts, np.concatenate([a.labels, b.labels]), both(a.lines, b.lines),
+                 both(a.fields, b.fields), targets)
+
+
 def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
     """Load, split and check the task's data. Raises :class:`DataError` with file and line on bad input.
 

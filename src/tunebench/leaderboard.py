@@ -23,6 +23,18 @@ def default_metric(rows: list[dict]) -> str:
     return "exact_match" if rows and "exact_match" in rows[0]["metrics"] else "accuracy"
 
 
+def cv_summary(rows: list[dict], metric: str) -> dict:
+    """Cross-validation of a group of trials: ``metric`` mean ± std over every fold of every seed (empty when
+    the trials were not cross-validated)."""
+    cvs = [r["metrics"]["cv"] for r in rows if isinstance(r["metrics"].get("cv"), dict)]
+    if not cvs:
+        return {}
+    name = metric if metric in cvs[0]["folds"][0] else cvs[0]["metric"]
+    values = [f[name] for cv in cvs for f in cv["folds"] if name in f]
+    mean, std = _mean_std(values)
+    return {"cv_metric": name, "cv_k": cvs[0]["k"], "cv_mean": mean, "cv_std": std, "cv_folds": len(values)}
+
+
 def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     """One entry per (strategy label, train size): quality mean ± std over seeds and mean costs.
 
@@ -47,6 +59,7 @@ def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
             "latency_ms_p50": _mean_std([r["cost"]["latency_ms_p50"] for r in rs])[0],
             "trainable_params": int(max(r["cost"]["trainable_params"] for r in rs)),
             "tokens_per_request": _mean_std([r["cost"].get("tokens_per_request") for r in rs])[0],
+            **cv_summary(rs, metric),
         })
     out.sort(key=lambda e: (-e["train_size"], -(e["quality_mean"] if e["quality_mean"] == e["quality_mean"] else -1)))
     return out

@@ -18,8 +18,8 @@ import torch
 
 from . import __version__
 from .backends import Backend, load_backend
-from .config import StudyConfig
-from .data import TaskData, load_task, stratified_order
+from .config import SearchConfig, StudyConfig
+from .data import Split, TaskData, concat, load_task, stratified_folds, stratified_order, stratified_split
 from .errors import ConfigError, TunebenchError
 from .evaluation.cost import PeakMemory, latency_ms
 from .evaluation.consistency import measure
@@ -32,10 +32,12 @@ from .strategies.base import PromptConfig
 
 log = logging.getLogger(__name__)
 
+CV_SELECTION = 0.15  # share of each cross-validation training part held out for epoch selection
+
 
 @dataclass
 class Trial:
-    """One unit of work: a strategy config, a seed and a train size."""
+    """One unit of work: a strategy config (or a search around it), a seed and a train size."""
 
     strategy: str
     config: StrategyConfig
@@ -45,6 +47,7 @@ class Trial:
     key: str
     label: str
     model: str = "default"
+    search: SearchConfig | None = None
 
 
 def versions() -> dict[str, str]:
@@ -56,19 +59,26 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__, "datasets": datasets.__version__}
 
 
-def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None = None) -> str:
-    """``lora(r=16)``: the strategy name and the parameters that differ from ``baseline`` (default: its defaults)."""
+def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None = None,
+                    search: SearchConfig | None = None) -> str:
+    """``lora(r=16)``: the strategy name and the parameters that differ from ``baseline`` (default: its defaults).
+
+    A searched entry shows what is searched and its budget instead of those parameters'
+    base values: ``lora(epochs=3, search=lr,r, trials=12)``."""
     defaults = baseline if baseline is not None else registry.get(strategy).config_cls().to_dict()
-    diff = {k: v for k, v in config.to_dict().items() if defaults.get(k) != v}
-    if not diff:
-        return strategy
+    searched = set(search.space) if search is not None else set()
+    diff = {k: v for k, v in config.to_dict().items() if defaults.get(k) != v and k not in searched}
     parts = []
     for k, v in diff.items():
         if isinstance(v, list) and len(v) == 1:
             v = v[0]
         text = v if isinstance(v, str) else json.dumps(v)
         parts.append(f"{k}={text}")
-    return f"{strategy}({', '.join(parts)})"
+    if search is not None:
+        parts.append(f"search={','.join(search.space)}, trials={search.trials}")
+        if search.seconds is not None:
+            parts.append(f"seconds={search.seconds:g}")
+    return f"{strategy}({', '.join(parts)})" if parts else strategy
 
 
 def set_seed(seed: int) -> None:
@@ -113,7 +123,9 @@ class Study:
         several = len(models) > 1
         trials, seen = [], set()
         resolved: dict[str, str] = {}
-        for i, (name, config, only) in enumerate(self.config.resolved_entries()):
+        entries = self.config.resolved_entries()
+        for i, ((name, config, only), entry) in enumerate(zip(entries, self.config.strategies)):
+            search = entry.search
             cls = registry.get(name)
             baseline = cls.config_from_dict(self.config.shared_params(cls)).to_dict()
             targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
@@ -124,7 +136,7 @@ class Study:
                         combos = [(seed, spec) for spec in self.config.train_sizes for seed in self.config.seeds]
                     else:
                         combos = [(self.config.seeds[0], "none")]
-                    label = describe_params(name, written, baseline) + (f" @{model.name}" if several else "")
+                    label = describe_params(name, written, baseline, search) + (f" @{model.name}" if several else "")
                     params = cfg.to_dict()
                     if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
                         params.pop("prompt", None)
@@ -133,11 +145,15 @@ class Study:
                         ident = {"study": self.config.name, "strategy": name, "params": params, "seed": seed,
                                  "train_size": n, "model": model.identity(), "data": fingerprints,
                                  "labels": [lab.model_dump() for lab in data.labels]}
+                        if search is not None:  # only when set: keys of existing stores stay valid
+                            ident["search"] = search.model_dump()
+                        if self.config.cv is not None:
+                            ident["cv"] = self.config.cv
                         key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
                         if key in seen:
                             continue
                         seen.add(key)
-                        trials.append(Trial(name, cfg, seed, str(spec), n, key, label, model.name))
+                        trials.append(Trial(name, cfg, seed, str(spec), n, key, label, model.name, search))
         return trials
 
     def _resolve_prompt(self, where: str, cfg: StrategyConfig, resolved: dict[str, str]) -> StrategyConfig:
@@ -213,18 +229,40 @@ class Study:
             self.reporter.trial_finished(row)
         return self.store.trials(self.config.name, {t.key for t in trials})
 
+    def _subset(self, trial: Trial, train: Split) -> Split:
+        """The trial's train-size subset of ``train`` (nested across sizes for one seed)."""
+        n = trial.train_size if trial.train_size_spec not in ("all", "none") else 0
+        if n and n < len(train):
+            return train.subset(np.sort(stratified_order(train.labels, trial.seed)[:n]))
+        return train
+
     def _run_trial(self, trial: Trial, backend: Backend) -> dict:
         data = self.data
         set_seed(trial.seed)
-        train = data.train
-        if trial.train_size and trial.train_size < len(train):
-            train = train.subset(np.sort(stratified_order(train.labels, trial.seed)[: trial.train_size]))
         cls = registry.get(trial.strategy)
-        strategy = cls(trial.config, seed=trial.seed, reporter=self.reporter)
-        test_records = data.test.records()
-        with PeakMemory(backend.device) as mem:
+        cv = None
+        cv_s = 0.0
+        if self.config.cv is not None:
             t0 = time.perf_counter()
-            predictor = strategy.adapt(backend, data, train=train, dev=data.dev)
+            cv, train, dev = self._cross_validate(trial, cls, backend)
+            cv_s = time.perf_counter() - t0
+            set_seed(trial.seed)
+        else:
+            train, dev = self._subset(trial, data.train), data.dev
+        test_records = data.test.records()
+        config, searched, search_s = trial.config, None, 0.0
+        with PeakMemory(backend.device) as mem:
+            if trial.search is not None:  # the search is part of adapting: its time is the approach's cost
+                from .search import run_search
+
+                searched = run_search(cls, trial.config.to_dict(), trial.search, backend, data, train, dev,
+                                      trial.seed, self.reporter)
+                search_s = searched.seconds
+                config = cls.config_from_dict(searched.best_params)
+                set_seed(trial.seed)  # the refit is seeded exactly like an unsearched trial
+            strategy = cls(config, seed=trial.seed, reporter=self.reporter)
+            t0 = time.perf_counter()
+            predictor = strategy.adapt(backend, data, train=train, dev=dev)
             adapt_s = time.perf_counter() - t0
             self.reporter.start("evaluating on test", 1)
             t1 = time.perf_counter()
@@ -255,8 +293,8 @@ class Study:
         trainable = result.trainable_params if result else 0
         cost: dict[str, Any] = {
             "trainable_params": int(trainable),
-            "train_seconds": round(result.train_seconds if result else adapt_s, 4),
-            "adapt_seconds": round(adapt_s, 4),
+            "train_seconds": round((result.train_seconds if result else adapt_s) + search_s, 4),
+            "adapt_seconds": round(adapt_s + search_s, 4),
             "train_examples_per_s": round(result.examples_per_s, 2) if result else None,
             "latency_ms_p50": round(p50, 3),
             "latency_ms_p95": round(p95, 3),
@@ -266,11 +304,16 @@ class Study:
             **token_stats(out.prompt_tokens, out.completion_tokens),
             "peak_memory_mb": round(mem.peak_mb, 1),
         }
-        searched = getattr(predictor, "search_trace", None)  # prompt_search: every candidate it scored
-        if searched:
-            cost["search_calls"] = int(searched["calls"])
-            cost["search_seconds"] = round(float(searched["seconds"]), 4)
-            metrics["dev_score"] = searched["best_dev_score"]
+        if searched is not None:
+            cost.update({"search_seconds": round(search_s, 4), "search_trials": searched.n_trials})
+        prompt_searched = getattr(predictor, "search_trace", None)  # prompt_search: every candidate it scored
+        if prompt_searched:  # its search is inside adapt, so already in train_seconds
+            cost["search_calls"] = int(prompt_searched["calls"])
+            cost["search_seconds"] = round(float(prompt_searched["seconds"]), 4)
+            metrics["dev_score"] = prompt_searched["best_dev_score"]
+        if cv is not None:
+            metrics["cv"] = cv
+            cost["cv_seconds"] = round(cv_s, 4)  # measurement, not the approach's cost: not in train_seconds
         if result:
             best = result.history[result.best_epoch - 1]
             metrics.update({k: v for k, v in best.items() if k.startswith("dev_")})
@@ -279,8 +322,10 @@ class Study:
                   "best_epoch": result.best_epoch if result else None, "n_test": len(test_records),
                   "prompt": predictor.prompt_info(test_records[0]) if test_records else None,
                   "model": trial.model, "consistency": stability}
-        if searched:
-            record["prompt_search"] = searched
+        if searched is not None:
+            record["search"] = searched.to_dict(trial.search)
+        if prompt_searched:
+            record["prompt_search"] = prompt_searched
         if out.generated is not None:
             record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                         zip(test_records[:3], out.generated[:3])]
@@ -288,8 +333,9 @@ class Study:
         if family == "prompting" and getattr(backend.config, "tuned", None):  # prompting a model tuned elsewhere
             family = "hybrid"
         row = {"key": trial.key, "study": self.config.name, "strategy": trial.strategy, "family": family,
-               "label": trial.label, "params": trial.config.to_dict(), "seed": trial.seed,
-               "train_size": trial.train_size if trial.train_size else len(train) if cls.uses_train else 0,
+               "label": trial.label, "params": config.to_dict(), "seed": trial.seed,
+               "train_size": (len(train) if cv is not None or not trial.train_size else trial.train_size)
+               if cls.uses_train else 0,
                "train_size_spec": trial.train_size_spec, "metrics": metrics, "cost": cost,
                "history": result.history if result else [], "record": record}
         if is_main_process():  # under `accelerate launch`, one process writes the store
@@ -300,6 +346,54 @@ class Study:
                  ", ".join(f"{k} {metrics[k]:.4f}" for k in headline_metrics(metrics)))
         return row
 
+    def _cross_validate(self, trial: Trial, cls, backend: Backend) -> tuple[dict, Split, Split]:
+        """k-fold cross-validation of ``trial`` over train + dev pooled; returns the summary and the final model's
+        train and selection splits.
+
+        The pool is dealt into k stratified folds (seeded by the trial seed). For fold i the other folds are the
+        training part: a stratified ``CV_SELECTION`` share of it selects epochs (dev), and the trial's train size
+        is taken from the rest (the nested subset of the full study). The model is scored on fold i. The final
+        model is trained the same way on the whole pool (selection share held out) and scored once on test by
+        the caller; test items are never in the pool.
+        """
+        data = self.data
+        k = self.config.cv
+        pool = concat(data.train, data.dev, "train")
+        generation = data.test.targets is not None
+        folds = stratified_folds(pool.labels, k, trial.seed)
+
+        def parts(idx: np.ndarray) -> tuple[Split, Split]:
+            kept, sel = stratified_split(pool.labels[idx], CV_SELECTION, trial.seed)
+            dev = pool.subset(idx[sel])
+            dev.name = "dev"
+            return self._subset(trial, pool.subset(idx[kept])), dev
+
+        scores = []
+        for i, held in enumerate(folds):
+            train, dev = parts(np.sort(np.concatenate([f for j, f in enumerate(folds) if j != i])))
+            set_seed(trial.seed)
+            self.reporter.start(f"cv fold {i + 1}/{k}", 1)
+            predictor = cls(trial.config, seed=trial.seed).adapt(backend, data, train=train, dev=dev)
+            test = pool.subset(held)
+            preds = predictor.predict(test.records())
+            if generation:
+                m = generation_metrics(list(preds), test.targets)
+            else:
+                m = classification_metrics(test.labels, np.asarray(preds), data.label_names)
+            scores.append({"n": len(held), "n_train": len(train),
+                           **{key: float(m[key]) for key in headline_metrics(m)}})
+            self.reporter.advance()
+            self.reporter.stop()
+        names = [key for key in scores[0] if key not in ("n", "n_train")]
+        summary = {name: {"mean": float(np.mean([s[name] for s in scores])),
+                          "std": float(np.std([s[name] for s in scores], ddof=1))} for name in names}
+        main = names[0]
+        cv = {"k": k, "metric": main, "folds": scores, "mean": summary[main]["mean"], "std": summary[main]["std"],
+              "metrics": summary, "selection_share": CV_SELECTION}
+        log.info("trial %s seed=%d: cv %s %.4f ± %.4f over %d folds", trial.label, trial.seed, main, cv["mean"],
+                 cv["std"], k)
+        train, dev = parts(np.arange(len(pool)))
+        return cv, train, dev
 
     def _consistency(self, predictor, records: list[dict], predictions, seed: int) -> dict | None:
         """Flip rates under the configured perturbations (first ``max_items`` test items) and sample agreement."""
@@ -349,5 +443,6 @@ def trial_json(row: dict) -> dict:
     return {"strategy": row["strategy"], "label": row["label"], "family": row["family"], "params": row["params"],
             "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
             "history": row["history"], "artifact": row["artifact"], "key": row["key"],
-            "prompt": row["record"].get("prompt"), "model": row["record"].get("model")}
+            "prompt": row["record"].get("prompt"), "model": row["record"].get("model"),
+            "search": row["record"].get("search")}
 

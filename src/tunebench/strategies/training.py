@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +29,26 @@ from .base import Predictor, Strategy, TrainConfig, as_texts
 log = logging.getLogger(__name__)
 
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+EpochHook = Callable[[int, dict[str, float], float], None]
+_EPOCH_HOOK: ContextVar[EpochHook | None] = ContextVar("tunebench_epoch_hook", default=None)
+
+
+@contextmanager
+def on_epoch(hook: EpochHook) -> Iterator[None]:
+    """Within the block, :func:`fit` calls ``hook(epoch, dev_metrics, score)`` after each epoch's dev evaluation
+    (``score``: the selection score, higher is better). The hook may raise to stop training (the hyperparameter
+    search raises ``optuna.TrialPruned``). The previous hook is restored on exit, also on errors."""
+    token = _EPOCH_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _EPOCH_HOOK.reset(token)
+
+
+def epoch_hook() -> EpochHook | None:
+    """The hook :func:`on_epoch` installed in this context, or None."""
+    return _EPOCH_HOOK.get()
 
 
 @dataclass
@@ -251,6 +273,9 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
         score = dev[objective.score_key]
         if objective.score_key == "loss":
             score = -score
+        hook = _EPOCH_HOOK.get()
+        if hook is not None:
+            hook(epoch + 1, dev, score)
         if score > best_score:
             best_score, stale, result.best_epoch = score, 0, epoch + 1
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
