@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"[A-Za-z0-9_.\-/]+"
 _NAME = re.compile(rf"^{NAME_PATTERN}$")
-KINDS = ("prompt", "label")
+KINDS = ("prompt", "label", "instruction")
 SHORT = 12
 DEFAULT_LABEL_TEMPLATE = "{{ label }}"
 
@@ -150,13 +150,21 @@ def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
         # a hybrid's own `prompt` names its prompting strategy; a registry reference sits in its prompt_params
         ref = (params.get("prompt_params") or {}).get("prompt") if "prompt_params" in params else params.get("prompt")
         builtin = _builtin_names().get(text)
+        out = []
         if ref:
-            return [(parse_ref(ref)[0], text, "prompt", where)]
-        if builtin:
+            out.append((parse_ref(ref)[0], text, "prompt", where))
+        elif builtin:
             from . import __version__
 
-            return [(builtin, text, "prompt", f"tunebench {__version__}")]
-        return [(f"{study}.{strategy}", text, "prompt", where)]
+            out.append((builtin, text, "prompt", f"tunebench {__version__}"))
+        else:
+            out.append((f"{study}.{strategy}", text, "prompt", where))
+        task_instruction = (((row.get("record") or {}).get("config") or {}).get("task") or {}).get("instruction")
+        if info.get("instruction") and info["instruction"] != task_instruction:  # searched or proposed
+            out.append((f"{study}.{strategy}.instruction", info["instruction"], "instruction", where))
+        return out
+    if info and isinstance(info.get("label_template"), str):  # an encoder prompt search's chosen label prompt
+        return [(f"{study}.{strategy}.label", info["label_template"], "label", where)]
     if info is None and params.get("label_templates"):  # encoder zero-shot: the label prompts were embedded
         out = []
         for t in params["label_templates"]:
@@ -194,6 +202,7 @@ def backfill(store: Store) -> int:
             "SELECT key, study, strategy, label, params, record, finished_at FROM trials t "
             "WHERE NOT EXISTS (SELECT 1 FROM prompt_uses u WHERE u.trial_key = t.key) "
             "AND (json_extract(t.record, '$.prompt.template') IS NOT NULL "
+            "OR json_extract(t.record, '$.prompt.label_template') IS NOT NULL "
             "OR json_extract(t.params, '$.label_templates') IS NOT NULL) ORDER BY finished_at").fetchall()
         for r in rows:
             d = {**dict(r), "params": json.loads(r["params"]), "record": json.loads(r["record"])}

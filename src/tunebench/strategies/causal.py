@@ -207,7 +207,8 @@ class CausalPredictor(Predictor):
         return -(total[:, 0] / np.maximum(count[:, 0], 1))
 
     def prompt_info(self, record: dict | None = None) -> dict:
-        info = {"template": self.builder.template, "mode": self.mode, "chat_template": self.backend.chat,
+        info = {"template": self.builder.template, "instruction": self.builder.instruction, "mode": self.mode,
+                "chat_template": self.backend.chat,
                 "demonstrations": "retrieved" if self.retrieval else len(self.builder.demos)}
         if self.fallback:
             info["fallback"] = f"predicted by generation: {self.fallback}"
