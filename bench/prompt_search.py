@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     if not src.is_file():
         print(f"SKIP: BANKING77 not found at {src}; nothing to benchmark.")
         return 0
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     from tunebench.artifacts import load_trial
     from tunebench.config import parse_study
     from tunebench.data import stratified_split
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     items = study.store.items([r["key"] for r in best.values()])
     truth = {"labels": study.data.test.labels.tolist(), "label_names": study.data.label_names}
     fns = {k: metric_fn("accuracy", [items[r["key"]]], truth) for k, r in best.items()}
-    print(f"\nall trials (dev accuracy selects; test shown for reference):")
+    print("\nall trials (dev accuracy selects; test shown for reference):")
     for r in sorted(table, key=lambda r: -r["dev_acc"]):
         print(f"  {r['label'][:70]:<70} dev {100 * r['dev_acc']:6.2f}%  test {100 * r['metrics']['accuracy']:6.2f}%")
     print(f"\n== BANKING77 test ({len(test)} queries), same labelled budget ({len(train)} train + {len(dev)} dev) ==")

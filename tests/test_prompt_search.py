@@ -164,3 +164,24 @@ def test_config_errors_name_the_field():
                           ({"label_templates": ["no label here"]}, "label"), ({"colour": 1}, "colour")):
         with pytest.raises(ConfigError, match=field):
             cls.config_from_dict(params)
+
+
+def test_a_searched_encoder_prompt_exports_and_the_card_code_reproduces_it(tmp_path, toy_files, tiny_model_dir):
+    from tests.test_export import snippet
+    from tunebench.export import export_trial
+
+    # force the soft nearest-neighbour scorer with calibration and label prompts: the parts a card must carry
+    _, row = run(encoder_study(tmp_path, toy_files, tiny_model_dir, trials=25), tmp_path)
+    loaded = load_trial(tmp_path / "runs", "ps", row["key"])
+    pred = loaded.predictor
+    export_trial(loaded, tmp_path / "hf", "hf")
+    ns = snippet(tmp_path / "hf")
+    texts = [t for t, _ in toy_rows(12, 9)]
+    np.testing.assert_allclose(ns["predict_scores"](texts).numpy(), pred.predict_scores(texts), atol=1e-4)
+    # and the same holds for the kernel scorer, whichever the search chose here
+    pred.mode, pred.tau, pred.label_weight = "kernel", 0.07, 0.3
+    pred.center = pred.anchors.mean(0)
+    pred.label_anchors = pred.anchors[:2].clone()
+    export_trial(loaded, tmp_path / "hf-kernel", "hf")
+    ns = snippet(tmp_path / "hf-kernel")
+    np.testing.assert_allclose(ns["predict_scores"](texts).numpy(), pred.predict_scores(texts), atol=1e-4)

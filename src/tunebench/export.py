@@ -79,7 +79,14 @@ def weights_kind(strategy: str, params: dict | None = None) -> str:
     """``lora``, ``soft_prompt``, ``full``, ``head`` or ``prompt``: what a trial of ``strategy`` changed."""
     if strategy == "hybrid":
         return _WEIGHTS.get((params or {}).get("tune", "lora"), "full")
-    return _WEIGHTS.get(strategy, "full")
+    if strategy in _WEIGHTS:
+        return _WEIGHTS[strategy]
+    from .strategies import registry  # a strategy added later: its family says whether weights changed
+
+    try:
+        return "prompt" if registry.get(strategy).family == "prompting" else "full"
+    except KeyError:
+        return "full"
 
 
 def check_format(strategy: str, params: dict | None, backend: str, fmt: str, trial: str = "this trial") -> None:
@@ -252,10 +259,15 @@ def _write_hf(loaded, d: Path, say, **_) -> dict:
     if isinstance(pred, EmbeddingPredictor):
         from safetensors.torch import save_file
 
-        save_file({"anchors": pred.anchors.contiguous(), "anchor_labels": pred.anchor_labels.contiguous()},
-                  str(d / ANCHORS_FILE))
-        emb = {"labels": list(pred.labels), "mode": pred.mode, "k": pred.k, "max_length": pred.max_length,
-               "pooling": "mean", "normalize": True}
+        tensors = {"anchors": pred.anchors.contiguous(), "anchor_labels": pred.anchor_labels.contiguous()}
+        if pred.center is not None:
+            tensors["center"] = pred.center.contiguous()
+        if pred.label_anchors is not None:
+            tensors["label_anchors"] = pred.label_anchors.contiguous()
+        save_file(tensors, str(d / ANCHORS_FILE))
+        emb = {"labels": list(pred.labels), "mode": pred.mode, "k": pred.k, "tau": pred.tau,
+               "label_weight": pred.label_weight, "max_length": pred.max_length, "pooling": "mean",
+               "normalize": True, "centered": pred.center is not None}
         (d / EMBEDDING_FILE).write_text(json.dumps(emb, indent=2), encoding="utf-8")
         _save_tokenizer(loaded, d)
         return {"contents": "anchors", "adapter": None, "embedding": emb}
@@ -798,24 +810,35 @@ def _classifier_usage(m: dict, p: str, base: str) -> str:
 
 def _embedding_usage(m: dict, p: str, base: str) -> str:
     return "\n".join([
-        "Cosine similarity between the input's embedding (mean-pooled, L2-normalised, base encoder) and the class "
-        f"anchors in `{ANCHORS_FILE}` (`prototype`: one anchor per class; `knn`: the k nearest anchors vote):", "",
+        "Cosine similarity between the input's embedding (mean-pooled, L2-normalised, base encoder; minus `center` "
+        f"where a prompt search calibrated it) and the class anchors in `{ANCHORS_FILE}` (`prototype`: one anchor "
+        "per class; `knn`: the k nearest anchors vote; `kernel`: a soft nearest neighbour per class, plus the "
+        "weighted similarity to each label prompt):", "",
         "```python", "import json", "", "import torch", "from safetensors.torch import load_file",
         "from transformers import AutoModel, AutoTokenizer", "",
         f"path = {p}", 'cfg = json.load(open(f"{path}/embedding.json"))',
         'anchors = load_file(f"{path}/anchors.safetensors")',
-        "tok = AutoTokenizer.from_pretrained(path)", f"encoder = AutoModel.from_pretrained({base}).eval()", "", "",
+        "tok = AutoTokenizer.from_pretrained(path)", f"encoder = AutoModel.from_pretrained({base}).eval()",
+        "normalize = torch.nn.functional.normalize", "", "",
         "@torch.no_grad()", "def predict_scores(texts):",
         '    batch = tok(texts, padding=True, truncation=True, max_length=cfg["max_length"], return_tensors="pt")',
         '    ids, mask = batch["input_ids"], batch["attention_mask"]',
         "    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state",
         "    m = mask.unsqueeze(-1).to(hidden.dtype)",
-        "    emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-6), dim=-1)",
+        "    emb = normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-6), dim=-1)",
+        '    if "center" in anchors:', '        emb = normalize(emb - anchors["center"], dim=-1)',
         '    sims = emb @ anchors["anchors"].T', '    owner = anchors["anchor_labels"].long()',
-        '    if cfg["mode"] == "prototype":', '        scores = torch.full((len(texts), len(cfg["labels"])), -2.0)',
-        "        scores[:, owner] = sims", "        return scores",
-        '    top, idx = sims.topk(min(cfg["k"], sims.shape[1]), dim=1)',
-        '    return torch.zeros(len(texts), len(cfg["labels"])).scatter_add_(1, owner[idx], top + 1.0)', "", "",
+        '    n = len(cfg["labels"])',
+        '    if cfg["mode"] == "prototype":', "        scores = torch.full((len(texts), n), -2.0)",
+        "        scores[:, owner] = sims",
+        '    elif cfg["mode"] == "kernel":', '        tau = cfg["tau"]',
+        "        mass = torch.zeros(len(texts), n).index_add_(1, owner, torch.exp((sims - 1) / tau))",
+        "        scores = tau * torch.log(mass + 1e-30)",
+        "    else:", '        top, idx = sims.topk(min(cfg["k"], sims.shape[1]), dim=1)',
+        "        scores = torch.zeros(len(texts), n).scatter_add_(1, owner[idx], top + 1.0)",
+        '    if "label_anchors" in anchors and cfg.get("label_weight"):',
+        '        scores = scores + cfg["label_weight"] * (emb @ anchors["label_anchors"].T)',
+        "    return scores", "", "",
         'print([cfg["labels"][i] for i in predict_scores(["an example to classify"]).argmax(-1)])', "```"])
 
 

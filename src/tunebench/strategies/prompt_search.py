@@ -10,9 +10,10 @@ the whole dev set and the best of those becomes the trial's prompt. Test data is
 receives only train and dev.
 
 On an encoder the "prompt" is what gets embedded: label prompts (from the pattern library and the user's
-``label_templates``), optionally the label descriptions, and prototypes of a demonstration set, mixed with
-the label prompts by a searched weight. Inputs are embedded once, so a candidate costs only its label
-prompts and is scored on the whole dev set.
+``label_templates``), optionally the label descriptions, and a demonstration set used as class prototypes or
+as a soft nearest neighbour, mixed with the label prompts by a searched weight, with or without centring every
+embedding on the mean of the unlabelled train and dev inputs. Inputs are embedded once, so a candidate costs
+only its label prompts and is scored on the whole dev set.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class PromptSearch(PromptingStrategy):
     # ---- the search loop, shared by both backends ----------------------------------------------------
     def _optimize(self, space: dict[str, list], evaluate: Callable[[Candidate, list[int]], int], budget: Budget,
                   n_dev: int, step: int, cost: int,
-                  floats: dict[str, tuple[float, float]] | None = None) -> tuple[Candidate, list]:
+                  floats: dict[str, tuple[float, float, bool]] | None = None) -> tuple[Candidate, list]:
         """Propose candidates with TPE, score each on ``step`` more dev items (``evaluate`` returns the model calls
         it made; a proposal costs at most ``cost``), then score the finalists on all of dev, as far as the budget
         allows. Returns the winner and the trace."""
@@ -166,8 +167,9 @@ class PromptSearch(PromptingStrategy):
         def objective(trial: optuna.Trial) -> float:
             choice = {k: trial.suggest_categorical(k, list(range(len(v)))) for k, v in space.items() if len(v) > 1}
             choice.update({k: 0 for k, v in space.items() if len(v) == 1})
-            for k, (lo, hi) in floats.items():
-                choice[k] = trial.suggest_float(k, lo, hi, step=0.05)
+            for k, (lo, hi, log_scale) in floats.items():  # log scale: continuous; else steps of 0.05
+                value = trial.suggest_float(k, lo, hi, log=True) if log_scale else trial.suggest_float(k, lo, hi, step=0.05)
+                choice[k] = round(value, 4)
             key = tuple(sorted(choice.items()))
             cand = cands.setdefault(key, Candidate(choice))
             t0, calls = time.perf_counter(), 0
@@ -405,17 +407,6 @@ class PromptSearch(PromptingStrategy):
                 cache[(t, descriptions)] = torch.nn.functional.normalize(anchors, dim=-1)
             return cache[(t, descriptions)]
 
-        def prototypes(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            """Class means of the chosen train examples and which classes have any."""
-            protos = torch.zeros(n_labels, dev_emb.shape[1])
-            present = torch.zeros(n_labels, dtype=torch.bool)
-            if len(idx):
-                ys = torch.as_tensor(train.labels[idx])
-                for c in torch.unique(ys):
-                    protos[c] = train_emb[torch.as_tensor(idx)[ys == c]].mean(0)
-                    present[c] = True
-            return torch.nn.functional.normalize(protos, dim=-1), present
-
         demo_names, demo_idx = ["none"], [np.zeros(0, dtype=np.int64)]
         if len(train):
             for s in range(cfg.demo_sets):
@@ -432,38 +423,64 @@ class PromptSearch(PromptingStrategy):
             demo_names.append("all")
             demo_idx.append(np.arange(len(train)))
         budget.spend(embedded[0])
-        protos = [prototypes(idx) for idx in demo_idx]
+        # calibration: embeddings of one model share a common direction; removing the mean of the (unlabelled)
+        # train and dev inputs spreads them out. Anchors and inputs are centred alike (the predictor stores it).
+        mean = torch.cat([train_emb, dev_emb]).mean(0)
+        norm = torch.nn.functional.normalize
 
-        def anchors_of(ch: dict) -> torch.Tensor:
-            lab = label_anchors(ch["label_template"], bool(ch.get("descriptions", 0)))
-            proto, present = protos[ch["demos"]]
+        def predictor_parts(ch: dict) -> dict:
+            """The EmbeddingPredictor arguments of a candidate."""
+            center = mean if ch.get("calibrate", 0) else None
+
+            def shift(e: torch.Tensor) -> torch.Tensor:
+                return norm(e - center, dim=-1) if center is not None else e
+
+            labels = shift(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))))
+            idx = demo_idx[ch["demos"]]
             w = float(ch.get("weight", 1.0))
-            mixed = torch.where(present[:, None], w * lab + (1 - w) * proto, lab)
-            return torch.nn.functional.normalize(mixed, dim=-1)
+            if not len(idx):
+                return {"anchors": labels, "anchor_labels": torch.arange(n_labels), "center": center}
+            ys = torch.as_tensor(train.labels[idx])
+            demos = shift(train_emb[torch.as_tensor(idx)])
+            if scorers[ch.get("scorer", 0)] == "kernel":
+                missing = [c for c in range(n_labels) if not bool((ys == c).any())]  # their label prompt stands in
+                return {"anchors": torch.cat([demos, labels[missing]]), "mode": "kernel", "tau": ch["tau"],
+                        "anchor_labels": torch.cat([ys, torch.as_tensor(missing, dtype=torch.long)]),
+                        "center": center, "label_anchors": labels, "label_weight": w}
+            protos, present = labels.clone(), torch.zeros(n_labels, dtype=torch.bool)
+            for c in torch.unique(ys):
+                protos[c] = norm(demos[ys == c].mean(0), dim=-1)
+                present[c] = True
+            mixed = torch.where(present[:, None], w * labels + (1 - w) * protos, labels)
+            return {"anchors": norm(mixed, dim=-1), "anchor_labels": torch.arange(n_labels), "center": center}
+
+        def build(ch: dict, prompt: dict | None = None) -> EmbeddingPredictor:
+            return EmbeddingPredictor(self.name, cfg, task.label_names, backend=backend, max_length=max_len,
+                                      prompt=prompt, **predictor_parts(ch))
 
         def evaluate(cand: Candidate, items: list[int]) -> int:
             before = embedded[0]
-            anchors = anchors_of(cand.choice)
             idx = torch.as_tensor(items)
-            pred = (dev_emb[idx] @ anchors.T).argmax(1)
+            pred = build(cand.choice).scores_of(dev_emb[idx]).argmax(1)
             cand.hits.extend((pred == dev_y[idx]).float().tolist())
             cand.seen.extend(items)
             return embedded[0] - before
 
-        space = {"label_template": templates, "descriptions": [0, 1] if has_desc else [0], "demos": demo_names}
+        scorers = ["prototype", "kernel"] if len(train) else ["prototype"]
+        space = {"label_template": templates, "descriptions": [0, 1] if has_desc else [0], "demos": demo_names,
+                 "calibrate": [0, 1], "scorer": scorers}
+        floats = {"weight": (0.0, 1.0, False), "tau": (0.01, 0.2, True)} if len(train) else None
         # inputs are embedded once, so a proposal is scored on all of dev and costs only its label prompts
         cost = n_labels + (sum(1 for lab in task.labels if lab.description) if has_desc else 0)
-        best, trace = self._optimize(space, evaluate, budget, len(dev), len(dev), cost,
-                                     floats={"weight": (0.0, 1.0)} if len(train) else None)
-        anchors = anchors_of(best.choice)
+        best, trace = self._optimize(space, evaluate, budget, len(dev), len(dev), cost, floats=floats)
         ch = best.choice
         chosen = {"label_template": templates[ch["label_template"]], "descriptions": bool(ch.get("descriptions", 0)),
-                  "demos": demo_names[ch["demos"]], "weight": ch.get("weight", 1.0),
-                  "demonstrations": int(len(demo_idx[ch["demos"]]))}
-        result = EmbeddingPredictor(self.name, cfg, task.label_names, backend=backend, anchors=anchors,
-                                    anchor_labels=torch.arange(n_labels), max_length=max_len, prompt=chosen)
-        result.search_trace = self._summary(best, trace, {"label_template": templates, "demos": demo_names}, budget,
-                                            chosen=chosen)
+                  "demos": demo_names[ch["demos"]], "demonstrations": int(len(demo_idx[ch["demos"]])),
+                  "scorer": scorers[ch.get("scorer", 0)], "calibrate": bool(ch.get("calibrate", 0)),
+                  "weight": ch.get("weight", 1.0), "tau": ch.get("tau")}
+        result = build(ch, prompt=chosen)
+        result.search_trace = self._summary(best, trace, {"label_template": templates, "demos": demo_names,
+                                                          "scorer": scorers}, budget, chosen=chosen)
         return result
 
     @staticmethod

@@ -25,12 +25,18 @@ class EmbeddingPredictor(Predictor):
 
     ``mode='prototype'``: one anchor per class, score = similarity. ``mode='knn'``: anchors are
     demonstrations, a class scores the summed similarity of its members among the ``k`` nearest.
+    ``mode='kernel'``: anchors are demonstrations, a class scores ``tau * log(sum(exp((sim - 1) / tau)))``
+    over its members (a soft nearest neighbour). ``center`` (optional) is subtracted from every embedding
+    before the cosine (the anchors were built the same way); ``label_anchors`` (optional) add
+    ``label_weight`` times the similarity to each label's prompt.
     """
 
     kind: ClassVar[str] = "embedding"
 
     def __init__(self, strategy, config, labels, *, backend, anchors: torch.Tensor, anchor_labels: torch.Tensor,
-                 mode: str = "prototype", k: int = 1, max_length: int = 256, prompt: dict | None = None):
+                 mode: str = "prototype", k: int = 1, max_length: int = 256, prompt: dict | None = None,
+                 tau: float = 0.05, center: torch.Tensor | None = None, label_anchors: torch.Tensor | None = None,
+                 label_weight: float = 0.0):
         super().__init__(strategy, config, labels)
         self.prompt = prompt  # what a prompt search chose (label prompt, demonstrations, weight)
         self.backend = backend
@@ -39,33 +45,50 @@ class EmbeddingPredictor(Predictor):
         self.mode = mode
         self.k = k
         self.max_length = max_length
+        self.tau = tau
+        self.center = None if center is None else center.float()
+        self.label_anchors = None if label_anchors is None else label_anchors.float()
+        self.label_weight = label_weight
 
-    def predict_scores(self, inputs) -> np.ndarray:
-        texts = as_texts(inputs)
-        emb = self.backend.embed(texts, max_length=self.max_length)
+    def scores_of(self, emb: torch.Tensor) -> torch.Tensor:
+        """Class scores of (normalised) input embeddings."""
+        if self.center is not None:
+            emb = torch.nn.functional.normalize(emb - self.center, dim=-1)
         sims = emb @ self.anchors.T
         n_labels = len(self.labels)
         if self.mode == "prototype":
-            scores = torch.full((len(texts), n_labels), -2.0)
+            scores = torch.full((len(emb), n_labels), -2.0)
             scores[:, self.anchor_labels] = sims
-            return scores.numpy()
-        k = min(self.k, sims.shape[1])
-        top, idx = sims.topk(k, dim=1)
-        scores = torch.zeros((len(texts), n_labels))
-        scores.scatter_add_(1, self.anchor_labels[idx], top + 1.0)  # +1 keeps contributions positive
-        return scores.numpy()
+        elif self.mode == "kernel":
+            mass = torch.zeros((len(emb), n_labels)).index_add_(1, self.anchor_labels, torch.exp((sims - 1) / self.tau))
+            scores = self.tau * torch.log(mass + 1e-30)
+        else:
+            top, idx = sims.topk(min(self.k, sims.shape[1]), dim=1)
+            scores = torch.zeros((len(emb), n_labels))
+            scores.scatter_add_(1, self.anchor_labels[idx], top + 1.0)  # +1 keeps contributions positive
+        if self.label_anchors is not None and self.label_weight:
+            scores = scores + self.label_weight * (emb @ self.label_anchors.T)
+        return scores
+
+    def predict_scores(self, inputs) -> np.ndarray:
+        texts = as_texts(inputs)
+        return self.scores_of(self.backend.embed(texts, max_length=self.max_length)).numpy()
 
     def prompt_info(self, record: dict | None = None) -> dict | None:
         return dict(self.prompt) if self.prompt else None
 
     def _save(self, directory: Path) -> None:
-        save_file({"anchors": self.anchors.contiguous(), "anchor_labels": self.anchor_labels.contiguous()},
-                  str(directory / "anchors.safetensors"))
+        tensors = {"anchors": self.anchors.contiguous(), "anchor_labels": self.anchor_labels.contiguous()}
+        if self.center is not None:
+            tensors["center"] = self.center.contiguous()
+        if self.label_anchors is not None:
+            tensors["label_anchors"] = self.label_anchors.contiguous()
+        save_file(tensors, str(directory / "anchors.safetensors"))
         import json
 
         (directory / "embedding.json").write_text(
-            json.dumps({"mode": self.mode, "k": self.k, "max_length": self.max_length, "prompt": self.prompt}),
-            encoding="utf-8")
+            json.dumps({"mode": self.mode, "k": self.k, "max_length": self.max_length, "prompt": self.prompt,
+                        "tau": self.tau, "label_weight": self.label_weight}), encoding="utf-8")
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
@@ -74,7 +97,7 @@ class EmbeddingPredictor(Predictor):
         t = load_file(str(directory / "anchors.safetensors"))
         opts = json.loads((directory / "embedding.json").read_text(encoding="utf-8"))
         return cls(strategy, config, labels, backend=backend, anchors=t["anchors"], anchor_labels=t["anchor_labels"],
-                   **opts)
+                   center=t.get("center"), label_anchors=t.get("label_anchors"), **opts)
 
 
 def readable(name: str) -> str:
