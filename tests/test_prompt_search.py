@@ -62,12 +62,15 @@ def test_encoder_search_stores_its_trace_and_the_winner_is_the_artifact(tmp_path
     assert {"none", "typical", "all"} <= set(trace["candidates"]["demos"])
     proposals = [t for t in trace["trace"] if t["trial"] != "final"]
     assert len(proposals) == trace["proposals"] == 12
-    assert all({"dev_score", "calls", "label_template", "demos", "weight"} <= set(t) for t in proposals)
+    assert all({"score", "items", "calls", "label_template", "demos", "weight"} <= set(t) for t in proposals)
     assert trace["calls"] <= trace["budget_calls"] and row["cost"]["search_calls"] == trace["calls"]
     assert row["cost"]["train_seconds"] >= row["cost"]["search_seconds"] > 0  # search effort is the trial's cost
     # the best proposal's dev score is what the stored artifact scores on dev
-    best = max(p["dev_score"] for p in proposals)
-    assert trace["best_dev_score"] == pytest.approx(best) == pytest.approx(row["metrics"]["dev_score"])
+    # candidates are selected on dev plus every train example left out of its own demonstrations
+    assert max(p["score"] for p in proposals) == pytest.approx(trace["best_score"])
+    assert trace["best_items"] == len(study.data.dev) + len(study.data.train)
+    assert trace["best_dev_items"] == len(study.data.dev)
+    assert row["metrics"]["dev_score"] == pytest.approx(trace["best_dev_score"])
     loaded = load_trial(tmp_path / "runs", "ps", row["key"])
     dev = study.data.dev
     got = float((np.asarray(loaded.predictor.predict(dev.records())) == dev.labels).mean())

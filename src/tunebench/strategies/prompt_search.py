@@ -177,7 +177,7 @@ class PromptSearch(PromptingStrategy):
             if todo:
                 calls = evaluate(cand, todo)
                 budget.spend(calls)
-            trace.append({"trial": trial.number, **choice, "dev_items": len(cand.seen), "dev_score": cand.score,
+            trace.append({"trial": trial.number, **choice, "items": len(cand.seen), "score": cand.score,
                           "calls": calls, "seconds": round(time.perf_counter() - t0, 4)})
             self.reporter.advance()
             return cand.score
@@ -204,17 +204,20 @@ class PromptSearch(PromptingStrategy):
             todo = [int(i) for i in order if int(i) not in set(cand.seen)]
             if todo and budget.allows(len(todo) * cost // max(1, step)):
                 budget.spend(evaluate(cand, todo))
-                trace.append({"trial": "final", **cand.choice, "dev_items": len(cand.seen), "dev_score": cand.score,
+                trace.append({"trial": "final", **cand.choice, "items": len(cand.seen), "score": cand.score,
                               "calls": len(todo), "seconds": None})
         full = [c for c in finalists if len(c.seen) == n_dev]
         best = max(full or finalists, key=lambda c: (c.score, len(c.seen)))
         return best, trace
 
-    def _summary(self, best: Candidate, trace: list, candidates: dict, budget: Budget, **extra) -> dict:
-        return {"best": best.choice, "best_dev_score": best.score, "best_dev_items": len(best.seen),
+    def _summary(self, best: Candidate, trace: list, candidates: dict, budget: Budget, n_dev: int,
+                 **extra) -> dict:
+        on_dev = [h for i, h in zip(best.seen, best.hits) if i < n_dev]
+        return {"best": best.choice, "best_score": best.score, "best_items": len(best.seen),
+                "best_dev_score": float(np.mean(on_dev)) if on_dev else None, "best_dev_items": len(on_dev),
                 "candidates": candidates, "trace": trace, "proposals": sum(1 for t in trace if t["trial"] != "final"),
                 "calls": budget.used, "budget_calls": self.config.budget_calls,
-                "budget_seconds": self.config.budget_seconds, "seconds": round(budget.elapsed, 3), **extra}
+                "budget_seconds": self.config.budget_seconds, "seconds": round(budget.elapsed, 4), **extra}
 
     # ---- causal and remote models -------------------------------------------------------------------
     def _instructions(self, backend, task, train, budget: Budget) -> list[str]:
@@ -365,7 +368,7 @@ class PromptSearch(PromptingStrategy):
         ch = best.choice
         result = predictor(instructions[ch["instruction"]], templates[ch["template"]], demo_sets[ch["demos"]][1])
         candidates = {"instruction": instructions, "template": templates, "demos": demo_names}
-        result.search_trace = self._summary(best, trace, candidates, budget,
+        result.search_trace = self._summary(best, trace, candidates, budget, len(dev),
                                             chosen={"instruction": instructions[ch["instruction"]],
                                                     "template": templates[ch["template"]],
                                                     "demos": demo_names[ch["demos"]]})
@@ -458,11 +461,53 @@ class PromptSearch(PromptingStrategy):
             return EmbeddingPredictor(self.name, cfg, task.label_names, backend=backend, max_length=max_len,
                                       prompt=prompt, **predictor_parts(ch))
 
+        train_y = torch.as_tensor(train.labels)
+        n_dev = len(dev)
+
+        def train_scores(ch: dict, js: torch.Tensor) -> torch.Tensor:
+            """Scores of train examples, each left out of the demonstrations it is scored against."""
+            predictor = build(ch)
+            idx = demo_idx[ch["demos"]]
+            row_of = torch.full((len(train),), -1, dtype=torch.long)
+            row_of[torch.as_tensor(idx, dtype=torch.long)] = torch.arange(len(idx))
+            rows = row_of[js]
+            if predictor.mode == "kernel":
+                return predictor.scores_of(train_emb[js], exclude=rows)
+            scores = predictor.scores_of(train_emb[js])
+            inside = torch.nonzero(rows >= 0).flatten()
+            if not len(inside):
+                return scores
+            # prototype: the example's own class mean without it (a class it alone represents: its label prompt)
+            center = mean if ch.get("calibrate", 0) else None
+            x = train_emb[js[inside]]
+            x = norm(x - center, dim=-1) if center is not None else x
+            labels = label_anchors(ch["label_template"], bool(ch.get("descriptions", 0)))
+            labels = norm(labels - center, dim=-1) if center is not None else labels
+            members = torch.as_tensor(idx, dtype=torch.long)
+            demos = train_emb[members]
+            demos = norm(demos - center, dim=-1) if center is not None else demos
+            w = float(ch.get("weight", 1.0))
+            for k, (r, i) in enumerate(zip(inside.tolist(), js[inside].tolist())):
+                c = int(train_y[i])
+                own = demos[(train_y[members] == c) & (members != i)]
+                anchor = labels[c] if not len(own) else norm(w * labels[c] + (1 - w) * norm(own.mean(0), dim=-1),
+                                                              dim=-1)
+                scores[r, c] = x[k] @ anchor
+            return scores
+
         def evaluate(cand: Candidate, items: list[int]) -> int:
+            """Dev items (index < len(dev)) as they are; train examples leave-one-out (index len(dev) + j)."""
             before = embedded[0]
-            idx = torch.as_tensor(items)
-            pred = build(cand.choice).scores_of(dev_emb[idx]).argmax(1)
-            cand.hits.extend((pred == dev_y[idx]).float().tolist())
+            dv = torch.as_tensor([i for i in items if i < n_dev], dtype=torch.long)
+            tr = torch.as_tensor([i - n_dev for i in items if i >= n_dev], dtype=torch.long)
+            hits = {}
+            if len(dv):
+                pred = build(cand.choice).scores_of(dev_emb[dv]).argmax(1)
+                hits.update(zip(dv.tolist(), (pred == dev_y[dv]).float().tolist()))
+            if len(tr):
+                pred = train_scores(cand.choice, tr).argmax(1)
+                hits.update(zip((tr + n_dev).tolist(), (pred == train_y[tr]).float().tolist()))
+            cand.hits.extend(hits[i] for i in items)
             cand.seen.extend(items)
             return embedded[0] - before
 
@@ -470,9 +515,12 @@ class PromptSearch(PromptingStrategy):
         space = {"label_template": templates, "descriptions": [0, 1] if has_desc else [0], "demos": demo_names,
                  "calibrate": [0, 1], "scorer": scorers}
         floats = {"weight": (0.0, 1.0, False), "tau": (0.01, 0.2, True)} if len(train) else None
-        # inputs are embedded once, so a proposal is scored on all of dev and costs only its label prompts
+        # inputs are embedded once, so a proposal is scored on all of dev, and on every train example left out of
+        # its own demonstrations (more selection data: less overfitting to a small dev set); it costs only its
+        # label prompts
         cost = n_labels + (sum(1 for lab in task.labels if lab.description) if has_desc else 0)
-        best, trace = self._optimize(space, evaluate, budget, len(dev), len(dev), cost, floats=floats)
+        n_sel = n_dev + len(train)
+        best, trace = self._optimize(space, evaluate, budget, n_sel, n_sel, cost, floats=floats)
         ch = best.choice
         chosen = {"label_template": templates[ch["label_template"]], "descriptions": bool(ch.get("descriptions", 0)),
                   "demos": demo_names[ch["demos"]], "demonstrations": int(len(demo_idx[ch["demos"]])),
@@ -480,7 +528,9 @@ class PromptSearch(PromptingStrategy):
                   "weight": ch.get("weight", 1.0), "tau": ch.get("tau")}
         result = build(ch, prompt=chosen)
         result.search_trace = self._summary(best, trace, {"label_template": templates, "demos": demo_names,
-                                                          "scorer": scorers}, budget, chosen=chosen)
+                                                          "scorer": scorers}, budget, n_dev, chosen=chosen,
+                                            selection="dev and train (each example left out of its own "
+                                                      "demonstrations)")
         return result
 
     @staticmethod

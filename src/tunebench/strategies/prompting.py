@@ -50,11 +50,15 @@ class EmbeddingPredictor(Predictor):
         self.label_anchors = None if label_anchors is None else label_anchors.float()
         self.label_weight = label_weight
 
-    def scores_of(self, emb: torch.Tensor) -> torch.Tensor:
-        """Class scores of (normalised) input embeddings."""
+    def scores_of(self, emb: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Class scores of (normalised) input embeddings. ``exclude[i]`` (knn and kernel modes) is an anchor row
+        input ``i`` must not see (its own copy, when scoring demonstrations leave-one-out); -1 for none."""
         if self.center is not None:
             emb = torch.nn.functional.normalize(emb - self.center, dim=-1)
         sims = emb @ self.anchors.T
+        if exclude is not None and self.mode != "prototype":
+            rows = torch.nonzero(exclude >= 0).flatten()
+            sims[rows, exclude[rows]] = -torch.inf
         n_labels = len(self.labels)
         if self.mode == "prototype":
             scores = torch.full((len(emb), n_labels), -2.0)
