@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     print(f"{'strategy':<52} {'dev acc':>8} {'test acc':>9} {'95% CI':>17} {'adapt s':>8} {'calls':>7}")
     for k, r in best.items():
         lo, hi = bootstrap_ci(fns[k], seed=0)
-        calls = r["cost"].get("search_calls", "")
+        calls = r["cost"].get("prompt_search_calls", "")
         print(f"{k + ': ' + r['label']:<52.52} {100 * r['dev_acc']:7.2f}% {100 * fns[k].value():8.2f}% "
               f"[{100 * lo:6.2f}, {100 * hi:6.2f}] {r['cost']['adapt_seconds']:8.1f} {calls!s:>7}")
     ok = True

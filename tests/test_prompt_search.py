@@ -63,8 +63,8 @@ def test_encoder_search_stores_its_trace_and_the_winner_is_the_artifact(tmp_path
     proposals = [t for t in trace["trace"] if t["trial"] != "final"]
     assert len(proposals) == trace["proposals"] == 12
     assert all({"score", "items", "calls", "label_template", "demos", "weight"} <= set(t) for t in proposals)
-    assert trace["calls"] <= trace["budget_calls"] and row["cost"]["search_calls"] == trace["calls"]
-    assert row["cost"]["train_seconds"] >= row["cost"]["search_seconds"] > 0  # search effort is the trial's cost
+    assert trace["calls"] <= trace["budget_calls"] and row["cost"]["prompt_search_calls"] == trace["calls"]
+    assert row["cost"]["train_seconds"] >= row["cost"]["prompt_search_seconds"] > 0  # search effort is the trial's cost
     # the best proposal's dev score is what the stored artifact scores on dev
     # candidates are selected on dev plus every train example left out of its own demonstrations
     assert max(p["score"] for p in proposals) == pytest.approx(trace["best_score"])
@@ -80,6 +80,14 @@ def test_encoder_search_stores_its_trace_and_the_winner_is_the_artifact(tmp_path
     shown = runner.invoke(app, ["prompts", "log", "ps.prompt_search.label", "--store", str(tmp_path / "runs")])
     assert shown.exit_code == 0, shown.output
     assert row["key"][:8] in shown.output
+    # show --prompts and the report describe what the search chose (a study of prompting strategies only)
+    shown = runner.invoke(app, ["show", "ps", "--store", str(tmp_path / "runs"), "--prompts"])
+    assert shown.exit_code == 0, shown.output
+    assert "encoder prompt search" in shown.output and trace["chosen"]["label_template"] in shown.output
+    report = runner.invoke(app, ["report", "ps", "--store", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "encoder prompt search" in html
 
 
 def test_search_never_reads_test_labels(tmp_path, toy_files, tiny_model_dir):
@@ -124,7 +132,8 @@ def test_budget_of_calls_is_respected_and_too_small_a_budget_fails_clearly(tiny_
     trace = predictor.search_trace
     assert trace["calls"] <= 60
     assert trace["proposals"] < 50  # stopped by the budget, not by the number of trials
-    assert all(t["calls"] <= 8 for t in trace["trace"] if t["trial"] != "final")  # one minibatch per proposal
+    # one minibatch per proposal (twice the calls with retrieved demonstrations: each input is embedded too)
+    assert all(t["calls"] <= 16 for t in trace["trace"] if t["trial"] != "final")
     # the model's own instructions are candidates, next to the user's and the pattern library's
     assert trace["candidates"]["instruction"][0] == "Name the colour."
     assert len(trace["candidates"]["instruction"]) >= 5
@@ -188,3 +197,14 @@ def test_a_searched_encoder_prompt_exports_and_the_card_code_reproduces_it(tmp_p
     export_trial(loaded, tmp_path / "hf-kernel", "hf")
     ns = snippet(tmp_path / "hf-kernel")
     np.testing.assert_allclose(ns["predict_scores"](texts).numpy(), pred.predict_scores(texts), atol=1e-4)
+
+
+def test_a_search_started_from_a_registered_prompt_does_not_rewrite_it():
+    from tunebench.prompt_registry import templates_of
+
+    row = {"study": "s", "strategy": "prompt_search", "label": "prompt_search", "key": "k",
+           "params": {"prompt": "support-intent@2", "template": "Text: {{ input }}\nAnswer:"},
+           "record": {"prompt": {"template": "### Task\n{{ input }}", "instruction": None}, "config": {"task": {}}}}
+    assert [n for n, *_ in templates_of(row)] == ["s.prompt_search"]  # the winner is another template
+    row["record"]["prompt"]["template"] = row["params"]["template"]
+    assert [n for n, *_ in templates_of(row)] == ["support-intent"]  # it kept the referenced text

@@ -251,8 +251,19 @@ def print_prompts(rows: list[dict], console: Console) -> None:
             continue
         seen.add(r["label"])
         shown += 1
+        if "label_template" in info:  # an encoder prompt search: what it embeds and how it compares
+            how = f"soft nearest neighbour, tau {info.get('tau')}" if info.get("scorer") == "kernel" else "prototypes"
+            console.rule(f"[bold]{r['label']}[/] (encoder prompt search: demonstrations {info.get('demos')} "
+                         f"({info.get('demonstrations')}) as {how}, label-prompt weight {info.get('weight')}, "
+                         f"centred: {'yes' if info.get('calibrate') else 'no'})")
+            console.print("[bold]label prompt[/]", highlight=False)
+            console.print(info["label_template"], markup=False, highlight=False)
+            continue
         console.rule(f"[bold]{r['label']}[/] ({info.get('mode')}, demonstrations: {info.get('demonstrations')}, "
                      f"chat template: {'yes' if info.get('chat_template') else 'no'})")
+        if info.get("instruction"):
+            console.print("[bold]instruction[/]", highlight=False)
+            console.print(info["instruction"], markup=False, highlight=False)
         console.print("[bold]template[/]", highlight=False)
         console.print(info["template"], markup=False, highlight=False)
         if "example" in info:
@@ -871,7 +882,7 @@ def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@
 def prompts_import(files: list[Path] = typer.Argument(..., help="Template files (e.g. NAME@V.jinja from export)."),
                    name: Optional[str] = typer.Option(None, "--name", help="Register under this name (default: the "
                                                       "sidecar NAME@V.yaml's name, else the file name before '@')."),
-                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt or label (default: the sidecar's, "
+                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label or instruction (default: the sidecar's, "
                                                       "else prompt)."),
                    store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
     """Register the text of template files: new text becomes a new version, text already there gives its version."""

@@ -208,7 +208,7 @@ class SearchConfig(_Strict):
     @classmethod
     def _split(cls, v: Any) -> Any:
         if not isinstance(v, dict):
-            raise ValueError("give a mapping of parameters to search, e.g. {lr: {low: 1e-5, high: 5e-4, log: true}, "
+            raise ValueError("give a mapping of parameters to search, e.g. {lr: {low: 1.0e-5, high: 5.0e-4, log: true}, "
                              "r: [4, 8, 16], trials: 12}")
         if isinstance(v.get("space"), dict):  # the stored (dumped) form
             return v
@@ -220,7 +220,7 @@ class SearchConfig(_Strict):
     @classmethod
     def _nonempty(cls, v: dict) -> dict:
         if not v:
-            raise ValueError("name at least one parameter to search, e.g. lr: {low: 1e-5, high: 5e-4, log: true}")
+            raise ValueError("name at least one parameter to search, e.g. lr: {low: 1.0e-5, high: 5.0e-4, log: true}")
         return v
 
     def names(self) -> list[str]:
@@ -264,6 +264,9 @@ def _check_range(spec: dict, at: str) -> list:
     unknown = sorted(set(spec) - {"low", "high", "log", "step"})
     if unknown or "low" not in spec or "high" not in spec:
         raise ConfigError(f"{at}: a range is {{low, high}} with optional log and step (got keys {sorted(spec)})")
+    for end in ("low", "high", "step"):  # YAML reads 1e-5 (no dot) as a string; a plain parameter would accept it
+        if isinstance(spec.get(end), str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", spec[end].strip()):
+            spec[end] = float(spec[end])
     low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
     num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
     if not num(low) or not num(high):

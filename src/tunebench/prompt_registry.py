@@ -148,7 +148,10 @@ def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
     if info and isinstance(info.get("template"), str):
         text = info["template"]
         # a hybrid's own `prompt` names its prompting strategy; a registry reference sits in its prompt_params
-        ref = (params.get("prompt_params") or {}).get("prompt") if "prompt_params" in params else params.get("prompt")
+        own = (params.get("prompt_params") or {}) if "prompt_params" in params else params
+        ref = own.get("prompt")
+        if ref and own.get("template") != text:  # a prompt search chose another template: not the reference's
+            ref = None
         builtin = _builtin_names().get(text)
         out = []
         if ref:

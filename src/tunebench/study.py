@@ -118,6 +118,17 @@ class Study:
     def plan(self) -> list[Trial]:
         """Every trial of the study, in order, with a key that changes when anything that matters changes."""
         data = self.data
+        k = self.config.cv
+        if k is not None:
+            pool = len(data.train) + len(data.dev)
+            if k > pool // 2:
+                raise ConfigError(f"cv: {k} folds, but train + dev hold only {pool} examples (each fold needs at least "
+                                  f"2); use cv: 5 or 10, or at most {max(2, pool // 2)}")
+            if data.test.targets is None:
+                smallest = int(np.bincount(np.concatenate([data.train.labels, data.dev.labels])).min())
+                if smallest < k:
+                    log.warning("cv: %d folds but the smallest class has %d examples in train + dev: some folds "
+                                "will not contain it", k, smallest)
         fingerprints = data.fingerprints()
         models = {m.name: m for m in self.config.all_models()}
         several = len(models) > 1
@@ -308,8 +319,8 @@ class Study:
             cost.update({"search_seconds": round(search_s, 4), "search_trials": searched.n_trials})
         prompt_searched = getattr(predictor, "search_trace", None)  # prompt_search: every candidate it scored
         if prompt_searched:  # its search is inside adapt, so already in train_seconds
-            cost["search_calls"] = int(prompt_searched["calls"])
-            cost["search_seconds"] = round(float(prompt_searched["seconds"]), 4)
+            cost["prompt_search_calls"] = int(prompt_searched["calls"])
+            cost["prompt_search_seconds"] = round(float(prompt_searched["seconds"]), 4)
             metrics["dev_score"] = prompt_searched["best_dev_score"]
         if cv is not None:
             metrics["cv"] = cv

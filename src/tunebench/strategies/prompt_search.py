@@ -195,9 +195,13 @@ class PromptSearch(PromptingStrategy):
         finally:
             self.reporter.stop()
         if not cands:
+            if self.config.budget_seconds is not None and budget.elapsed >= self.config.budget_seconds:
+                raise ConfigError(f"prompt_search: budget_seconds={self.config.budget_seconds} ran out before the "
+                                  f"first candidate could be scored (preparing the candidates took "
+                                  f"{budget.elapsed:.0f}s); raise budget_seconds")
             raise ConfigError(f"prompt_search: budget_calls={self.config.budget_calls} is spent before the first "
-                              f"candidate could be scored (preparing the candidates took {budget.used} calls); "
-                              "raise budget_calls")
+                              f"candidate could be scored (preparing the candidates took {budget.used} calls, a "
+                              f"proposal needs up to {cost}); raise budget_calls")
         ranked = sorted(cands.values(), key=lambda c: (c.score, len(c.seen)), reverse=True)
         finalists = ranked[: self.config.finalists]
         for cand in finalists:  # the rest of dev, as far as the budget goes
@@ -362,9 +366,11 @@ class PromptSearch(PromptingStrategy):
             pred = predictor(instructions[ch["instruction"]], templates[ch["template"]], demo_sets[ch["demos"]][1])
             cand.hits.extend(item_scores(pred, [dev_records[i] for i in items], [dev_answers[i] for i in items]))
             cand.seen.extend(items)
-            return len(items)
+            return len(items) * (2 if pred.retrieval is not None else 1)  # retrieval embeds each input too
 
-        best, trace = self._optimize(space, evaluate, budget, len(dev), cfg.minibatch, cfg.minibatch)
+        retrieving = any(kind == "retrieved" for kind, _ in demo_sets)
+        best, trace = self._optimize(space, evaluate, budget, len(dev), cfg.minibatch,
+                                     cfg.minibatch * (2 if retrieving else 1))
         ch = best.choice
         result = predictor(instructions[ch["instruction"]], templates[ch["template"]], demo_sets[ch["demos"]][1])
         candidates = {"instruction": instructions, "template": templates, "demos": demo_names}
@@ -380,10 +386,10 @@ class PromptSearch(PromptingStrategy):
         budget = Budget(cfg.budget_calls, cfg.budget_seconds)
         n_labels = len(task.labels)
         max_len = min(cfg.max_length, 512)
-        need = len(dev) + len(train)
+        need = len(dev) + len(train) + n_labels  # inputs once, and the first label prompts (bootstrapping)
         if not budget.allows(need):
-            raise ConfigError(f"prompt_search: embedding dev and train takes {need} calls, more than budget_calls="
-                              f"{cfg.budget_calls}; raise budget_calls or use a smaller train size")
+            raise ConfigError(f"prompt_search: embedding dev, train and the label prompts takes {need} calls, more "
+                              f"than budget_calls={cfg.budget_calls}; raise budget_calls or use a smaller train size")
         dev_emb = backend.embed(dev.texts, max_length=max_len)
         train_emb = backend.embed(train.texts, max_length=max_len) if len(train) else torch.zeros(0, dev_emb.shape[1])
         budget.spend(need)
