@@ -13,7 +13,7 @@ from tunebench.errors import CapabilityError, ConfigError
 from tunebench.strategies import load_predictor, registry
 
 EXPECTED = {"zero_shot", "few_shot", "chain_of_thought", "linear_probe", "soft_prompt", "lora", "full",
-            "gradual_unfreeze", "hybrid"}
+            "gradual_unfreeze", "hybrid", "prompt_search"}
 CAUSAL_ONLY = {"chain_of_thought", "hybrid"}
 QUICK = {"epochs": 2, "batch_size": 16, "max_length": 32}
 BACKENDS = ["encoder", "llama", "gpt2"]

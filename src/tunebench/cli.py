@@ -855,6 +855,9 @@ def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@
             raise TunebenchError("say what to export: NAME[@VERSION] or --all (one of them)")
         reg = _registry(store)
         chosen = [reg.get(n) for n in reg.names()] if all_ else [reg.get(ref)]
+        if not chosen:
+            out.print("no prompts are registered in this store yet (trials register the templates they use)")
+            return
         files = []
         for pv in chosen:
             base = out_dir / f"{pv.ref}.jinja"
@@ -882,7 +885,8 @@ def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@
 def prompts_import(files: list[Path] = typer.Argument(..., help="Template files (e.g. NAME@V.jinja from export)."),
                    name: Optional[str] = typer.Option(None, "--name", help="Register under this name (default: the "
                                                       "sidecar NAME@V.yaml's name, else the file name before '@')."),
-                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label or instruction (default: the sidecar's, "
+                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label or instruction (default: "
+                                                      "the sidecar's, "
                                                       "else prompt)."),
                    store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
     """Register the text of template files: new text becomes a new version, text already there gives its version."""
