@@ -103,7 +103,9 @@ def test_prompting_study_through_the_openai_backend_matches_the_local_model(tmp_
                                                                             monkeypatch):
     monkeypatch.setenv("TB_TEST_KEY", KEY)
     strategies = [{"zero_shot": {"template": TEMPLATE}}, {"few_shot": {"shots": 1, "template": TEMPLATE}},
-                  {"chain_of_thought": {"max_new_tokens": 6}}]
+                  {"chain_of_thought": {"max_new_tokens": 6}},
+                  {"prompt_search": {"trials": 4, "minibatch": 8, "propose": 0, "shots": 1, "demo_sets": 1,
+                                     "template": TEMPLATE}}]
     local = study_file(tmp_path, "local", {"backend": "causal", "path": str(tiny_gpt2_dir), "precision": "fp32"},
                        files, strategies)
     over_http = study_file(tmp_path, "over-http", remote(server, api="completions"), files, strategies,
@@ -113,13 +115,16 @@ def test_prompting_study_through_the_openai_backend_matches_the_local_model(tmp_
         assert r.exit_code == 0, r.output
     store = Store(tmp_path / "runs")
     by = {name: {t["strategy"]: t for t in store.trials(name)} for name in ("local", "over-http")}
-    for strategy in ("zero_shot", "few_shot", "chain_of_thought"):
+    for strategy in ("zero_shot", "few_shot", "chain_of_thought", "prompt_search"):
         a, b = by["local"][strategy], by["over-http"][strategy]
         items = store.items([a["key"], b["key"]])
         assert items[a["key"]]["predictions"] == items[b["key"]]["predictions"], strategy
         assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
         assert b["cost"]["prompt_tokens_mean"] > 0  # read from the responses' usage
         assert b["record"]["backend"]["backend"] == "openai" and "fallback" not in (b["record"]["prompt"] or {})
+    # the search over HTTP saw the same scores as the search on the local model
+    assert by["over-http"]["prompt_search"]["record"]["prompt_search"]["chosen"] == \
+        by["local"]["prompt_search"]["record"]["prompt_search"]["chosen"]
     # label scoring by log-probabilities sent the prompt once per label: 4 labels, 4x the local prompt tokens
     assert by["over-http"]["zero_shot"]["cost"]["prompt_tokens_mean"] > 3 * by["local"]["zero_shot"]["cost"][
         "prompt_tokens_mean"]
