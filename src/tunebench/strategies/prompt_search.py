@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -65,7 +66,9 @@ class PromptSearchConfig(PromptConfig):
     shots: int = doc("Demonstrations per class in a candidate set (generation tasks: in all).", default=4)
     demo_sets: int = doc("Balanced random demonstration sets among the candidates (besides none, bootstrapped, "
                          "retrieved, and on an encoder typical and all of train).", default=3)
-    trials: int = doc("Most candidates proposed by the optimizer (TPE).", default=40)
+    trials: Optional[int] = doc("Most candidates proposed by the optimizer (TPE). Default: 40 on a model that reads "
+                                "prompts; 150 on an encoder, where a proposal costs only its label prompts.",
+                                default=None)
     budget_calls: int = doc("Most model calls the search may spend (an input scored or generated, a prompt "
                             "embedded); the search stops before exceeding it.", default=4000)
     budget_seconds: Optional[float] = doc("Wall-clock limit of the search in seconds (none: only calls count).",
@@ -79,7 +82,8 @@ class PromptSearchConfig(PromptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks = {"shots": self.shots >= 1, "demo_sets": self.demo_sets >= 0, "trials": self.trials >= 1,
+        checks = {"shots": self.shots >= 1, "demo_sets": self.demo_sets >= 0,
+                  "trials": self.trials is None or self.trials >= 1,
                   "budget_calls": self.budget_calls >= 1, "minibatch": self.minibatch >= 1,
                   "finalists": self.finalists >= 1, "propose": self.propose >= 0, "max_length": self.max_length >= 8,
                   "budget_seconds": self.budget_seconds is None or self.budget_seconds > 0}
@@ -148,7 +152,7 @@ class PromptSearch(PromptingStrategy):
 
     # ---- the search loop, shared by both backends ----------------------------------------------------
     def _optimize(self, space: dict[str, list], evaluate: Callable[[Candidate, list[int]], int], budget: Budget,
-                  n_dev: int, step: int, cost: int,
+                  n_dev: int, step: int, cost: int, trials: int,
                   floats: dict[str, tuple[float, float, bool]] | None = None) -> tuple[Candidate, list]:
         """Propose candidates with TPE, score each on ``step`` more dev items (``evaluate`` returns the model calls
         it made; a proposal costs at most ``cost``), then score the finalists on all of dev, as far as the budget
@@ -159,10 +163,14 @@ class PromptSearch(PromptingStrategy):
         cands: dict[tuple, Candidate] = {}
         trace: list[dict] = []
         order = np.random.default_rng(self.seed).permutation(n_dev)
-        sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(1, self.config.trials // 3)))
+        # multivariate TPE models the choices jointly (which weight suits which scorer), not one at a time
+        with warnings.catch_warnings():  # multivariate is marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(1, trials // 3)),
+                                                 multivariate=True)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         floats = floats or {}
-        self.reporter.start("prompt search", self.config.trials)
+        self.reporter.start("prompt search", trials)
 
         def objective(trial: optuna.Trial) -> float:
             choice = {k: trial.suggest_categorical(k, list(range(len(v)))) for k, v in space.items() if len(v) > 1}
@@ -190,7 +198,7 @@ class PromptSearch(PromptingStrategy):
 
         try:
             if budget.allows(cost):
-                study.optimize(objective, n_trials=self.config.trials, timeout=self.config.budget_seconds,
+                study.optimize(objective, n_trials=trials, timeout=self.config.budget_seconds,
                                callbacks=[stop_when_spent])
         finally:
             self.reporter.stop()
@@ -370,7 +378,7 @@ class PromptSearch(PromptingStrategy):
 
         retrieving = any(kind == "retrieved" for kind, _ in demo_sets)
         best, trace = self._optimize(space, evaluate, budget, len(dev), cfg.minibatch,
-                                     cfg.minibatch * (2 if retrieving else 1))
+                                     cfg.minibatch * (2 if retrieving else 1), cfg.trials or 40)
         ch = best.choice
         result = predictor(instructions[ch["instruction"]], templates[ch["template"]], demo_sets[ch["demos"]][1])
         candidates = {"instruction": instructions, "template": templates, "demos": demo_names}
@@ -526,7 +534,7 @@ class PromptSearch(PromptingStrategy):
         # label prompts
         cost = n_labels + (sum(1 for lab in task.labels if lab.description) if has_desc else 0)
         n_sel = n_dev + len(train)
-        best, trace = self._optimize(space, evaluate, budget, n_sel, n_sel, cost, floats=floats)
+        best, trace = self._optimize(space, evaluate, budget, n_sel, n_sel, cost, cfg.trials or 150, floats=floats)
         ch = best.choice
         chosen = {"label_template": templates[ch["label_template"]], "descriptions": bool(ch.get("descriptions", 0)),
                   "demos": demo_names[ch["demos"]], "demonstrations": int(len(demo_idx[ch["demos"]])),
