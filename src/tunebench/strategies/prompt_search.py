@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ def pattern_library() -> dict[str, Any]:
 class PromptSearchConfig(PromptConfig):
     """Prompt search: instructions, templates and demonstrations optimised on dev within a budget."""
 
+    template: Union[str, list[str], None] = doc(
+        "causal: your own Jinja2 template, or a list of them: all are candidates of one search (default: the "
+        "built-in template), besides the pattern library's layouts.", default=None)
     instructions: list[str] = doc("Your own candidate instructions (the task's `instruction` is always one).",
                                   default_factory=list)
     label_templates: list[str] = doc("encoder: your own label prompts with {{ label }} (and {{ description }}).",
