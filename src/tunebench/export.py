@@ -259,12 +259,7 @@ def _write_hf(loaded, d: Path, say, **_) -> dict:
     if isinstance(pred, EmbeddingPredictor):
         from safetensors.torch import save_file
 
-        tensors = {"anchors": pred.anchors.contiguous(), "anchor_labels": pred.anchor_labels.contiguous()}
-        if pred.center is not None:
-            tensors["center"] = pred.center.contiguous()
-        if pred.label_anchors is not None:
-            tensors["label_anchors"] = pred.label_anchors.contiguous()
-        save_file(tensors, str(d / ANCHORS_FILE))
+        save_file(pred.tensors(), str(d / ANCHORS_FILE))
         emb = {"labels": list(pred.labels), "mode": pred.mode, "k": pred.k, "tau": pred.tau,
                "label_weight": pred.label_weight, "max_length": pred.max_length, "pooling": "mean",
                "normalize": True, "centered": pred.center is not None}

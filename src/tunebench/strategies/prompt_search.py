@@ -148,11 +148,6 @@ class PromptSearch(PromptingStrategy):
     def expand(cls, config: PromptSearchConfig) -> list[PromptSearchConfig]:
         return [config]  # a list of templates is the user's candidate set, not one trial each
 
-    def needs(self, backend) -> tuple[str, ...]:
-        if backend.lm:
-            return ("generate",) if self.config.predict == "generate" else ("score",)
-        return self.requires
-
     # ---- the search loop, shared by both backends ----------------------------------------------------
     def _optimize(self, space: dict[str, list], evaluate: Callable[[Candidate, list[int]], int], budget: Budget,
                   n_dev: int, step: int, cost: int, trials: int,
@@ -184,7 +179,8 @@ class PromptSearch(PromptingStrategy):
             key = tuple(sorted(choice.items()))
             cand = cands.setdefault(key, Candidate(choice))
             t0, calls = time.perf_counter(), 0
-            todo = [int(i) for i in order if int(i) not in set(cand.seen)][:step]
+            seen = set(cand.seen)
+            todo = [int(i) for i in order if int(i) not in seen][:step]
             if todo:
                 calls = evaluate(cand, todo)
                 budget.spend(calls)
@@ -216,7 +212,8 @@ class PromptSearch(PromptingStrategy):
         ranked = sorted(cands.values(), key=lambda c: (c.score, len(c.seen)), reverse=True)
         finalists = ranked[: self.config.finalists]
         for cand in finalists:  # the rest of dev, as far as the budget goes
-            todo = [int(i) for i in order if int(i) not in set(cand.seen)]
+            seen = set(cand.seen)
+            todo = [int(i) for i in order if int(i) not in seen]
             if todo and budget.allows(len(todo) * cost // max(1, step)):
                 budget.spend(evaluate(cand, todo))
                 trace.append({"trial": "final", **cand.choice, "items": len(cand.seen), "score": cand.score,
@@ -448,20 +445,20 @@ class PromptSearch(PromptingStrategy):
         mean = torch.cat([train_emb, dev_emb]).mean(0)
         norm = torch.nn.functional.normalize
 
+        def centred(e: torch.Tensor, ch: dict) -> torch.Tensor:
+            """Embeddings as a candidate compares them: centred and renormalised when it calibrates."""
+            return norm(e - mean, dim=-1) if ch.get("calibrate", 0) else e
+
         def predictor_parts(ch: dict) -> dict:
             """The EmbeddingPredictor arguments of a candidate."""
             center = mean if ch.get("calibrate", 0) else None
-
-            def shift(e: torch.Tensor) -> torch.Tensor:
-                return norm(e - center, dim=-1) if center is not None else e
-
-            labels = shift(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))))
+            labels = centred(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))), ch)
             idx = demo_idx[ch["demos"]]
             w = float(ch.get("weight", 1.0))
             if not len(idx):
                 return {"anchors": labels, "anchor_labels": torch.arange(n_labels), "center": center}
             ys = torch.as_tensor(train.labels[idx])
-            demos = shift(train_emb[torch.as_tensor(idx)])
+            demos = centred(train_emb[torch.as_tensor(idx)], ch)
             if scorers[ch.get("scorer", 0)] == "kernel":
                 missing = [c for c in range(n_labels) if not bool((ys == c).any())]  # their label prompt stands in
                 return {"anchors": torch.cat([demos, labels[missing]]), "mode": "kernel", "tau": ch["tau"],
@@ -481,9 +478,8 @@ class PromptSearch(PromptingStrategy):
         train_y = torch.as_tensor(train.labels)
         n_dev = len(dev)
 
-        def train_scores(ch: dict, js: torch.Tensor) -> torch.Tensor:
+        def train_scores(predictor: EmbeddingPredictor, ch: dict, js: torch.Tensor) -> torch.Tensor:
             """Scores of train examples, each left out of the demonstrations it is scored against."""
-            predictor = build(ch)
             idx = demo_idx[ch["demos"]]
             row_of = torch.full((len(train),), -1, dtype=torch.long)
             row_of[torch.as_tensor(idx, dtype=torch.long)] = torch.arange(len(idx))
@@ -495,14 +491,10 @@ class PromptSearch(PromptingStrategy):
             if not len(inside):
                 return scores
             # prototype: the example's own class mean without it (a class it alone represents: its label prompt)
-            center = mean if ch.get("calibrate", 0) else None
-            x = train_emb[js[inside]]
-            x = norm(x - center, dim=-1) if center is not None else x
-            labels = label_anchors(ch["label_template"], bool(ch.get("descriptions", 0)))
-            labels = norm(labels - center, dim=-1) if center is not None else labels
+            x = centred(train_emb[js[inside]], ch)
+            labels = centred(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))), ch)
             members = torch.as_tensor(idx, dtype=torch.long)
-            demos = train_emb[members]
-            demos = norm(demos - center, dim=-1) if center is not None else demos
+            demos = centred(train_emb[members], ch)
             w = float(ch.get("weight", 1.0))
             for k, (r, i) in enumerate(zip(inside.tolist(), js[inside].tolist())):
                 c = int(train_y[i])
@@ -518,11 +510,12 @@ class PromptSearch(PromptingStrategy):
             dv = torch.as_tensor([i for i in items if i < n_dev], dtype=torch.long)
             tr = torch.as_tensor([i - n_dev for i in items if i >= n_dev], dtype=torch.long)
             hits = {}
+            predictor = build(cand.choice)
             if len(dv):
-                pred = build(cand.choice).scores_of(dev_emb[dv]).argmax(1)
+                pred = predictor.scores_of(dev_emb[dv]).argmax(1)
                 hits.update(zip(dv.tolist(), (pred == dev_y[dv]).float().tolist()))
             if len(tr):
-                pred = train_scores(cand.choice, tr).argmax(1)
+                pred = train_scores(predictor, cand.choice, tr).argmax(1)
                 hits.update(zip((tr + n_dev).tolist(), (pred == train_y[tr]).float().tolist()))
             cand.hits.extend(hits[i] for i in items)
             cand.seen.extend(items)

@@ -81,13 +81,14 @@ class EmbeddingPredictor(Predictor):
     def prompt_info(self, record: dict | None = None) -> dict | None:
         return dict(self.prompt) if self.prompt else None
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``anchors.safetensors`` holds (the artifact and the export share it)."""
+        out = {"anchors": self.anchors, "anchor_labels": self.anchor_labels, "center": self.center,
+               "label_anchors": self.label_anchors}
+        return {k: v.contiguous() for k, v in out.items() if v is not None}
+
     def _save(self, directory: Path) -> None:
-        tensors = {"anchors": self.anchors.contiguous(), "anchor_labels": self.anchor_labels.contiguous()}
-        if self.center is not None:
-            tensors["center"] = self.center.contiguous()
-        if self.label_anchors is not None:
-            tensors["label_anchors"] = self.label_anchors.contiguous()
-        save_file(tensors, str(directory / "anchors.safetensors"))
+        save_file(self.tensors(), str(directory / "anchors.safetensors"))
         import json
 
         (directory / "embedding.json").write_text(
