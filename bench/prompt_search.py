@@ -81,11 +81,11 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from tunebench.artifacts import load_trial
+    from tunebench.analysis.selection import load_trial
     from tunebench.config import parse_study
     from tunebench.data import stratified_split
     from tunebench.evaluation.stats import bootstrap_ci, compare, metric_fn
-    from tunebench.study import Study
+    from tunebench.runner.study import Study
 
     texts, cats = read_banking(src)
     names = sorted(set(cats))

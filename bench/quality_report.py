@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tunebench.leaderboard import leaderboard
+from tunebench.analysis.leaderboard import leaderboard
 from tunebench.errors import StoreError
 from tunebench.store import Store
 

@@ -14,7 +14,7 @@ from tunebench.config import ApiPrice, CostConfig
 from tunebench.evaluation import consistency
 from tunebench.evaluation.cost import Pricing, break_even, price
 from tunebench.evaluation.stats import bootstrap_ci, compare, mcnemar, metric_fn
-from tunebench.recommend import Constraints, parse_amount, recommend
+from tunebench.analysis.recommend import Constraints, parse_amount, recommend
 from tunebench.store import Store
 from tunebench.strategies.base import Output
 

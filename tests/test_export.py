@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import toy_rows, write_csv
 from tests.test_causal import colour_rows
-from tunebench.artifacts import load_trial
+from tunebench.analysis.selection import load_trial
 from tunebench.cli import app as cli
 from tunebench.errors import CapabilityError, TunebenchError
 from tunebench.export import (MANIFEST, ExportError, OnnxClassifier, check_format, export_trial)

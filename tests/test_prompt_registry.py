@@ -14,7 +14,7 @@ from tests.conftest import write_csv
 from tests.test_causal import colour_rows
 from tunebench.cli import app
 from tunebench.errors import ConfigError, StoreError
-from tunebench.prompt_registry import PromptRegistry, backfill, content_hash
+from tunebench.store.prompts import PromptRegistry, backfill, content_hash
 from tunebench.store import Store
 
 runner = CliRunner()
@@ -121,8 +121,8 @@ def test_a_study_runs_a_registered_version_and_log_shows_its_score(tmp_path, col
     assert shown.exit_code == 0 and "The word: {{ input }}" in shown.stdout and trial["key"][:8] in shown.stdout
 
     # @latest resolves when planned: a new latest version is a new trial
-    from tunebench.config import load_study
-    from tunebench.study import Study
+    from tunebench.runner import load_study
+    from tunebench.runner.study import Study
 
     def keys(ref: str) -> set[str]:
         cfg, base = load_study(colour_study({"prompt": ref}))

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from tests.conftest import toy_rows, write_csv
 from tests.test_causal import colour_rows
-from tunebench.artifacts import load_trial
+from tunebench.analysis.selection import load_trial
 from tunebench.cli import app
 from tunebench.config import ModelConfig, TaskConfig, parse_study
 from tunebench.data import load_task
 from tunebench.errors import ConfigError
 from tunebench.strategies import registry
-from tunebench.study import Study
+from tunebench.runner.study import Study
 
 runner = CliRunner()
 
@@ -200,7 +200,7 @@ def test_a_searched_encoder_prompt_exports_and_the_card_code_reproduces_it(tmp_p
 
 
 def test_a_search_started_from_a_registered_prompt_does_not_rewrite_it():
-    from tunebench.prompt_registry import templates_of
+    from tunebench.store.prompts import templates_of
 
     row = {"study": "s", "strategy": "prompt_search", "label": "prompt_search", "key": "k",
            "params": {"prompt": "support-intent@2", "template": "Text: {{ input }}\nAnswer:"},

@@ -132,7 +132,7 @@ def test_prompting_study_through_the_openai_backend_matches_the_local_model(tmp_
         by["local"]["chain_of_thought"]["cost"]["completion_tokens_mean"]
 
     # the scores themselves, not only their argmax: remote log-probabilities equal the local model's
-    from tunebench.artifacts import load_trial
+    from tunebench.analysis.selection import load_trial
 
     words = [w for w, _ in colour_rows(6, 9)]
     here = load_trial(tmp_path / "runs", "local", by["local"]["zero_shot"]["key"]).predictor.run(words)

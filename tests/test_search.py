@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tunebench.config import SearchConfig, parse_study
+from tunebench.strategies.resolve import resolve_strategies
 from tunebench.errors import ConfigError
 from tunebench.strategies.base import StrategyConfig, Strategy
 from tunebench.strategies.training import epoch_hook
@@ -34,7 +35,7 @@ SEARCHED = [{"linear_probe": {"epochs": 2, "search": {"lr": {"low": 1e-4, "high"
 
 
 def run_study(doc: dict, base):
-    from tunebench.study import Study
+    from tunebench.runner.study import Study
 
     study = Study(parse_study(doc), base_dir=base)
     rows = study.run()
@@ -83,7 +84,7 @@ def all_pos_task(toy_task):
 
 
 def fake_search(task, seed=0, **search):
-    from tunebench.search import run_search
+    from tunebench.runner.search import run_search
 
     cfg = SearchConfig.model_validate({"quality": {"low": 0.0, "high": 1.0}, **search})
     return run_search(Fake, FakeConfig().to_dict(), cfg, None, task, task.train, task.dev, seed)
@@ -120,7 +121,7 @@ def test_worse_than_median_configurations_are_pruned_and_the_hook_is_removed(all
 
 
 def test_failed_configurations_are_recorded_and_the_hook_is_removed(all_pos_task):
-    from tunebench.search import run_search
+    from tunebench.runner.search import run_search
 
     class Broken(Fake):
         def adapt(self, backend, task, *, train, dev):
@@ -137,7 +138,7 @@ def test_failed_configurations_are_recorded_and_the_hook_is_removed(all_pos_task
 
 
 def test_searched_study_refits_the_best_and_counts_the_search(tmp_path, toy_files, tiny_model_dir):
-    from tunebench.artifacts import load_trial
+    from tunebench.analysis.selection import load_trial
     from tunebench.store import Store
 
     doc = study_dict(tmp_path, toy_files, tiny_model_dir, SEARCHED)
@@ -185,7 +186,7 @@ def test_same_seed_reproduces_the_search(tmp_path, toy_files, tiny_model_dir):
 
 
 def test_search_changes_the_key_only_when_present(tmp_path, toy_files, tiny_model_dir):
-    from tunebench.study import Study
+    from tunebench.runner.study import Study
 
     plain = study_dict(tmp_path, toy_files, tiny_model_dir, [{"linear_probe": {"epochs": 2}}])
     searched = study_dict(tmp_path, toy_files, tiny_model_dir, SEARCHED)
@@ -208,7 +209,7 @@ def test_search_changes_the_key_only_when_present(tmp_path, toy_files, tiny_mode
 def test_search_config_errors_name_the_field(tmp_path, toy_files, tiny_model_dir, search, message):
     doc = study_dict(tmp_path, toy_files, tiny_model_dir, [{"linear_probe": {"search": search}}])
     with pytest.raises(ConfigError) as exc:
-        parse_study(doc).resolved_strategies()
+        resolve_strategies(parse_study(doc))
     assert message in str(exc.value)
 
 
@@ -251,7 +252,7 @@ def test_cv_reports_fold_scores_and_scores_test_once(tmp_path, toy_files, tiny_m
     from typer.testing import CliRunner
 
     from tunebench.cli import app
-    from tunebench.study import CV_SELECTION, Study
+    from tunebench.runner.study import CV_SELECTION, Study
 
     doc = study_dict(tmp_path, toy_files, tiny_model_dir, [{"linear_probe": {"epochs": 2}}], cv=3)
     plain_key = Study(parse_study({**doc, "cv": None}), base_dir=tmp_path).plan()[0].key

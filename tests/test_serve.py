@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from tests.conftest import toy_rows, write_csv
 from tests.test_causal import colour_rows
-from tunebench.artifacts import load_trial
+from tunebench.analysis.selection import load_trial
 from tunebench.cli import app as cli
-from tunebench.serving import Limits, api_keys, create_app, trial_engine
-from tunebench.serving.batcher import MicroBatcher
-from tunebench.serving.engine import Job, Result
+from tunebench.serve import Limits, api_keys, create_app, trial_engine
+from tunebench.serve.batcher import MicroBatcher
+from tunebench.serve.engine import Job, Result
 
 runner = CliRunner()
 KEY = "test-key-0123456789abcdef"

@@ -51,8 +51,8 @@ def stored(store: Path) -> list[tuple]:
 
 
 def planned_keys(path: Path) -> set[str]:
-    from tunebench.config import load_study
-    from tunebench.study import Study
+    from tunebench.runner import load_study
+    from tunebench.runner.study import Study
 
     cfg, base = load_study(path)
     return {t.key for t in Study(cfg, base_dir=base).plan()}

@@ -6,11 +6,10 @@ Example:
     >>> rows = Study(cfg, base_dir=base).run()  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from .config import StudyConfig, load_study, parse_study  # noqa: E402
-from .errors import TunebenchError  # noqa: E402
-from .store import Store  # noqa: E402
-from .study import Study  # noqa: E402
+from .config import StudyConfig, parse_study
+from .errors import TunebenchError
+from .runner import Study, load_study
+from .store import Store
+from .version import __version__
 
 __all__ = ["Store", "Study", "StudyConfig", "TunebenchError", "load_study", "parse_study", "__version__"]

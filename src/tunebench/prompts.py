@@ -220,3 +220,30 @@ def select_demonstrations(labels: np.ndarray, shots: int, selection: str, seed: 
     picked = np.asarray(picked, dtype=np.int64)
     rng.shuffle(picked)  # interleave classes so the last demonstration does not always share one label
     return picked
+
+
+# ---- registry references (the store's prompt registry resolves them) ----
+NAME_PATTERN = r"[A-Za-z0-9_.\-/]+"
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+
+
+def check_name(name: str) -> str:
+    """A registry name: letters, digits, ``_ . - /``; ``/`` separates folders (no empty, ``.`` or ``..`` parts)."""
+    parts = name.split("/")
+    if not _NAME.match(name) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"prompt name {name!r}: use letters, digits and _ . - / (folders separated by /, "
+                          "no empty, '.' or '..' parts), e.g. support-intent or team/support-intent")
+    return name
+
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``NAME[@VERSION]`` -> ``(name, selector)``; the selector is ``latest``, a number or ``#hashprefix``."""
+    name, _, selector = ref.strip().partition("@")
+    selector = selector or "latest"
+    check_name(name)
+    if not (selector == "latest" or selector.isdigit() or re.fullmatch(r"#[0-9a-fA-F]+", selector)):
+        raise ConfigError(f"prompt reference {ref!r}: after '@' give a version number, 'latest' or '#' and a hash "
+                          "prefix, e.g. support-intent@3, support-intent@latest or support-intent@#1a2b3c")
+    return name, selector
+

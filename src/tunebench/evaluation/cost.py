@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass
 import time
 
-import numpy as np
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

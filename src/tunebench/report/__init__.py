@@ -12,13 +12,13 @@ import json
 import logging
 import math
 import time
-from importlib import resources
+
 from pathlib import Path
 
 import jinja2
 
-from .. import __version__
-from ..analysis import Evidence
+from ..version import __version__
+from ..analysis.evidence import Evidence
 from ..errors import StoreError
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import CapabilityError, ConfigError, StoreError
 from ..progress import NULL_REPORTER, Reporter
+from ..prompts import PromptTemplate, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class PromptConfig(StrategyConfig):
         if isinstance(self.template, list) and not self.template:
             raise ValueError("template: give a template or a non-empty list of templates")
         if self.prompt is not None:  # the syntax only; the store resolves it (Study.plan)
-            from ..prompt_registry import parse_ref
-
             try:
                 parse_ref(self.prompt)
             except ConfigError as exc:
@@ -69,8 +68,6 @@ class PromptConfig(StrategyConfig):
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
         if self.template is not None:  # syntax errors surface at load time, with the template's line
-            from ..prompts import PromptTemplate
-
             for i, t in enumerate(self.template if isinstance(self.template, list) else [self.template]):
                 try:
                     PromptTemplate(t, "template" if isinstance(self.template, str) else f"template[{i}]")

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import SearchConfig
-from .data import Split, TaskData
-from .evaluation.metrics import classification_metrics, generation_metrics
-from .progress import NULL_REPORTER, Reporter
+from ..config import SearchConfig
+from ..data import Split, TaskData
+from ..evaluation.metrics import classification_metrics, generation_metrics
+from ..progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_search(strategy_cls, base_params: dict[str, Any], search: SearchConfig, 
     """
     import optuna
 
-    from .strategies.training import on_epoch
+    from ..strategies.training import on_epoch
     from .study import set_seed
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

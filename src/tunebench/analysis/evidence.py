@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import CostConfig
-from .errors import StoreError
-from .evaluation.consistency import agreement
-from .evaluation.cost import Pricing, break_even, price
-from .evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, metric_fn
+from ..config import CostConfig
+from ..errors import StoreError
+from ..evaluation.consistency import agreement
+from ..evaluation.cost import Pricing, break_even, price
+from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, metric_fn
 from .leaderboard import SECONDARY, cv_summary, default_metric
-from .store import Store
+from ..store.results import Store
 
 log = logging.getLogger(__name__)
 

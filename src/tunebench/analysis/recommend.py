@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .analysis import PROMPTING, Evidence, Group
-from .config import CostConfig
+from .evidence import PROMPTING, Evidence, Group
+from ..config import CostConfig
 
 
 @dataclass

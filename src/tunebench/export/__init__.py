@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CapabilityError, TunebenchError
+from ..errors import CapabilityError, TunebenchError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def weights_kind(strategy: str, params: dict | None = None) -> str:
         return _WEIGHTS.get((params or {}).get("tune", "lora"), "full")
     if strategy in _WEIGHTS:
         return _WEIGHTS[strategy]
-    from .strategies import registry  # a strategy added later: its family says whether weights changed
+    from ..strategies import registry  # a strategy added later: its family says whether weights changed
 
     try:
         return "prompt" if registry.get(strategy).family == "prompting" else "full"
@@ -137,7 +137,7 @@ def check_out_dir(path: str | Path, force: bool = False) -> None:
 # ---- the entry point ------------------------------------------------------------------------------------
 def export_trial(loaded, out_dir: str | Path, fmt: str, *, force: bool = False, per_channel: bool = True,
                  status: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a loaded trial (:func:`tunebench.artifacts.load_trial`) to ``out_dir`` in format ``fmt``.
+    """Export a loaded trial (:func:`tunebench.analysis.selection.load_trial`) to ``out_dir`` in format ``fmt``.
 
     ``per_channel`` quantizes ONNX weights per output channel (else per tensor: on SST-2 per channel kept the
     int8 model's accuracy within 0.1 point of fp32, per tensor lost 0.3). ``status`` receives a
@@ -196,9 +196,9 @@ def _files(directory: Path) -> list[dict]:
 
 # ---- the writers ----------------------------------------------------------------------------------------
 def _predictor_classes():
-    from .strategies.causal import CausalPredictor
-    from .strategies.prompting import EmbeddingPredictor
-    from .strategies.training import ClassifierPredictor
+    from ..strategies.causal import CausalPredictor
+    from ..strategies.prompting import EmbeddingPredictor
+    from ..strategies.training import ClassifierPredictor
 
     return ClassifierPredictor, CausalPredictor, EmbeddingPredictor
 
@@ -582,7 +582,7 @@ def _base_model(loaded) -> dict:
     path = mc.path
     info = {"backend": mc.backend, "path": path, "id": getattr(loaded.backend, "model_id", path)}
     if mc.backend == "encoder" and path == "default":
-        from .backends.encoder import default_model_dir
+        from ..backends.encoder import default_model_dir
 
         info.update(path=str(default_model_dir()), hub_id="sentence-transformers/all-MiniLM-L6-v2")
     elif mc.backend == "openai":
@@ -597,7 +597,7 @@ def _manifest(loaded, fmt: str, info: dict, staging: Path) -> dict:
     import peft
     import transformers
 
-    from . import __version__
+    from ..version import __version__
 
     row = loaded.row
     record = row.get("record") or {}

@@ -58,7 +58,7 @@ def api_keys(key_file: Path | None, *, no_auth: bool, host: str) -> set[str] | N
 def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool, raw: bool = False,
                  metric: str | None = None) -> Engine:
     """The engine for a stored trial: its task endpoint, or with ``raw`` its tuned LM as a plain model."""
-    from ..artifacts import load_trial
+    from ..analysis.selection import load_trial
     from ..errors import CapabilityError
 
     loaded = load_trial(store_root, study, trial, best=best, metric=metric)

@@ -16,19 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .backends import Backend, load_backend
-from .config import SearchConfig, StudyConfig
-from .data import Split, TaskData, concat, load_task, stratified_folds, stratified_order, stratified_split
-from .errors import ConfigError, TunebenchError
-from .evaluation.cost import PeakMemory, latency_ms
-from .evaluation.consistency import measure
-from .evaluation.metrics import classification_metrics, generation_item_scores, generation_metrics
-from .textfmt import render
-from .progress import StudyReporter
-from .store import Store
-from .strategies import StrategyConfig, registry
-from .strategies.base import PromptConfig
+from ..version import __version__
+from ..backends import Backend, load_backend
+from ..config import SearchConfig, StudyConfig
+from ..config.metrics import headline_metrics
+from ..data import Split, TaskData, concat, load_task, stratified_folds, stratified_order, stratified_split
+from ..errors import ConfigError, TunebenchError
+from ..evaluation.cost import PeakMemory, latency_ms
+from ..evaluation.consistency import measure
+from ..evaluation.metrics import classification_metrics, generation_item_scores, generation_metrics
+from ..textfmt import render
+from ..progress import StudyReporter
+from ..store.results import Store
+from ..strategies import StrategyConfig, registry
+from ..strategies.base import PromptConfig
+from ..strategies.resolve import resolve_entries, shared_params
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +136,11 @@ class Study:
         several = len(models) > 1
         trials, seen = [], set()
         resolved: dict[str, str] = {}
-        entries = self.config.resolved_entries()
+        entries = resolve_entries(self.config)
         for i, ((name, config, only), entry) in enumerate(zip(entries, self.config.strategies)):
             search = entry.search
             cls = registry.get(name)
-            baseline = cls.config_from_dict(self.config.shared_params(cls)).to_dict()
+            baseline = cls.config_from_dict(shared_params(self.config, cls)).to_dict()
             targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
             for model in targets:
                 for written in cls.expand(config):
@@ -189,7 +191,7 @@ class Study:
         if not isinstance(self.store, Store):
             self.unchecked_prompts.append(f"{where}: {ref}")
             return None
-        from .prompt_registry import PromptRegistry, backfill
+        from ..store.prompts import PromptRegistry, backfill
 
         if not resolved:  # a store written before the registry: its templates become referable
             backfill(self.store)
@@ -424,12 +426,6 @@ class Study:
         finally:
             self.reporter.advance()
             self.reporter.stop()
-
-
-def headline_metrics(metrics: dict) -> list[str]:
-    """The metrics a one-line summary shows: accuracy and macro-F1, or exact match, token F1 and ROUGE-L."""
-    keys = ("accuracy", "macro_f1") if "accuracy" in metrics else ("exact_match", "token_f1", "rouge_l")
-    return [k for k in keys if k in metrics]
 
 
 def token_stats(prompt: list[int], completion: list[int]) -> dict[str, float]:

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .errors import StoreError
+from ..errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Store:
         ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split.
         Row, items, test set and the registry entries of the templates the trial used (see
         :mod:`tunebench.prompt_registry`) are written in one transaction."""
-        from .prompt_registry import record_trial
+        from .prompts import record_trial
 
         final = None
         if staged is not None:

@@ -27,21 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, StoreError
+from ..config.metrics import headline_metrics
+from ..errors import ConfigError, StoreError
+from ..prompts import check_name, parse_ref
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .results import Store
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = r"[A-Za-z0-9_.\-/]+"
-_NAME = re.compile(rf"^{NAME_PATTERN}$")
 KINDS = ("prompt", "label", "instruction")
 SHORT = 12
 DEFAULT_LABEL_TEMPLATE = "{{ label }}"
@@ -78,26 +78,6 @@ def content_hash(template: str) -> str:
     return hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
-def check_name(name: str) -> str:
-    """A registry name: letters, digits, ``_ . - /``; ``/`` separates folders (no empty, ``.`` or ``..`` parts)."""
-    parts = name.split("/")
-    if not _NAME.match(name) or any(p in ("", ".", "..") for p in parts):
-        raise ConfigError(f"prompt name {name!r}: use letters, digits and _ . - / (folders separated by /, "
-                          "no empty, '.' or '..' parts), e.g. support-intent or team/support-intent")
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """``NAME[@VERSION]`` -> ``(name, selector)``; the selector is ``latest``, a number or ``#hashprefix``."""
-    name, _, selector = ref.strip().partition("@")
-    selector = selector or "latest"
-    check_name(name)
-    if not (selector == "latest" or selector.isdigit() or re.fullmatch(r"#[0-9a-fA-F]+", selector)):
-        raise ConfigError(f"prompt reference {ref!r}: after '@' give a version number, 'latest' or '#' and a hash "
-                          "prefix, e.g. support-intent@3, support-intent@latest or support-intent@#1a2b3c")
-    return name, selector
-
-
 def _version(row: sqlite3.Row | tuple) -> PromptVersion:
     return PromptVersion(*tuple(row))
 
@@ -125,7 +105,7 @@ def register_in(con: sqlite3.Connection, name: str, template: str, kind: str = "
 
 
 def _builtin_names() -> dict[str, str]:
-    from .prompts import default_template
+    from ..prompts import default_template
 
     out = {}
     for task_type in ("classification", "generation"):
@@ -157,8 +137,6 @@ def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
         if ref:
             out.append((parse_ref(ref)[0], text, "prompt", where))
         elif builtin:
-            from . import __version__
-
             out.append((builtin, text, "prompt", f"tunebench {__version__}"))
         else:
             out.append((f"{study}.{strategy}", text, "prompt", where))
@@ -172,9 +150,7 @@ def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
         out = []
         for t in params["label_templates"]:
             if t == DEFAULT_LABEL_TEMPLATE:
-                from . import __version__
-
-                out.append(("builtin.label", t, "label", f"tunebench {__version__}"))
+                    out.append(("builtin.label", t, "label", f"tunebench {__version__}"))
             else:
                 out.append((f"{study}.{strategy}.label", t, "label", where))
         return out
@@ -218,8 +194,6 @@ def backfill(store: Store) -> int:
 
 def score_of(metrics: dict) -> tuple[str | None, float | None]:
     """The headline test metric of a trial (accuracy, or the first generation metric it has) and its value."""
-    from .study import headline_metrics
-
     keys = headline_metrics(metrics)
     return (keys[0], metrics[keys[0]]) if keys else (None, None)
 

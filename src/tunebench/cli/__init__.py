@@ -16,9 +16,11 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import DEFAULT_STORE, StudyConfig, load_study
-from .errors import TunebenchError
-from .progress import StudyReporter
+from ..config import DEFAULT_STORE, StudyConfig
+from ..config.metrics import headline_metrics
+from ..runner import load_study
+from ..errors import TunebenchError
+from ..progress import StudyReporter
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -76,8 +78,6 @@ class RichReporter(StudyReporter):
         self.progress.update(self.trials_task, completed=index - 1, description=f"trial {index}/{total}")
 
     def trial_finished(self, row):
-        from .study import headline_metrics
-
         m, c = row["metrics"], row["cost"]
         shown = ", ".join(f"{k.replace('_', '-')} {m[k]:.3f}" for k in headline_metrics(m))
         if m.get("format_failure_rate"):
@@ -115,7 +115,7 @@ def _fmt_params(n: int) -> str:
 
 
 def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console) -> None:
-    from .leaderboard import leaderboard
+    from ..analysis.leaderboard import leaderboard
 
     board = leaderboard(rows, metric)
     table = Table(title=f"{name}: {metric} on test (mean ± std over seeds)", title_justify="left")
@@ -139,8 +139,8 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
 
 def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool,
                with_report: bool = False) -> None:
-    from .store import Store
-    from .study import Study, trial_json
+    from ..store.results import Store
+    from ..runner.study import Study, trial_json
 
     study_store = Store(store if store is not None else cfg.store_path(base))
     with RichReporter(err) as reporter:
@@ -155,8 +155,8 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
             raise typer.Exit(EXIT_INTERRUPTED) from None
     report = None
     if with_report and rows:
-        from .analysis import analyze
-        from .recommend import Constraints
+        from ..analysis.evidence import analyze
+        from ..analysis.recommend import Constraints
 
         report = _write_report(analyze(study_store, cfg.name), Constraints(), None, study_store.root)
     if as_json:
@@ -168,7 +168,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
             doc["recommendation"] = report["recommendation"]
         sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
     else:
-        from .leaderboard import default_metric
+        from ..analysis.leaderboard import default_metric
 
         print_leaderboard(cfg.name, rows, default_metric(rows), out)
         out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
@@ -282,9 +282,9 @@ def show(study: str = typer.Argument(..., help="Study name or study YAML."), sto
          as_json: bool = JsonOpt) -> None:
     """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
     _setup_logging(False)
-    from .leaderboard import default_metric, leaderboard
-    from .store import Store
-    from .study import trial_json
+    from ..analysis.leaderboard import default_metric, leaderboard
+    from ..store.results import Store
+    from ..runner.study import trial_json
 
     try:
         if metric is not None and metric not in METRICS:
@@ -334,10 +334,10 @@ ApiPriceOpt = typer.Option(None, "--api-price", help="MODEL=IN/OUT: price a mode
 def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optional[str], volume, horizon, latency,
                               min_quality, budget, changes_often, train_rate, serve_rate, concurrency, api_price):
     """Open the store, analyse the study with the (overridden) cost table, parse the constraints."""
-    from .analysis import analyze
-    from .config import ApiPrice, CostConfig
-    from .recommend import Constraints, parse_amount
-    from .store import Store
+    from ..analysis.evidence import analyze
+    from ..config import ApiPrice, CostConfig
+    from ..analysis.recommend import Constraints, parse_amount
+    from ..store.results import Store
 
     if metric is not None and metric not in METRICS:
         raise TunebenchError(f"--metric: '{metric}' is not one of {', '.join(METRICS)}")
@@ -396,8 +396,8 @@ def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optiona
 
 
 def _write_report(evidence, constraints, out_dir: Optional[Path], store_root: Path) -> dict:
-    from . import report
-    from .recommend import recommend as make_recommendation
+    from .. import report
+    from ..analysis.recommend import recommend as make_recommendation
 
     rec = make_recommendation(evidence, constraints)
     target = out_dir or store_root / "reports" / evidence.study
@@ -452,7 +452,7 @@ def recommend_cmd(study: str = typer.Argument(..., help="Study name or study YAM
     """Which approach to ship under your constraints, ranked, with reasons; says 'tie' or 'not enough evidence'
     when that is the truth."""
     _setup_logging(False)
-    from .recommend import recommend as make_recommendation
+    from ..analysis.recommend import recommend as make_recommendation
 
     try:
         ev, constraints, _ = _evidence_and_constraints(study, store, metric, volume, horizon, latency, min_quality,
@@ -510,7 +510,7 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
     _setup_logging(verbose)
     import uvicorn
 
-    from .serving import Limits, api_keys, create_app, lm_engine, trial_engine
+    from ..serve import Limits, api_keys, create_app, lm_engine, trial_engine
 
     try:
         if (model_path is None) == (study is None):
@@ -546,9 +546,9 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
 def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: bool = JsonOpt) -> None:
     """Check a study's config and data without training anything."""
     _setup_logging(False)
-    from .study import Study
+    from ..runner.study import Study
 
-    from .store import Store
+    from ..store.results import Store
 
     try:
         cfg, base = load_study(study)
@@ -586,7 +586,7 @@ class _NoStore:
 def list_studies(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """List the studies in a results store."""
     _setup_logging(False)
-    from .store import Store
+    from ..store.results import Store
 
     try:
         st = Store(store or Path(DEFAULT_STORE), create=False)
@@ -609,7 +609,7 @@ def strategies() -> None:
     """List the registered strategies and their parameters."""
     import dataclasses
 
-    from .strategies import registry
+    from ..strategies import registry
 
     for name, cls in registry.all().items():
         out.print(f"[bold]{name}[/] ({cls.family}): {(cls.config_cls.__doc__ or '').strip()}")
@@ -635,9 +635,9 @@ def export_cmd(study: str = typer.Argument(..., help="Study name or study YAML."
     """Export a trial: its adapter (PEFT), its weights merged into the base model, or ONNX with int8 quantization;
     each export carries a model card (README.md) with the trial's task, metrics and config."""
     _setup_logging(verbose)
-    from .artifacts import find_trial, load_trial
-    from .export import FORMATS, check_format, check_out_dir, default_out_dir, export_trial
-    from .store import Store
+    from ..analysis.selection import find_trial, load_trial
+    from ..export import FORMATS, check_format, check_out_dir, default_out_dir, export_trial
+    from ..store.results import Store
 
     try:
         if fmt not in FORMATS:
@@ -696,8 +696,8 @@ RegistryStoreOpt = typer.Option(None, "--store", help=f"Results directory (defau
 
 def _registry(store: Optional[Path], create: bool = False):
     """The store's registry, with trials stored before the registry existed linked to their templates."""
-    from .prompt_registry import PromptRegistry, backfill
-    from .store import Store
+    from ..store.prompts import PromptRegistry, backfill
+    from ..store.results import Store
 
     st = Store(store or Path(DEFAULT_STORE), create=create)
     backfill(st)
@@ -892,8 +892,8 @@ def prompts_import(files: list[Path] = typer.Argument(..., help="Template files 
     """Register the text of template files: new text becomes a new version, text already there gives its version."""
     import yaml
 
-    from .prompt_registry import content_hash
-    from .prompts import PromptTemplate
+    from ..store.prompts import content_hash
+    from ..prompts import PromptTemplate
 
     _setup_logging(False)
     results = []

@@ -1,0 +1,19 @@
+"""Study configuration: pydantic data and YAML loading with line numbers. Imports no strategy and no backend.
+
+Example:
+    >>> cfg, base, _ = read_study("study.yaml")  # doctest: +SKIP
+    >>> cfg.task.type
+    'classification'
+"""
+
+from .base import _Strict
+from .costs import ApiPrice, CostConfig
+from .loading import error_at, parse_study, read_study
+from .models import ModelConfig
+from .search import SearchConfig
+from .study import DEFAULT_STORE, PERTURBATION_KINDS, ConsistencyConfig, StrategyEntry, StudyConfig
+from .task import DataFiles, LabelSpec, SplitConfig, TaskConfig
+
+__all__ = ["ApiPrice", "ConsistencyConfig", "CostConfig", "DEFAULT_STORE", "DataFiles", "LabelSpec", "ModelConfig",
+           "PERTURBATION_KINDS", "SearchConfig", "SplitConfig", "StrategyEntry", "StudyConfig", "TaskConfig",
+           "_Strict", "error_at", "parse_study", "read_study"]

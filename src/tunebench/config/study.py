@@ -1,0 +1,145 @@
+"""The study: a task, models, the strategies to compare, seeds, train sizes, consistency and costs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import _Strict
+from .costs import CostConfig
+from .models import ModelConfig
+from .search import SearchConfig
+from .task import TaskConfig
+
+DEFAULT_STORE = "tunebench-runs"
+
+
+class StrategyEntry(_Strict):
+    """One rung of the ladder: a registered strategy name, its parameters and (optionally) the models it runs on."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] | None = Field(None, description="Names of the study's models to run on (default: every "
+                                     "model whose backend the strategy supports).")
+    search: SearchConfig | None = Field(None, description="Hyperparameter search over this strategy's parameters; "
+                                        "the best configuration is refit and scored once on test.")
+
+
+PERTURBATION_KINDS = ("case", "punctuation", "whitespace", "typo", "synonym")
+
+
+class ConsistencyConfig(_Strict):
+    """How stable each trial's predictions are: under meaning-preserving edits and across samples."""
+
+    perturbations: list[Literal["case", "punctuation", "whitespace", "typo", "synonym"]] = Field(
+        default_factory=lambda: list(PERTURBATION_KINDS),
+        description="Edits applied to test inputs; the label-flip rate is measured for each ([] turns this off).")
+    max_items: int = Field(200, ge=1, description="Test items perturbed (the first N; bounds the extra inference).")
+    samples: int = Field(5, ge=2, description="Samples per input for sampled generation (temperature > 0).")
+
+
+class StudyConfig(_Strict):
+    """A study: a task, a model, the strategies to compare, seeds and train sizes."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    task: TaskConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    models: list[ModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
+    strategies: list[StrategyEntry]
+    training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"], min_length=1)
+    store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    costs: CostConfig = Field(default_factory=CostConfig)
+    cv: int | None = Field(None, ge=2, description="k-fold cross-validation over train + dev (stratified): each "
+                           "trial also reports mean ± std over k folds; test is still scored once per final model.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategies(cls, v: Any) -> Any:
+        if not isinstance(v, list) or not v:
+            raise ValueError("give a non-empty list such as [zero_shot: {}, lora: {r: 8}]")
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                out.append({"name": item, "params": {}})
+            elif isinstance(item, dict) and len(item) == 1:
+                (name, params), = item.items()
+                params = dict(params or {}) if isinstance(params, dict) else params
+                models = params.pop("models", None) if isinstance(params, dict) else None
+                search = params.pop("search", None) if isinstance(params, dict) else None
+                if isinstance(models, str):
+                    models = [models]
+                out.append({"name": name, "params": params if params is not None else {}, "models": models,
+                            "search": search})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _sizes(cls, v: list) -> list:
+        if any(isinstance(s, int) and s < 1 for s in v):
+            raise ValueError("train sizes must be positive integers or 'all'")
+        return v
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if not isinstance(v, list) or not v:
+            raise ValueError("give a non-empty list of models")
+        return [{"path": m} if isinstance(m, str) else m for m in v]
+
+    @model_validator(mode="after")
+    def _check_models(self) -> StudyConfig:
+        if self.models is not None and "model" in self.model_fields_set:
+            raise ValueError("give either 'model' or 'models', not both")
+        names = [m.name for m in self.all_models()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique; got {names} (set 'name' on each model)")
+        for i, entry in enumerate(self.strategies):
+            unknown = [m for m in entry.models or [] if m not in names]
+            if unknown:
+                raise ValueError(f"strategies[{i}] ({entry.name}): unknown model(s) {unknown}; the study's models "
+                                 f"are {names}")
+        unpriced = sorted(set(self.costs.api) - set(names))
+        if unpriced:
+            raise ValueError(f"costs.api: no model named {unpriced} in this study (its models are {names})")
+        searched = [f"strategies[{i}] ({e.name})" for i, e in enumerate(self.strategies) if e.search is not None]
+        if self.cv is not None and searched:
+            raise ValueError(f"cv with a search ({', '.join(searched)}) would need nested cross-validation, which "
+                             "tunebench does not run; drop cv or the search")
+        return self
+
+    def all_models(self) -> list[ModelConfig]:
+        """The study's models, each with a name (default: from its path, or its backend)."""
+        models = self.models if self.models is not None else [self.model]
+        out = []
+        for m in models:
+            if m.name is None:
+                if m.backend == "openai":
+                    default = re.sub(r"[^A-Za-z0-9_.\-]+", "-", m.model or "openai").strip("-") or "openai"
+                else:
+                    default = "default" if m.path == "default" else Path(m.path.rstrip("/")).name or m.backend
+                m = m.model_copy(update={"name": default})
+            out.append(m)
+        return out
+
+    def store_path(self, base_dir: str | Path = ".") -> Path:
+        """The results directory: a ``store`` written in the study is relative to the study file, the default
+        (``./tunebench-runs``) to the current directory."""
+        path = Path(self.store).expanduser()
+        if "store" in self.model_fields_set and not path.is_absolute():
+            return Path(base_dir) / path
+        return path

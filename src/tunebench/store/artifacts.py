@@ -1,0 +1,67 @@
+"""Loading a stored trial back as a working predictor (what ``serve`` and ``export`` start from)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backends import load_backend
+from ..config import ModelConfig, StudyConfig
+from ..errors import StoreError
+from ..strategies import load_predictor
+from .results import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedTrial:
+    """A stored trial with its model loaded: the backend, the predictor rebuilt from its artifact, its facts."""
+
+    study: str
+    row: dict
+    model_config: ModelConfig
+    backend: Any
+    predictor: Any
+    task_type: str
+    task: dict
+    artifact: Path
+
+    @property
+    def key(self) -> str:
+        return self.row["key"]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.predictor.labels)
+
+    @property
+    def name(self) -> str:
+        """The id clients use (``model`` in OpenAI requests): the study and the trial's short key."""
+        return f"{self.study}:{self.key[:8]}"
+
+
+def open_trial(store: Store, study: str, row: dict, backend=None) -> LoadedTrial:
+    """Load the stored trial ``row`` of ``study``: its model (``backend`` may be passed when already loaded) and
+    its predictor rebuilt from the artifact. Choosing the row is the read side's job
+    (:func:`tunebench.analysis.selection.find_trial`)."""
+    doc = store.study_config(study)["config"]
+    try:
+        cfg = StudyConfig.model_validate(doc)
+    except Exception as exc:  # a store written by another version
+        raise StoreError(f"study '{study}': its stored config no longer validates: {exc}") from None
+    models = {m.name: m for m in cfg.all_models()}
+    model_name = row["record"].get("model") or next(iter(models))
+    if model_name not in models:
+        raise StoreError(f"trial {row['key'][:8]}: its model '{model_name}' is not in the study's config any more")
+    if not row.get("artifact"):
+        raise StoreError(f"trial {row['key'][:8]} ({row['label']}) has no saved artifact")
+    artifact = store.root / row["artifact"]
+    mc = models[model_name]
+    if backend is None:
+        backend = load_backend(mc)
+    predictor = load_predictor(artifact, backend)
+    log.info("loaded trial %s (%s) from %s", row["key"][:8], row["label"], artifact)
+    return LoadedTrial(study, row, mc, backend, predictor, cfg.task.type, cfg.task.model_dump(), artifact)
