@@ -252,7 +252,8 @@ def test_cv_reports_fold_scores_and_scores_test_once(tmp_path, toy_files, tiny_m
     from typer.testing import CliRunner
 
     from tunebench.cli import app
-    from tunebench.runner.study import CV_SELECTION, Study
+    from tunebench.runner import Study
+    from tunebench.runner.cv import CV_SELECTION
 
     doc = study_dict(tmp_path, toy_files, tiny_model_dir, [{"linear_probe": {"epochs": 2}}], cv=3)
     plain_key = Study(parse_study({**doc, "cv": None}), base_dir=tmp_path).plan()[0].key

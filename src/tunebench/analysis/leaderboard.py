@@ -63,3 +63,12 @@ def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
         })
     out.sort(key=lambda e: (-e["train_size"], -(e["quality_mean"] if e["quality_mean"] == e["quality_mean"] else -1)))
     return out
+
+
+def trial_json(row: dict) -> dict:
+    """The public JSON shape of one stored trial (``tunebench run --json``)."""
+    return {"strategy": row["strategy"], "label": row["label"], "family": row["family"], "params": row["params"],
+            "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
+            "history": row["history"], "artifact": row["artifact"], "key": row["key"],
+            "prompt": row["record"].get("prompt"), "model": row["record"].get("model"),
+            "search": row["record"].get("search")}

@@ -1,7 +1,7 @@
 """Hyperparameter search: Optuna TPE over one strategy's parameters, median pruning on per-epoch dev scores.
 
-Every configuration is adapted on the trial's train data with the trial's seed and scored on dev; the study refits
-the best one and scores it once on test (see ``Study._run_trial``). What the search optimises is the same for
+Every configuration is adapted on the trial's train data with the trial's seed and scored on dev; the runner refits
+the best one and scores it once on test (see :func:`tunebench.runner.execute.execute`). What the search optimises is the same for
 every strategy: the adapted predictor's predictions on dev, scored with ``SearchConfig.metric`` (default:
 accuracy for classification, token F1 of the generated answers for generation). Pruning compares, epoch by
 epoch, the score :func:`~tunebench.strategies.training.fit` selects epochs on (dev ``metric`` where the loop
@@ -23,6 +23,8 @@ from ..config import SearchConfig
 from ..data import Split, TaskData
 from ..evaluation.metrics import classification_metrics, generation_metrics
 from ..progress import NULL_REPORTER, Reporter
+from ..strategies.training import on_epoch
+from .spec import set_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,7 @@ def run_search(strategy_cls, base_params: dict[str, Any], search: SearchConfig, 
     trials give the same trace. ``search.seconds`` stops the search once the budget is spent (the running
     configuration finishes first).
     """
-    import optuna
-
-    from ..strategies.training import on_epoch
-    from .study import set_seed
+    import optuna  # heavy: optuna loads only when a study searches
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task_type = task.task.type
@@ -149,7 +148,7 @@ def run_search(strategy_cls, base_params: dict[str, Any], search: SearchConfig, 
 
 
 def _trace_entry(t) -> dict:
-    import optuna
+    import optuna  # heavy: optuna loads only when a study searches
 
     state = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(t.state, "failed")
     score = t.value if state == "complete" else (t.intermediate_values[max(t.intermediate_values)]

@@ -1,0 +1,136 @@
+"""``execute``: run one trial from its spec: adapt (searching first when asked), measure, save the artifact.
+
+No store access: the result is handed to :func:`tunebench.runner.commit.commit` by whoever drives the study, so
+the same function runs in this process, in a Ray worker or in a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backends import Backend, load_backend
+from ..config import StudyConfig
+from ..config.metrics import headline_metrics
+from ..data import Split, TaskData
+from ..evaluation.cost import PeakMemory
+from ..evaluation.measure import Measurement, cost_of, measure, versions
+from ..progress import StudyReporter
+from .cv import cross_validate
+from .search import run_search
+from .spec import TrialSpec, set_seed, train_subset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    """A finished trial, ready to commit: its row, per-item results, test truth and where its artifact is."""
+
+    row: dict
+    items: dict
+    test_set: tuple[str, dict]  # (test fingerprint, truth)
+    artifact_dir: Path | None  # None where this process does not write (non-main ranks)
+
+
+def is_main_process() -> bool:
+    """False only in the non-zero ranks of a multi-process (``accelerate launch``) run."""
+    from accelerate import PartialState  # heavy: initialises the distributed state only when a trial runs
+
+    return PartialState().is_main_process
+
+
+def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: Path | None, *,
+            backend: Backend | None = None, reporter: StudyReporter | None = None) -> TrialResult:
+    """Run ``spec`` on ``data`` and write its predictor into ``artifact_dir`` (None: measure only)."""
+    reporter = reporter or StudyReporter()
+    if backend is None:
+        backend = load_backend({m.name: m for m in study.all_models()}[spec.model])
+    set_seed(spec.seed)
+    cls = spec.strategy_cls
+    cv, cv_s = None, 0.0
+    if spec.cv is not None:
+        t0 = time.perf_counter()
+        cv, train, dev = cross_validate(spec, data, backend, reporter)
+        cv_s = time.perf_counter() - t0
+        set_seed(spec.seed)
+    else:
+        train, dev = train_subset(spec, data.train), data.dev
+    config, searched, search_s = spec.config, None, 0.0
+    with PeakMemory(backend.device) as mem:
+        if spec.search is not None:  # the search is part of adapting: its time is the approach's cost
+            searched = run_search(cls, spec.config.to_dict(), spec.search, backend, data, train, dev, spec.seed,
+                                  reporter)
+            search_s = searched.seconds
+            config = cls.config_from_dict(searched.best_params)
+            set_seed(spec.seed)  # the refit is seeded exactly like an unsearched trial
+        t0 = time.perf_counter()
+        predictor = cls(config, seed=spec.seed, reporter=reporter).adapt(backend, data, train=train, dev=dev)
+        adapt_s = time.perf_counter() - t0
+        m = measure(predictor, data, seed=spec.seed, consistency=study.consistency, clock=time.perf_counter,
+                    reporter=reporter)
+    result = getattr(predictor, "train_result", None)
+    cost = cost_of(m, train_result=result, adapt_s=adapt_s, search_s=search_s, peak_mb=mem.peak_mb)
+    row = _row(spec, study, data, backend, predictor, m, cost, config=config, train=train, searched=searched,
+               search_s=search_s, cv=cv, cv_s=cv_s)
+    written = None
+    if artifact_dir is not None and is_main_process():  # under `accelerate launch`, one process writes
+        predictor.save(artifact_dir)
+        written = artifact_dir
+    log.info("trial %s seed=%d n=%d: %s", spec.name, spec.seed, row["train_size"],
+             ", ".join(f"{k} {m.metrics[k]:.4f}" for k in headline_metrics(m.metrics)))
+    return TrialResult(row, m.items, (data.fingerprints()["test"], m.truth), written)
+
+
+def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, predictor, m: Measurement,
+         cost: dict[str, Any], *, config, train: Split, searched, search_s: float, cv: dict | None,
+         cv_s: float) -> dict:
+    """The stored row: what ran (params actually fit), how it scored, what it cost, and its record."""
+    cls = spec.strategy_cls
+    metrics = m.metrics
+    if searched is not None:
+        cost.update({"search_seconds": round(search_s, 4), "search_trials": searched.n_trials})
+    prompt_searched = getattr(predictor, "search_trace", None)  # prompt_search: every candidate it scored
+    if prompt_searched:  # its search is inside adapt, so already in train_seconds
+        cost["prompt_search_calls"] = int(prompt_searched["calls"])
+        cost["prompt_search_seconds"] = round(float(prompt_searched["seconds"]), 4)
+        metrics["dev_score"] = prompt_searched["best_dev_score"]
+    if cv is not None:
+        metrics["cv"] = cv
+        cost["cv_seconds"] = round(cv_s, 4)  # measurement, not the approach's cost: not in train_seconds
+    result = getattr(predictor, "train_result", None)
+    if result:
+        best = result.history[result.best_epoch - 1]
+        metrics.update({k: v for k, v in best.items() if k.startswith("dev_")})
+    family = cls.family
+    if family == "prompting" and getattr(backend.config, "tuned", None):  # prompting a model tuned elsewhere
+        family = "hybrid"
+    train_size = (len(train) if cv is not None or not spec.train_size else spec.train_size) if cls.uses_train else 0
+    return {"key": spec.key, "study": spec.study, "strategy": spec.strategy, "family": family,
+            "label": spec.name, "params": config.to_dict(), "seed": spec.seed, "train_size": train_size,
+            "train_size_spec": spec.train_size_spec, "metrics": metrics, "cost": cost,
+            "history": result.history if result else [],
+            "record": _record(spec, study, data, backend, predictor, m, searched, prompt_searched)}
+
+
+def _record(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, predictor, m: Measurement,
+            searched, prompt_searched: dict | None) -> dict:
+    """What the trial ran on and with: config, backend, versions, data fingerprints and checks, the prompt."""
+    records = data.test.records()
+    result = getattr(predictor, "train_result", None)
+    record = {"config": study.model_dump(), "backend": backend.describe(), "versions": versions(),
+              "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
+              "best_epoch": result.best_epoch if result else None, "n_test": len(records),
+              "prompt": predictor.prompt_info(records[0]) if records else None,
+              "model": spec.model, "consistency": m.consistency}
+    if searched is not None:
+        record["search"] = searched.to_dict(spec.search)
+    if prompt_searched:
+        record["prompt_search"] = prompt_searched
+    if m.output.generated is not None:
+        record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
+                                    zip(records[:3], m.output.generated[:3])]
+    return record

@@ -1,0 +1,86 @@
+"""Executors run planned trials and hand back results; the driver commits them.
+
+An executor gets the pending specs and what every trial needs (the study config and the checked task data) and
+yields one :class:`Outcome` per trial as it finishes. It never writes the store: the driver
+(:class:`tunebench.runner.Study`) commits each result as it arrives, so a driver killed at any moment keeps every
+trial already committed. :class:`LocalExecutor` runs them one after another in this process; a cluster executor
+(Ray) implements the same interface, running :func:`~tunebench.runner.execute.execute` on workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+from ..backends import Backend, load_backend
+from ..config import StudyConfig
+from ..data import TaskData
+from ..errors import TunebenchError
+from ..progress import StudyReporter
+from .execute import TrialResult, execute
+from .spec import TrialSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """One trial's end: a result to commit, or the error it failed with (the others go on)."""
+
+    spec: TrialSpec
+    result: TrialResult | None = None
+    error: BaseException | None = None
+
+
+class Executor(Protocol):
+    """Runs trials. ``staging(key)`` gives the directory a trial's artifact is written to before its commit."""
+
+    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData,
+            staging: Callable[[str], Path]) -> Iterator[Outcome]: ...
+
+
+class LocalExecutor:
+    """Trials one after another in this process; models load once and are shared by the trials that use them.
+
+    ``backend`` (optional) serves every model of a single-model study (tests, the Python API).
+    """
+
+    def __init__(self, reporter: StudyReporter | None = None, backend: Backend | None = None):
+        self.reporter = reporter or StudyReporter()
+        self.backends: dict[str, Backend] = {}
+        self.backend = backend
+
+    def backend_for(self, study: StudyConfig, model: str) -> Backend:
+        if self.backend is not None:
+            return self.backend
+        if model not in self.backends:
+            self.backends[model] = load_backend({m.name: m for m in study.all_models()}[model])
+        return self.backends[model]
+
+    def preflight(self, specs: Iterable[TrialSpec], study: StudyConfig) -> None:
+        """Load models and check capabilities, lengths and model preparation once per strategy and model: before
+        any work, so a study that cannot run fails at once."""
+        checked = set()
+        for spec in specs:
+            backend = self.backend_for(study, spec.model)
+            if (spec.name, spec.model) not in checked:
+                checked.add((spec.name, spec.model))
+                spec.strategy_cls(spec.config).preflight(backend, study.task.type)
+
+    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData,
+            staging: Callable[[str], Path]) -> Iterator[Outcome]:
+        self.preflight(specs, study)
+        for i, spec in enumerate(specs, 1):
+            self.reporter.trial_started(i, len(specs), spec.describe())
+            try:
+                result = execute(spec, study, data, staging(spec.key), backend=self.backend_for(study, spec.model),
+                                 reporter=self.reporter)
+            except (TunebenchError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # one broken trial must not lose the others
+                log.exception("trial %s failed", spec.name)
+                yield Outcome(spec, error=exc)
+                continue
+            yield Outcome(spec, result=result)

@@ -1,0 +1,131 @@
+"""``plan``: a study's trials, in order, each with a key that changes when anything that matters changes.
+
+Pure: it reads the config, the data fingerprints and (for ``prompt:`` references) the store's prompt registry;
+it runs nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from ..config import StudyConfig
+from ..data import TaskData
+from ..errors import ConfigError, TunebenchError
+from ..store import Store
+from ..store.prompts import PromptRegistry, backfill
+from ..strategies import StrategyConfig, registry
+from ..strategies.base import PromptConfig
+from ..strategies.resolve import resolve_entries, shared_params
+from .spec import TrialSpec, describe_params, trial_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The trials of a study, and the ``prompt:`` references left unresolved for want of a store."""
+
+    trials: list[TrialSpec]
+    unchecked_prompts: list[str]
+
+
+def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan:
+    """Every trial of ``study`` on ``data``; ``prompt:`` references resolve against ``store``'s registry."""
+    _check_cv(study, data)
+    fingerprints = data.fingerprints()
+    models = {m.name: m for m in study.all_models()}
+    several = len(models) > 1
+    prompts = _Prompts(store)
+    trials: list[TrialSpec] = []
+    seen: set[str] = set()
+    for i, ((name, config, only), entry) in enumerate(zip(resolve_entries(study), study.strategies)):
+        cls = registry.get(name)
+        baseline = cls.config_from_dict(shared_params(study, cls)).to_dict()
+        targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
+        for model in targets:
+            for written in cls.expand(config):
+                cfg = prompts.resolve(f"strategies[{i}].{name}", written)
+                label = describe_params(name, written, baseline, entry.search) + (f" @{model.name}" if several else "")
+                params = cfg.to_dict()
+                if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
+                    params.pop("prompt", None)
+                combos = ([(seed, spec) for spec in study.train_sizes for seed in study.seeds] if cls.uses_train
+                          else [(study.seeds[0], "none")])
+                for seed, spec in combos:
+                    n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
+                    ident = {"study": study.name, "strategy": name, "params": params, "seed": seed,
+                             "train_size": n, "model": model.identity(), "data": fingerprints,
+                             "labels": [lab.model_dump() for lab in data.labels]}
+                    if entry.search is not None:  # only when set: keys of existing stores stay valid
+                        ident["search"] = entry.search.model_dump()
+                    if study.cv is not None:
+                        ident["cv"] = study.cv
+                    key = trial_key(ident)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    trials.append(TrialSpec(study.name, name, cfg, seed, str(spec), n, key, label, model.name,
+                                            entry.search, study.cv))
+    return Plan(trials, prompts.unchecked)
+
+
+def _check_cv(study: StudyConfig, data: TaskData) -> None:
+    k = study.cv
+    if k is None:
+        return
+    pool = len(data.train) + len(data.dev)
+    if k > pool // 2:
+        raise ConfigError(f"cv: {k} folds, but train + dev hold only {pool} examples (each fold needs at least "
+                          f"2); use cv: 5 or 10, or at most {max(2, pool // 2)}")
+    if data.test.targets is None:
+        smallest = int(np.bincount(np.concatenate([data.train.labels, data.dev.labels])).min())
+        if smallest < k:
+            log.warning("cv: %d folds but the smallest class has %d examples in train + dev: some folds "
+                        "will not contain it", k, smallest)
+
+
+class _Prompts:
+    """Resolves ``prompt:`` references through the store's registry, once per reference per plan."""
+
+    def __init__(self, store: Store | None):
+        self.store = store
+        self.resolved: dict[str, str] = {}
+        self.unchecked: list[str] = []
+
+    def resolve(self, where: str, cfg: StrategyConfig) -> StrategyConfig:
+        """``cfg`` with the text of its ``prompt:`` reference as its ``template``.
+
+        ``prompt`` stays in the params, so keys change with the reference and with the text it resolves to (an
+        ``@latest`` that moved). A hybrid's reference sits in its ``prompt_params``. Without a store (``validate``
+        given none) references are listed in ``unchecked`` and left unresolved.
+        """
+        prompt_params = getattr(cfg, "prompt_params", None)
+        if isinstance(prompt_params, dict) and prompt_params.get("prompt"):
+            text = self._text(f"{where}.prompt_params.prompt", prompt_params["prompt"])
+            return cfg if text is None else dataclasses.replace(cfg, prompt_params={**prompt_params, "template": text})
+        if isinstance(cfg, PromptConfig) and cfg.prompt:
+            text = self._text(f"{where}.prompt", cfg.prompt)
+            return cfg if text is None else dataclasses.replace(cfg, template=text)
+        return cfg
+
+    def _text(self, where: str, ref: str) -> str | None:
+        if ref in self.resolved:
+            return self.resolved[ref]
+        if not isinstance(self.store, Store):
+            self.unchecked.append(f"{where}: {ref}")
+            return None
+        if not self.resolved:  # a store written before the registry: its templates become referable
+            backfill(self.store)
+        try:
+            pv = PromptRegistry(self.store).get(ref)
+        except TunebenchError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if pv.kind != "prompt":
+            raise ConfigError(f"{where}: {pv.ref} is a {pv.kind} template; prompt: takes a prompt template "
+                              "(`tunebench prompts list` shows each name's kinds)")
+        log.info("%s: %s resolved to %s (#%s)", where, ref, pv.ref, pv.short)
+        self.resolved[ref] = pv.template
+        return pv.template
