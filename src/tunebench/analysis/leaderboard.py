@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..config.metrics import DEFAULT_METRIC, METRICS, task_type_of
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None], dtype=float)
@@ -14,13 +16,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-SECONDARY = {"accuracy": "macro_f1", "macro_f1": "accuracy", "exact_match": "rouge_l", "token_f1": "exact_match",
-             "rouge_l": "exact_match", "bleu": "chrf", "chrf": "bleu"}
+SECONDARY = {name: m.secondary for name, m in METRICS.items() if m.secondary}  # shown beside the sorted metric
 
 
 def default_metric(rows: list[dict]) -> str:
     """accuracy for classification studies, exact_match for generation."""
-    return "exact_match" if rows and "exact_match" in rows[0]["metrics"] else "accuracy"
+    return DEFAULT_METRIC[task_type_of(rows[0]["metrics"]) if rows else "classification"]
 
 
 def cv_summary(rows: list[dict], metric: str) -> dict:

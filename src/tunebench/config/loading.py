@@ -103,9 +103,20 @@ def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = 
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            loc = _without_tags(tuple(err["loc"]))
             field = ".".join(str(p) for p in loc) or "(top level)"
             line = _yaml_line(root, loc) if root is not None else None
             where = f"{source} line {line}" if line else source
             lines.append(f"{where}: {field}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def _without_tags(loc: tuple) -> tuple:
+    """A pydantic error location without the union tag of a model block (``model.causal.path`` → ``model.path``)."""
+    out: list = []
+    for i, part in enumerate(loc):
+        after_model = i > 0 and (loc[i - 1] == "model" or (i > 1 and loc[i - 2] == "models"))
+        if after_model and part in ("encoder", "causal", "openai"):
+            continue
+        out.append(part)
+    return tuple(out)

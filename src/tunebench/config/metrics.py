@@ -22,18 +22,19 @@ class Metric:
     headline: bool = False  # shown in one-line summaries
     searchable: bool = True  # a hyperparameter search may maximise it (an item-level dev score)
     secondary: str | None = None  # shown beside it in the leaderboard
+    per_item: bool = False  # a mean of per-item scores (resampled item by item by the bootstrap)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("accuracy", ("classification",), "share of test items labelled correctly", headline=True,
-           secondary="macro_f1"),
+           secondary="macro_f1", per_item=True),
     Metric("macro_f1", ("classification",), "F1 averaged over classes (each class counts alike)", headline=True,
            secondary="accuracy"),
     Metric("exact_match", ("generation",), "normalised answer equals the reference", headline=True,
-           secondary="rouge_l"),
+           secondary="rouge_l", per_item=True),
     Metric("token_f1", ("generation",), "token overlap F1 with the reference (normalised)", headline=True,
-           secondary="exact_match"),
-    Metric("rouge_l", ("generation",), "ROUGE-L F-measure", headline=True, secondary="exact_match"),
+           secondary="exact_match", per_item=True),
+    Metric("rouge_l", ("generation",), "ROUGE-L F-measure", headline=True, secondary="exact_match", per_item=True),
     Metric("bleu", ("generation",), "corpus BLEU (sacrebleu), as a fraction", secondary="chrf"),
     Metric("chrf", ("generation",), "corpus chrF (sacrebleu), as a fraction", secondary="bleu"),
 )}

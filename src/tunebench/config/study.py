@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import _Strict
 from .costs import CostConfig
-from .models import ModelConfig
+from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .search import SearchConfig
 from .task import TaskConfig
 
@@ -46,8 +46,8 @@ class StudyConfig(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     task: TaskConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    models: list[ModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
+    model: AnyModelConfig = Field(default_factory=EncoderModel)
+    models: list[AnyModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
     strategies: list[StrategyEntry]
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..prompts import normalize
+
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z]+")
@@ -117,8 +119,6 @@ def perturb_records(records: list[dict], kind: str, seed: int, fields: Sequence[
 
 def _same(a, b) -> bool:
     if isinstance(a, str) or isinstance(b, str):
-        from ..prompts import normalize
-
         return normalize(str(a)) == normalize(str(b))
     return int(a) == int(b)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..prompts import normalize
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> np.ndarray:
     """Rows are true labels, columns predicted labels."""
@@ -49,8 +51,6 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
 
 
 def _norm_tokens(text: str) -> list[str]:
-    from ..prompts import normalize
-
     return normalize(text).split()
 
 
@@ -71,8 +71,6 @@ def token_f1(prediction: str, reference: str) -> float:
 def generation_item_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """Per-item exact match, token F1 and ROUGE-L F: the item-level scores that metrics and bootstraps average."""
     from rouge_score import rouge_scorer
-
-    from ..prompts import normalize
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return {"exact_match": [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)],

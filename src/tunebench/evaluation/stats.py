@@ -15,12 +15,13 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from ..config.metrics import METRICS
 from .metrics import classification_metrics, corpus_bleu_chrf
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
-ITEM_METRICS = ("accuracy", "exact_match", "token_f1", "rouge_l")  # means of per-item scores
+ITEM_METRICS = tuple(name for name, m in METRICS.items() if m.per_item)  # means of per-item scores
 CORPUS_METRICS = ("bleu", "chrf")  # need the whole corpus per resample: slow, fewer resamples
 N_RESAMPLES = 2000
 N_RESAMPLES_CORPUS = 200

@@ -52,7 +52,7 @@ def build(evidence: Evidence, recommendation: dict) -> dict:
 
 def figures(doc: dict) -> dict[str, bytes]:
     """PNG bytes per figure; a figure the data cannot support (one train size, no labels) is left out."""
-    from . import plots
+    from . import plots  # heavy: matplotlib loads only when figures are drawn
 
     a = doc["analysis"]
     out = {"leaderboard": plots.leaderboard(a), "pareto": plots.pareto(a), "break_even": plots.break_even(a)}

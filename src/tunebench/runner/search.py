@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..config import SearchConfig
+from ..config.metrics import DEFAULT_SEARCH_METRIC
 from ..data import Split, TaskData
 from ..evaluation.metrics import classification_metrics, generation_metrics
 from ..progress import NULL_REPORTER, Reporter
@@ -52,7 +53,7 @@ class SearchResult:
 
 
 def search_metric(search: SearchConfig, task_type: str) -> str:
-    return search.metric or ("accuracy" if task_type == "classification" else "token_f1")
+    return search.metric or DEFAULT_SEARCH_METRIC[task_type]
 
 
 def dev_score(predictor, dev: Split, task_type: str, metric: str) -> float:

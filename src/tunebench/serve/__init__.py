@@ -7,7 +7,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..analysis.selection import load_trial
+from ..backends import load_backend
+from ..config import ModelConfig
+from ..errors import CapabilityError, ConfigError
 from .app import Limits, create_app
 from .engine import Engine, LMEngine, TrialEngine
 
@@ -58,9 +61,6 @@ def api_keys(key_file: Path | None, *, no_auth: bool, host: str) -> set[str] | N
 def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool, raw: bool = False,
                  metric: str | None = None) -> Engine:
     """The engine for a stored trial: its task endpoint, or with ``raw`` its tuned LM as a plain model."""
-    from ..analysis.selection import load_trial
-    from ..errors import CapabilityError
-
     loaded = load_trial(store_root, study, trial, best=best, metric=metric)
     if not raw:
         return TrialEngine(loaded)
@@ -73,8 +73,5 @@ def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool,
 
 def lm_engine(path: str, name: str | None = None, *, precision: str = "auto", device: str = "auto") -> Engine:
     """A causal LM from a local directory (or hub id) as a plain completion model."""
-    from ..backends.causal import CausalBackend
-    from ..config import ModelConfig
-
-    backend = CausalBackend(ModelConfig(backend="causal", path=path, precision=precision, device=device))
+    backend = load_backend(ModelConfig(backend="causal", path=path, precision=precision, device=device))
     return LMEngine(backend, None, name or Path(path.rstrip("/")).name or "model")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.metrics import headline_metrics
 from ..errors import ConfigError, StoreError
-from ..prompts import check_name, parse_ref
+from ..prompts import check_name, default_template, parse_ref
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -105,8 +105,6 @@ def register_in(con: sqlite3.Connection, name: str, template: str, kind: str = "
 
 
 def _builtin_names() -> dict[str, str]:
-    from ..prompts import default_template
-
     out = {}
     for task_type in ("classification", "generation"):
         out[default_template(task_type)] = f"builtin.{task_type}"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import StoreError
+from .prompts import record_trial
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ class Store:
         ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split.
         Row, items, test set and the registry entries of the templates the trial used (see
         :mod:`tunebench.prompt_registry`) are written in one transaction."""
-        from .prompts import record_trial
-
         final = None
         if staged is not None:
             final = self.artifact_dir(row["key"])
