@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     train, select = pool.subset(range(args.train)), pool.subset(range(args.train, len(pool)))
     labels = [LabelSpec(value="0", name="negative"), LabelSpec(value="1", name="positive")]
     spec = TaskConfig(data={"train": str(sst2 / "train.tsv")}, text="sentence", label="label", labels=labels)
-    task = TaskData(task=spec, labels=labels, train=train, dev=select, test=select)
+    task = TaskData(config=spec, labels=labels, train=train, dev=select, test=select)
 
     backend = load_backend(ModelConfig(path="default", precision="fp32"))
     cls = registry.get(args.strategy)

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     train = full_train.subset(range(args.clf_train))
     select = full_train.subset(range(args.clf_train, len(full_train)))
     labels = [LabelSpec(value="0", name="negative"), LabelSpec(value="1", name="positive")]
-    task = TaskData(task=None, labels=labels, train=train, dev=select, test=select)
+    task = TaskData(config=None, labels=labels, train=train, dev=select, test=select)
     cfg = FullConfig(epochs=1)
     torch.manual_seed(args.seed)
     print(f"\nfine-tuning a 'full' classifier on {len(train)} train examples (1 epoch) for the predict comparison ...",

@@ -254,7 +254,7 @@ def test_never_overwrites_user_data_and_leaves_nothing_half_written(store, tmp_p
     assert again.manifest["format"] == "merged" and not (empty / "extra.txt").exists()
     assert first.manifest["format"] == "hf"
 
-    import tunebench.export as ex
+    import tunebench.export.writers as ex
 
     def broken(*a, **kw):
         raise RuntimeError("disk full")

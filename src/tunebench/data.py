@@ -61,13 +61,18 @@ class Split:
 class TaskData:
     """A checked task: label names and the three splits. Build it with :func:`load_task`."""
 
-    task: TaskConfig
+    config: TaskConfig  # what was asked for (fields, type, instruction); this object holds what was loaded
     labels: list[LabelSpec]
     train: Split
     dev: Split
     test: Split
     warnings: list[str] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        """classification or generation."""
+        return self.config.type
 
     @property
     def label_names(self) -> list[str]:

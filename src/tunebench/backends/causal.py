@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -18,19 +17,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .base import Backend, load_pretrained
+from .base import Backend, Generation, load_pretrained
 from .encoder import EncoderClassifier
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Generation:
-    """One generated completion and its token counts."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
+__all__ = ["CausalBackend", "Generation"]
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -78,7 +70,7 @@ class CausalBackend(Backend):
         self._model.to(self.device).eval()
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # heavy (seconds to import): only when a model is loaded
 
         self._tokenizer, self._model = load_pretrained(self.path, AutoModelForCausalLM, "causal model")
         log.info("loaded causal LM %s (%d parameters)", self.path, sum(p.numel() for p in self._model.parameters()))

@@ -101,7 +101,7 @@ class EncoderBackend(Backend):
         return "all-MiniLM-L6-v2 (default)" if self.config.path == "default" else self.config.path
 
     def _load(self) -> None:
-        from transformers import AutoModel
+        from transformers import AutoModel  # heavy (seconds to import): only when a model is loaded
 
         self._tokenizer, self._model = load_pretrained(self.path, AutoModel)
         if getattr(self._model, "pooler", None) is not None:  # mean pooling never uses it

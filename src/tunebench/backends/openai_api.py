@@ -18,18 +18,15 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError, TunebenchError
-from .base import Backend
-from .causal import Generation
+from .base import Backend, Generation, NoLogprobs
 
 log = logging.getLogger(__name__)
+
+__all__ = ["NoLogprobs", "OpenAIBackend", "RemoteError"]  # NoLogprobs lives in .base (re-exported here)
 
 
 class RemoteError(TunebenchError):
     """The endpoint failed for good (after retries) or refused the request."""
-
-
-class NoLogprobs(Exception):
-    """The endpoint does not return prompt log-probabilities: predict by generation instead."""
 
 
 class OpenAIBackend(Backend):
@@ -48,7 +45,7 @@ class OpenAIBackend(Backend):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        from openai import OpenAI
+        from openai import OpenAI  # heavy (about a second to import): only for a remote model
 
         key = None
         if config.api_key_env:
@@ -86,7 +83,7 @@ class OpenAIBackend(Backend):
     # ---- requests -----------------------------------------------------------------------------------------
     def _map(self, fn: Callable[[int, Any], Any], items: list) -> list:
         """``fn`` over items, ``max_concurrency`` in flight, results in order; endpoint failures become RemoteError."""
-        import openai
+        import openai  # heavy (about a second to import): only for a remote model
 
         try:
             return list(self._pool.map(lambda pair: fn(*pair), enumerate(items)))
@@ -145,7 +142,7 @@ class OpenAIBackend(Backend):
 
     def _echo(self, i: int, pair: tuple[str, list[str]]) -> tuple[list[float], list[int], int]:
         """Log-probability sum and token count of each continuation after the prompt, by one echo request."""
-        import openai
+        import openai  # heavy (about a second to import): only for a remote model
 
         prompt, conts = pair
         try:

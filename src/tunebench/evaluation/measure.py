@@ -51,7 +51,7 @@ def measure(predictor, data: TaskData, *, seed: int, consistency: ConsistencyCon
         nll = predictor.reference_nll(records, data.test.targets)
     reporter.advance()
     reporter.stop()
-    stability = measure_stability(predictor, records, out.predictions, seed, consistency, data.task, reporter)
+    stability = measure_stability(predictor, records, out.predictions, seed, consistency, data.config, reporter)
     metrics, items, truth = score_test(data, out.predictions)
     if nll is not None:
         metrics["perplexity"] = float(np.exp(np.mean(nll)))

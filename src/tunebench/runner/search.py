@@ -88,7 +88,7 @@ def run_search(strategy_cls, base_params: dict[str, Any], search: SearchConfig, 
     import optuna  # heavy: optuna loads only when a study searches
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    task_type = task.task.type
+    task_type = task.type
     metric = search_metric(search, task_type)
     sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=search.startup) if search.pruning == "median"

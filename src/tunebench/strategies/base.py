@@ -8,7 +8,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -132,6 +132,39 @@ class Output:
     scores: Optional[np.ndarray] = None  # class scores (n, n_labels) where the predictor computed them
 
 
+def adapter_kind(model: Any) -> str | None:
+    """``lora`` or ``soft_prompt`` for a PEFT-wrapped model, None for a plain one (or none)."""
+    cfgs = getattr(model, "peft_config", None)
+    if not cfgs:
+        return None
+    cfg = next(iter(cfgs.values()))
+    return "soft_prompt" if getattr(cfg, "is_prompt_learning", False) else "lora"
+
+
+@dataclass
+class ExportParts:
+    """What a predictor hands the exporter (``tunebench export``): plain parts, no strategy internals.
+
+    ``kind`` says which parts are filled: ``classifier`` (an encoder or LM body, pooling and a linear head),
+    ``causal`` (an LM read through a prompt; ``model`` None: the base model unchanged) or ``embedding``
+    (class anchors for the unchanged base encoder).
+    """
+
+    kind: str
+    labels: list[str]
+    model: Any = None  # the torch module to save or merge (PEFT-wrapped or plain); None: the base is unchanged
+    adapter: Optional[str] = None  # "lora" | "soft_prompt" when ``model`` is PEFT-wrapped
+    tokenizer: Any = None  # saved beside the export; None for a remote endpoint
+    max_length: int = 512  # tokens kept per input (a classifier's: capped at the model's positions)
+    max_positions: Optional[int] = None  # the model's position limit, where it says
+    head: Any = None  # classifier: the nn.Linear on the pooled features
+    pooling: Optional[str] = None  # classifier: "mean" (encoders) or "last" (a causal LM's last real token)
+    batch: Optional[Callable[[list[str], int], dict]] = None  # classifier: texts, max length -> padded tensors
+    prompt: Optional[dict] = None  # causal: template, variables, labels, chat formatting, decoding, retrieval
+    tensors: Optional[dict] = None  # embedding: anchors (and centre, label anchors) as tensors
+    embedding: Optional[dict] = None  # embedding: labels, mode, k, tau, pooling, ... (embedding.json)
+
+
 class Predictor(ABC):
     """What adapting returns: predicts for inputs (texts or field records), saves and loads its artifact.
 
@@ -171,6 +204,20 @@ class Predictor(ABC):
     def prompt_info(self, record: dict | None = None) -> dict | None:
         """The exact template and one rendered example, for predictors that prompt (None otherwise)."""
         return None
+
+    def export_formats(self) -> tuple[str, ...]:
+        """The ``tunebench export`` formats this predictor can be written in (none by default)."""
+        return ()
+
+    def export_parts(self) -> ExportParts:
+        """The parts an export writes (see :class:`ExportParts`); only for a format in :meth:`export_formats`."""
+        raise CapabilityError(f"strategy '{self.strategy}': its predictor ({type(self).__name__}) cannot be exported")
+
+    def export_tokenizer(self) -> Any:
+        """The backend's tokenizer, to save with an export (None for a remote endpoint)."""
+        if self.backend is None or getattr(self.backend, "remote", False):
+            return None
+        return getattr(self.backend, "tokenizer", None)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -221,6 +268,12 @@ class Strategy(ABC):
                 else:
                     msgs.append(f"{loc + ': ' if loc else ''}{e['msg']}")
             raise ConfigError("; ".join(msgs)) from None
+
+    @classmethod
+    def weights_kind(cls, params: dict[str, Any]) -> str:
+        """What a trial of this strategy changed: ``lora``, ``soft_prompt`` (an adapter), ``full`` (the model's own
+        weights), ``head`` (a classification head only) or ``prompt`` (no weights). Default: from ``family``."""
+        return "prompt" if cls.family == "prompting" else "full"
 
     @classmethod
     def expand(cls, config: StrategyConfig) -> list[StrategyConfig]:

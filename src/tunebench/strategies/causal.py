@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..backends import Backend, NoLogprobs, load_backend
+from ..config import ModelConfig
 from ..data import Split, TaskData
 from ..evaluation.metrics import classification_metrics
-from ..prompts import PromptBuilder, default_template, demo_record, final_answer, parse_label
-from .base import Output, Predictor, PromptConfig, as_records
+from ..prompts import PromptBuilder, default_template, demo_record, final_answer, parse_label, select_demonstrations
+from .base import ExportParts, Output, Predictor, PromptConfig, adapter_kind, as_records, registry
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,11 @@ def answers(task: TaskData, split: Split) -> list[str]:
 
 def make_builder(cfg: PromptConfig, task: TaskData, *, reasoning: bool = False,
                  demos: list[dict] | None = None) -> PromptBuilder:
-    task_type = task.task.type
+    task_type = task.type
     template = cfg.template if isinstance(cfg.template, str) else default_template(task_type, reasoning)
     labels = [{"name": lab.name, "description": lab.description} for lab in task.labels]
     where = "template" if cfg.template else f"built-in {task_type} template"
-    return PromptBuilder(template, task_type, task.task.instruction, labels, demos or [], where)
+    return PromptBuilder(template, task_type, task.config.instruction, labels, demos or [], where)
 
 
 class Retrieval:
@@ -53,8 +55,9 @@ class Retrieval:
         self.encoder, self.pool, self.embeddings, self.k, self.retriever = encoder, pool, embeddings, k, retriever
 
     @classmethod
-    def build(cls, retriever: str, pool: list[dict], k: int) -> Retrieval:
-        encoder = load_retriever(retriever)
+    def build(cls, retriever: str, pool: list[dict], k: int, backend: Backend | None = None) -> Retrieval:
+        """Embed ``pool`` with the ``retriever`` encoder (``backend``'s, kept with it, when given)."""
+        encoder = load_retriever(retriever, backend)
         emb = encoder.embed([r["input"] for r in pool])
         return cls(encoder, pool, emb, k, retriever)
 
@@ -76,22 +79,17 @@ class Retrieval:
         return {"retriever": self.retriever, "k": self.k, "pool": self.pool}
 
     @classmethod
-    def load(cls, directory: Path, meta: dict) -> Retrieval:
+    def load(cls, directory: Path, meta: dict, backend: Backend | None = None) -> Retrieval:
         emb = load_file(str(directory / "retrieval.safetensors"))["embeddings"]
-        return cls(load_retriever(meta["retriever"]), meta["pool"], emb, meta["k"], meta["retriever"])
+        return cls(load_retriever(meta["retriever"], backend), meta["pool"], emb, meta["k"], meta["retriever"])
 
 
-_RETRIEVERS: dict[str, object] = {}
-
-
-def load_retriever(path: str):
-    """The encoder backend used for retrieval (loaded once per process)."""
-    if path not in _RETRIEVERS:
-        from ..backends.encoder import EncoderBackend
-        from ..config import ModelConfig
-
-        _RETRIEVERS[path] = EncoderBackend(ModelConfig(path=path))
-    return _RETRIEVERS[path]
+def load_retriever(path: str, backend: Backend | None = None) -> Backend:
+    """The encoder backend used for retrieval: ``backend``'s (loaded once, kept on that backend), or a fresh
+    one when no backend is given."""
+    if backend is not None:
+        return backend.retriever(path)
+    return load_backend(ModelConfig(path=path))
 
 
 def is_prompt_tuned(model: nn.Module | None) -> bool:
@@ -142,8 +140,6 @@ class CausalPredictor(Predictor):
             scores = self.label_scores(ids)
             opts = self._options()
             return scores, [len(x) for x in ids], [len(opts[int(p)]) for p in scores.argmax(1)]
-        from ..backends.openai_api import NoLogprobs
-
         try:
             total, count, billed = self.backend.score_texts(prompts, [self.backend.answer_text(n) for n in self.labels])
         except NoLogprobs as exc:
@@ -192,8 +188,6 @@ class CausalPredictor(Predictor):
         """Mean negative log-likelihood per token of each reference answer (perplexity = exp of the mean); None
         from an endpoint that returns no log-probabilities."""
         if self.backend.remote:
-            from ..backends.openai_api import NoLogprobs
-
             try:
                 total, count, _ = self.backend.score_texts_paired(self.prompts(inputs),
                                                                   [self.backend.answer_text(t) for t in targets])
@@ -216,6 +210,33 @@ class CausalPredictor(Predictor):
             info["example"] = self.prompts([record])[0]
         return info
 
+    def export_formats(self) -> tuple[str, ...]:
+        if self.model is None:  # the base model, prompted: the prompt alone
+            return ("hf",)
+        return ("hf", "merged") if adapter_kind(self.model) else ("merged",)  # tuned weights: no adapter alone
+
+    def export_parts(self):
+        """The tuned LM (PEFT-wrapped or not; None: the base unchanged), the tokenizer and the prompt it reads."""
+        b, dec, backend = self.builder, self.decode, self.backend
+        chat = bool(getattr(backend, "chat", False))
+        prompt = {
+            "template": b.template, "task_type": b.task_type, "mode": self.mode,
+            "variables": {**b.variables, "demonstrations": b.demos},
+            "labels": list(self.labels) if b.task_type == "classification" else [],
+            "chat_template": chat, "system_prompt": getattr(backend.config, "system_prompt", None),
+            "answer_prefix": "" if chat else " ", "max_length": self.max_length,
+            "decode": {k: getattr(dec, k, None) for k in ("max_new_tokens", "temperature", "top_p", "stop")},
+            "seed": self.seed, "retrieval": None,
+        }
+        if self.retrieval is not None:
+            r = self.retrieval
+            prompt["retrieval"] = {"retriever": r.retriever, "k": r.k, "pool": r.pool,
+                                   "note": "demonstrations are the k pool examples nearest to the input by the "
+                                           "retriever's mean-pooled, normalised embeddings, most similar last"}
+        return ExportParts("causal", list(self.labels), model=self.model, adapter=adapter_kind(self.model),
+                           tokenizer=self.export_tokenizer(), max_length=self.max_length,
+                           max_positions=getattr(backend, "max_positions", None), prompt=prompt)
+
     def _save(self, directory: Path) -> None:
         meta = {"builder": self.builder.to_dict(), "mode": self.mode, "seed": self.seed, "retrieval": None}
         if self.retrieval is not None:
@@ -229,8 +250,6 @@ class CausalPredictor(Predictor):
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
-        from .base import registry
-
         meta = json.loads((directory / PROMPT_FILE).read_text(encoding="utf-8"))
         model, trained = None, None
         strat = registry.get(strategy)(config)
@@ -244,7 +263,7 @@ class CausalPredictor(Predictor):
             model.load_state_dict(weights, strict=False)
             model.eval()
             trained = sorted(weights)
-        retrieval = Retrieval.load(directory, meta["retrieval"]) if meta.get("retrieval") else None
+        retrieval = Retrieval.load(directory, meta["retrieval"], backend) if meta.get("retrieval") else None
         return cls(strategy, config, labels, backend=backend, builder=PromptBuilder.from_dict(meta["builder"]),
                    mode=meta["mode"], model=model, trained=trained, retrieval=retrieval, seed=meta["seed"],
                    decode=strat.decode_config())
@@ -254,11 +273,10 @@ class CausalLMObjective:
     """Supervised fine-tuning: prompt + answer + EOS, with the loss on the answer tokens only.
 
     Dev evaluation: label scoring accuracy / macro-F1 (classification) or mean answer-token loss (generation).
+    It follows the ``training.Objective`` protocol (duck-typed: the training loop imports this module).
     """
 
     def __init__(self, predictor: CausalPredictor, task: TaskData, cfg, train: Split, dev: Split):
-        from .training import Objective  # noqa: F401  (the protocol this class follows)
-
         self.predictor, self.cfg, self.task = predictor, cfg, task
         self.model = predictor.model
         self.backend = predictor.backend
@@ -271,7 +289,7 @@ class CausalLMObjective:
             self.examples.append((ids, ans))
         self.lengths = [len(i) + len(a) for i, a in self.examples]
         self.dev_prompt_ids = [self.backend.prompt_ids(p, max_len) for p in predictor.prompts(dev.records())]
-        self.dev, self.classification = dev, task.task.type == "classification"
+        self.dev, self.classification = dev, task.type == "classification"
         self.dev_answers = answers(task, dev)
         self.score_key = cfg.metric if self.classification else "loss"
 
@@ -304,9 +322,7 @@ class CausalLMObjective:
 
 
 def select_demos(task: TaskData, train: Split, shots: int, selection: str, seed: int) -> list[dict]:
-    from ..prompts import select_demonstrations
-
-    idx = select_demonstrations(train.labels, shots, selection, seed, task.task.type == "classification")
+    idx = select_demonstrations(train.labels, shots, selection, seed, task.type == "classification")
     records, outs = train.records(), answers(task, train)
     return [demo_record(records[int(i)], outs[int(i)]) for i in idx]
 

@@ -20,3 +20,7 @@ class Full(TuningStrategy):
     name = "full"
     config_cls = FullConfig
     family = "weight_tuning"
+
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        return "full"

@@ -73,6 +73,10 @@ class GradualUnfreeze(TuningStrategy):
     family = "weight_tuning"
     config: GradualUnfreezeConfig
 
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        return "full"  # every block may have trained by the last epoch
+
     def prepare(self, model: nn.Module) -> None:
         model.encoder.requires_grad_(False)
 

@@ -6,16 +6,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from .base import Predictor, Strategy, StrategyConfig, doc, register
+from .base import Predictor, Strategy, StrategyConfig, doc, register, registry
 from .causal import CausalPredictor
+from .training import TuningStrategy
 
 PROMPTS = ("zero_shot", "few_shot")
 
 
 def _tuning_names() -> list[str]:
-    from .base import registry
-    from .training import TuningStrategy
-
     return [n for n, c in registry.all().items() if issubclass(c, TuningStrategy) and c.lm_objective]
 
 
@@ -31,8 +29,6 @@ class HybridConfig(StrategyConfig):
     prompt_params: dict[str, Any] = doc("Parameters of the prompting strategy.", default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .base import registry
-
         tunes = _tuning_names()
         if self.tune not in tunes:
             raise ValueError(f"tune must be one of {tunes}, not {self.tune!r}")
@@ -47,8 +43,6 @@ class HybridConfig(StrategyConfig):
 
     def parts(self):
         """The validated configs of the tuning and the prompting strategy."""
-        from .base import registry
-
         prompt_cfg = registry.get(self.prompt).config_from_dict(self.prompt_params)
         tune_params = dict(self.tune_params)
         tune_params.setdefault("max_length", prompt_cfg.max_length)  # demonstrations make prompts long
@@ -70,9 +64,16 @@ class Hybrid(Strategy):
     config: HybridConfig
 
     @classmethod
-    def merge_shared(cls, shared, params):
-        from .base import registry
+    def weights_kind(cls, params: dict) -> str:
+        """What its tuning strategy changed (``tune``: lora by default)."""
+        params = params or {}
+        try:
+            return registry.get(params.get("tune", "lora")).weights_kind(params.get("tune_params") or {})
+        except KeyError:
+            return "full"
 
+    @classmethod
+    def merge_shared(cls, shared, params):
         params = dict(params or {})
         tune = registry.get(params.get("tune", "lora")) if params.get("tune", "lora") in _tuning_names() else None
         if tune is not None:
@@ -84,8 +85,6 @@ class Hybrid(Strategy):
         return [config]
 
     def _parts(self):
-        from .base import registry
-
         tune_cfg, prompt_cfg = self.config.parts()
         tune = registry.get(self.config.tune)(tune_cfg, seed=self.seed, reporter=self.reporter)
         prompt = registry.get(self.config.prompt)(prompt_cfg, seed=self.seed, reporter=self.reporter)
@@ -109,7 +108,7 @@ class Hybrid(Strategy):
         tune.preflight(backend, task_type)
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         tune, prompt = self._parts()
         builder, retrieval = prompt.build_prompt(backend, task, train)
         return tune.adapt_lm(backend, task, train=train, dev=dev, builder=builder, retrieval=retrieval,

@@ -27,5 +27,9 @@ class LinearProbe(TuningStrategy):
     family = "weight_tuning"
     lm_objective = False  # on a causal LM: a head on the frozen LM's last-token state
 
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        return "head"
+
     def prepare(self, model: nn.Module) -> None:
         model.encoder.requires_grad_(False)

@@ -35,19 +35,23 @@ class Lora(TuningStrategy):
     family = "weight_tuning"
     config: LoraConfig
 
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        return "lora"
+
     def _peft_config(self, **kw):
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         return peft.LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.lora_dropout,
                                target_modules=self.config.target_modules, bias="none", **kw)
 
     def prepare(self, model: nn.Module) -> None:
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         model.encoder = peft.get_peft_model(model.encoder, self._peft_config())
 
     def prepare_lm(self, lm: nn.Module) -> nn.Module:
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         # 'all-linear' on a causal LM adapts every linear layer except the output head
         return peft.get_peft_model(lm, self._peft_config(task_type=peft.TaskType.CAUSAL_LM))

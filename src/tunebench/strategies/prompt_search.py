@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+import yaml
 
 from ..errors import ConfigError
 from ..evaluation.metrics import token_f1
@@ -45,8 +46,6 @@ BASE_INSTRUCTION = {"classification": "Classify the text.", "generation": "Compl
 @lru_cache(maxsize=1)
 def pattern_library() -> dict[str, Any]:
     """The shipped prompt patterns (instructions, templates per task type, encoder label templates)."""
-    import yaml
-
     text = resources.files("tunebench.strategies").joinpath("patterns.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
@@ -134,6 +133,170 @@ class Candidate:
         return float(np.mean(self.hits)) if self.hits else -math.inf
 
 
+def typical_examples(labels: np.ndarray, emb: torch.Tensor, per: int) -> np.ndarray:
+    """The ``per`` examples of each class nearest to their class mean."""
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        centre = torch.nn.functional.normalize(emb[idx].mean(0), dim=-1)
+        sims = emb[idx] @ centre
+        out.extend(idx[sims.argsort(descending=True)[:per].numpy()].tolist())
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+class EncoderSearch:
+    """An encoder prompt search's state and candidates: dev and train inputs embedded once, label prompts embedded
+    on demand (cached), the candidate demonstration sets, and how a candidate's choice becomes an
+    :class:`EmbeddingPredictor` and is scored (dev as it is, train leave-one-out)."""
+
+    def __init__(self, strategy: PromptSearch, backend, task, train, dev, budget: Budget):
+        cfg = strategy.config
+        self.name, self.cfg, self.seed = strategy.name, cfg, strategy.seed
+        self.backend, self.task, self.train = backend, task, train
+        self.n_labels = n_labels = len(task.labels)
+        self.max_len = max_len = min(cfg.max_length, 512)
+        need = len(dev) + len(train) + n_labels  # inputs once, and the first label prompts (bootstrapping)
+        if not budget.allows(need):
+            raise ConfigError(f"prompt_search: embedding dev, train and the label prompts takes {need} calls, more "
+                              f"than budget_calls={cfg.budget_calls}; raise budget_calls or use a smaller train size")
+        self.dev_emb = backend.embed(dev.texts, max_length=max_len)
+        self.train_emb = (backend.embed(train.texts, max_length=max_len) if len(train)
+                          else torch.zeros(0, self.dev_emb.shape[1]))
+        budget.spend(need)
+        self.dev_y = torch.as_tensor(dev.labels)
+        self.train_y = torch.as_tensor(train.labels)
+        self.n_dev = len(dev)
+        self.templates = list(dict.fromkeys([*cfg.label_templates,
+                                             *(pattern_library()["label_templates"] if cfg.patterns else [])]))
+        self.has_desc = any(lab.description for lab in task.labels)
+        self.scorers = ["prototype", "kernel"] if len(train) else ["prototype"]
+        self._anchors: dict[tuple[int, bool], torch.Tensor] = {}
+        self.embedded = 0  # label prompts embedded so far (model calls)
+        self.demo_names, self.demo_idx = self._demo_sets()
+        budget.spend(self.embedded)
+        # calibration: embeddings of one model share a common direction; removing the mean of the (unlabelled)
+        # train and dev inputs spreads them out. Anchors and inputs are centred alike (the predictor stores it).
+        self.mean = torch.cat([self.train_emb, self.dev_emb]).mean(0)
+
+    def label_anchors(self, t: int, descriptions: bool) -> torch.Tensor:
+        """Normalised label prompts of template ``t`` (averaged with the label descriptions when asked)."""
+        if (t, descriptions) not in self._anchors:
+            labels, n_labels = self.task.labels, self.n_labels
+            tpl = PromptTemplate(self.templates[t], "label_templates")
+            texts = [tpl.render({"label": readable(lab.name), "description": lab.description or ""})
+                     for lab in labels]
+            if descriptions:
+                texts += [lab.description for lab in labels if lab.description]
+            emb = self.backend.embed(texts, max_length=self.max_len)
+            self.embedded += len(texts)
+            anchors = emb[:n_labels].clone()
+            owners = [i for i, lab in enumerate(labels) if descriptions and lab.description]
+            for row, i in enumerate(owners):  # a label's prompt and its description, averaged
+                anchors[i] = anchors[i] + emb[n_labels + row]
+            self._anchors[(t, descriptions)] = torch.nn.functional.normalize(anchors, dim=-1)
+        return self._anchors[(t, descriptions)]
+
+    def _demo_sets(self) -> tuple[list[str], list[np.ndarray]]:
+        """Candidate demonstration sets (train indices) and their names."""
+        cfg, train = self.cfg, self.train
+        demo_names, demo_idx = ["none"], [np.zeros(0, dtype=np.int64)]
+        if len(train):
+            for s in range(cfg.demo_sets):
+                demo_names.append(f"balanced#{s}")
+                picked = select_demonstrations(train.labels, cfg.shots, "balanced", self.seed + s, True)
+                demo_idx.append(np.sort(picked))
+            demo_names.append("typical")
+            demo_idx.append(typical_examples(train.labels, self.train_emb, cfg.shots))
+            plain = (self.train_emb @ self.label_anchors(0, False).T).argmax(1).numpy()  # the user's first prompt
+            right = np.flatnonzero(plain == train.labels)
+            if len(right):
+                picked = select_demonstrations(train.labels[right], cfg.shots, "balanced", self.seed + 1000, True)
+                demo_names.append("bootstrapped")
+                demo_idx.append(np.sort(right[picked]))
+            demo_names.append("all")
+            demo_idx.append(np.arange(len(train)))
+        return demo_names, demo_idx
+
+    def centred(self, e: torch.Tensor, ch: dict) -> torch.Tensor:
+        """Embeddings as a candidate compares them: centred and renormalised when it calibrates."""
+        return torch.nn.functional.normalize(e - self.mean, dim=-1) if ch.get("calibrate", 0) else e
+
+    def _labels(self, ch: dict) -> torch.Tensor:
+        """The candidate's label anchors, as it compares them."""
+        return self.centred(self.label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))), ch)
+
+    def predictor_parts(self, ch: dict) -> dict:
+        """The EmbeddingPredictor arguments of a candidate."""
+        norm, n_labels = torch.nn.functional.normalize, self.n_labels
+        center = self.mean if ch.get("calibrate", 0) else None
+        labels = self._labels(ch)
+        idx = self.demo_idx[ch["demos"]]
+        w = float(ch.get("weight", 1.0))
+        if not len(idx):
+            return {"anchors": labels, "anchor_labels": torch.arange(n_labels), "center": center}
+        ys = torch.as_tensor(self.train.labels[idx])
+        demos = self.centred(self.train_emb[torch.as_tensor(idx)], ch)
+        if self.scorers[ch.get("scorer", 0)] == "kernel":
+            missing = [c for c in range(n_labels) if not bool((ys == c).any())]  # their label prompt stands in
+            return {"anchors": torch.cat([demos, labels[missing]]), "mode": "kernel", "tau": ch["tau"],
+                    "anchor_labels": torch.cat([ys, torch.as_tensor(missing, dtype=torch.long)]),
+                    "center": center, "label_anchors": labels, "label_weight": w}
+        protos, present = labels.clone(), torch.zeros(n_labels, dtype=torch.bool)
+        for c in torch.unique(ys):
+            protos[c] = norm(demos[ys == c].mean(0), dim=-1)
+            present[c] = True
+        mixed = torch.where(present[:, None], w * labels + (1 - w) * protos, labels)
+        return {"anchors": norm(mixed, dim=-1), "anchor_labels": torch.arange(n_labels), "center": center}
+
+    def build(self, ch: dict, prompt: dict | None = None) -> EmbeddingPredictor:
+        return EmbeddingPredictor(self.name, self.cfg, self.task.label_names, backend=self.backend,
+                                  max_length=self.max_len, prompt=prompt, **self.predictor_parts(ch))
+
+    def train_scores(self, predictor: EmbeddingPredictor, ch: dict, js: torch.Tensor) -> torch.Tensor:
+        """Scores of train examples, each left out of the demonstrations it is scored against."""
+        norm, train_emb, train_y = torch.nn.functional.normalize, self.train_emb, self.train_y
+        idx = self.demo_idx[ch["demos"]]
+        row_of = torch.full((len(self.train),), -1, dtype=torch.long)
+        row_of[torch.as_tensor(idx, dtype=torch.long)] = torch.arange(len(idx))
+        rows = row_of[js]
+        if predictor.mode == "kernel":
+            return predictor.scores_of(train_emb[js], exclude=rows)
+        scores = predictor.scores_of(train_emb[js])
+        inside = torch.nonzero(rows >= 0).flatten()
+        if not len(inside):
+            return scores
+        # prototype: the example's own class mean without it (a class it alone represents: its label prompt)
+        x = self.centred(train_emb[js[inside]], ch)
+        labels = self._labels(ch)
+        members = torch.as_tensor(idx, dtype=torch.long)
+        demos = self.centred(train_emb[members], ch)
+        w = float(ch.get("weight", 1.0))
+        for k, (r, i) in enumerate(zip(inside.tolist(), js[inside].tolist())):
+            c = int(train_y[i])
+            own = demos[(train_y[members] == c) & (members != i)]
+            anchor = labels[c] if not len(own) else norm(w * labels[c] + (1 - w) * norm(own.mean(0), dim=-1), dim=-1)
+            scores[r, c] = x[k] @ anchor
+        return scores
+
+    def evaluate(self, cand: Candidate, items: list[int]) -> int:
+        """Dev items (index < len(dev)) as they are; train examples leave-one-out (index len(dev) + j)."""
+        n_dev = self.n_dev
+        before = self.embedded
+        dv = torch.as_tensor([i for i in items if i < n_dev], dtype=torch.long)
+        tr = torch.as_tensor([i - n_dev for i in items if i >= n_dev], dtype=torch.long)
+        hits = {}
+        predictor = self.build(cand.choice)
+        if len(dv):
+            pred = predictor.scores_of(self.dev_emb[dv]).argmax(1)
+            hits.update(zip(dv.tolist(), (pred == self.dev_y[dv]).float().tolist()))
+        if len(tr):
+            pred = self.train_scores(predictor, cand.choice, tr).argmax(1)
+            hits.update(zip((tr + n_dev).tolist(), (pred == self.train_y[tr]).float().tolist()))
+        cand.hits.extend(hits[i] for i in items)
+        cand.seen.extend(items)
+        return self.embedded - before
+
+
 @register
 class PromptSearch(PromptingStrategy):
     """Search instructions, templates and demonstrations on dev (Optuna TPE) within a call or time budget."""
@@ -155,7 +318,7 @@ class PromptSearch(PromptingStrategy):
         """Propose candidates with TPE, score each on ``step`` more dev items (``evaluate`` returns the model calls
         it made; a proposal costs at most ``cost``), then score the finalists on all of dev, as far as the budget
         allows. Returns the winner and the trace."""
-        import optuna
+        import optuna  # heavy (about a second to import): only when a search runs
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         cands: dict[tuple, Candidate] = {}
@@ -233,11 +396,11 @@ class PromptSearch(PromptingStrategy):
 
     # ---- causal and remote models -------------------------------------------------------------------
     def _instructions(self, backend, task, train, budget: Budget) -> list[str]:
-        base = task.task.instruction or ""
+        base = task.config.instruction or ""
         out = [base, *self.config.instructions]
         if self.config.patterns:
-            variables = {"base": base or BASE_INSTRUCTION[task.task.type], "label_names": task.label_names,
-                         "task_type": task.task.type}
+            variables = {"base": base or BASE_INSTRUCTION[task.type], "label_names": task.label_names,
+                         "task_type": task.type}
             for name, text in pattern_library()["instructions"].items():
                 out.append(PromptTemplate(text, f"pattern {name}").render(variables))
         if self.config.propose and "generate" in backend.capabilities and len(train):
@@ -276,14 +439,14 @@ class PromptSearch(PromptingStrategy):
 
     def _templates(self, task) -> list[str]:
         user = self.config.template
-        out = list(user) if isinstance(user, list) else [user] if user else [default_template(task.task.type)]
+        out = list(user) if isinstance(user, list) else [user] if user else [default_template(task.type)]
         if self.config.patterns:
-            out.extend(pattern_library()["templates"].get(task.task.type, {}).values())
+            out.extend(pattern_library()["templates"].get(task.type, {}).values())
         return out
 
     def _lm_demo_sets(self, backend, task, train, budget: Budget, score_fn) -> tuple[list, list[str]]:
         """Candidate demonstrations: (kind, fixed demos or a Retrieval) with their names."""
-        classification = task.task.type == "classification"
+        classification = task.type == "classification"
         pool = demo_pool(task, train)
         sets: list = [("none", [])]
         names = ["none"]
@@ -302,14 +465,14 @@ class PromptSearch(PromptingStrategy):
         retriever = getattr(backend.config, "retriever", None)
         if retriever and budget.allows(len(pool)):  # the retriever embeds the pool once
             k = self.config.shots * (min(len(task.labels), 4) if classification else 1)
-            sets.append(("retrieved", Retrieval.build(retriever, pool, min(k, len(pool)))))
+            sets.append(("retrieved", Retrieval.build(retriever, pool, min(k, len(pool)), backend)))
             names.append("retrieved")
             budget.spend(len(pool))
         return sets, names
 
     def _bootstrapped(self, task, train, pool, budget: Budget, score_fn) -> list[dict]:
         """Demonstrations the plain prompt already gets right (balanced over classes where it can be)."""
-        classification = task.task.type == "classification"
+        classification = task.type == "classification"
         per = self.config.shots
         n_try = min(len(train), 2 * per * (max(1, len(task.labels)) if classification else 1))
         if not budget.allows(n_try):
@@ -334,7 +497,7 @@ class PromptSearch(PromptingStrategy):
     def _adapt_lm(self, backend, task, *, train, dev) -> Predictor:
         cfg = self.config
         budget = Budget(cfg.budget_calls, cfg.budget_seconds)
-        classification = task.task.type == "classification"
+        classification = task.type == "classification"
         dev_records = dev.records()
         dev_answers = answers(task, dev)
         train_answers = answers(task, train)
@@ -361,7 +524,7 @@ class PromptSearch(PromptingStrategy):
 
         instructions = self._instructions(backend, task, train, budget)
         templates = self._templates(task)
-        plain = predictor(task.task.instruction or "", templates[0], [])
+        plain = predictor(task.config.instruction or "", templates[0], [])
 
         def boot_score(records, idx):
             return item_scores(plain, records, [train_answers[i] for i in idx])
@@ -392,175 +555,37 @@ class PromptSearch(PromptingStrategy):
     def _adapt_encoder(self, backend, task, *, train, dev) -> Predictor:
         cfg = self.config
         budget = Budget(cfg.budget_calls, cfg.budget_seconds)
-        n_labels = len(task.labels)
-        max_len = min(cfg.max_length, 512)
-        need = len(dev) + len(train) + n_labels  # inputs once, and the first label prompts (bootstrapping)
-        if not budget.allows(need):
-            raise ConfigError(f"prompt_search: embedding dev, train and the label prompts takes {need} calls, more "
-                              f"than budget_calls={cfg.budget_calls}; raise budget_calls or use a smaller train size")
-        dev_emb = backend.embed(dev.texts, max_length=max_len)
-        train_emb = backend.embed(train.texts, max_length=max_len) if len(train) else torch.zeros(0, dev_emb.shape[1])
-        budget.spend(need)
-        dev_y = torch.as_tensor(dev.labels)
-        templates = list(dict.fromkeys([*cfg.label_templates,
-                                        *(pattern_library()["label_templates"] if cfg.patterns else [])]))
-        has_desc = any(lab.description for lab in task.labels)
-        cache: dict[tuple[int, bool], torch.Tensor] = {}
-        embedded = [0]  # label prompts embedded so far (model calls)
-
-        def label_anchors(t: int, descriptions: bool) -> torch.Tensor:
-            if (t, descriptions) not in cache:
-                tpl = PromptTemplate(templates[t], "label_templates")
-                texts = [tpl.render({"label": readable(lab.name), "description": lab.description or ""})
-                         for lab in task.labels]
-                if descriptions:
-                    texts += [lab.description for lab in task.labels if lab.description]
-                emb = backend.embed(texts, max_length=max_len)
-                embedded[0] += len(texts)
-                anchors = emb[:n_labels].clone()
-                owners = [i for i, lab in enumerate(task.labels) if descriptions and lab.description]
-                for row, i in enumerate(owners):  # a label's prompt and its description, averaged
-                    anchors[i] = anchors[i] + emb[n_labels + row]
-                cache[(t, descriptions)] = torch.nn.functional.normalize(anchors, dim=-1)
-            return cache[(t, descriptions)]
-
-        demo_names, demo_idx = ["none"], [np.zeros(0, dtype=np.int64)]
-        if len(train):
-            for s in range(cfg.demo_sets):
-                demo_names.append(f"balanced#{s}")
-                demo_idx.append(np.sort(select_demonstrations(train.labels, cfg.shots, "balanced", self.seed + s, True)))
-            demo_names.append("typical")
-            demo_idx.append(self._typical(train.labels, train_emb, cfg.shots))
-            plain = (train_emb @ label_anchors(0, False).T).argmax(1).numpy()  # the user's first label prompt
-            right = np.flatnonzero(plain == train.labels)
-            if len(right):
-                picked = select_demonstrations(train.labels[right], cfg.shots, "balanced", self.seed + 1000, True)
-                demo_names.append("bootstrapped")
-                demo_idx.append(np.sort(right[picked]))
-            demo_names.append("all")
-            demo_idx.append(np.arange(len(train)))
-        budget.spend(embedded[0])
-        # calibration: embeddings of one model share a common direction; removing the mean of the (unlabelled)
-        # train and dev inputs spreads them out. Anchors and inputs are centred alike (the predictor stores it).
-        mean = torch.cat([train_emb, dev_emb]).mean(0)
-        norm = torch.nn.functional.normalize
-
-        def centred(e: torch.Tensor, ch: dict) -> torch.Tensor:
-            """Embeddings as a candidate compares them: centred and renormalised when it calibrates."""
-            return norm(e - mean, dim=-1) if ch.get("calibrate", 0) else e
-
-        def predictor_parts(ch: dict) -> dict:
-            """The EmbeddingPredictor arguments of a candidate."""
-            center = mean if ch.get("calibrate", 0) else None
-            labels = centred(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))), ch)
-            idx = demo_idx[ch["demos"]]
-            w = float(ch.get("weight", 1.0))
-            if not len(idx):
-                return {"anchors": labels, "anchor_labels": torch.arange(n_labels), "center": center}
-            ys = torch.as_tensor(train.labels[idx])
-            demos = centred(train_emb[torch.as_tensor(idx)], ch)
-            if scorers[ch.get("scorer", 0)] == "kernel":
-                missing = [c for c in range(n_labels) if not bool((ys == c).any())]  # their label prompt stands in
-                return {"anchors": torch.cat([demos, labels[missing]]), "mode": "kernel", "tau": ch["tau"],
-                        "anchor_labels": torch.cat([ys, torch.as_tensor(missing, dtype=torch.long)]),
-                        "center": center, "label_anchors": labels, "label_weight": w}
-            protos, present = labels.clone(), torch.zeros(n_labels, dtype=torch.bool)
-            for c in torch.unique(ys):
-                protos[c] = norm(demos[ys == c].mean(0), dim=-1)
-                present[c] = True
-            mixed = torch.where(present[:, None], w * labels + (1 - w) * protos, labels)
-            return {"anchors": norm(mixed, dim=-1), "anchor_labels": torch.arange(n_labels), "center": center}
-
-        def build(ch: dict, prompt: dict | None = None) -> EmbeddingPredictor:
-            return EmbeddingPredictor(self.name, cfg, task.label_names, backend=backend, max_length=max_len,
-                                      prompt=prompt, **predictor_parts(ch))
-
-        train_y = torch.as_tensor(train.labels)
-        n_dev = len(dev)
-
-        def train_scores(predictor: EmbeddingPredictor, ch: dict, js: torch.Tensor) -> torch.Tensor:
-            """Scores of train examples, each left out of the demonstrations it is scored against."""
-            idx = demo_idx[ch["demos"]]
-            row_of = torch.full((len(train),), -1, dtype=torch.long)
-            row_of[torch.as_tensor(idx, dtype=torch.long)] = torch.arange(len(idx))
-            rows = row_of[js]
-            if predictor.mode == "kernel":
-                return predictor.scores_of(train_emb[js], exclude=rows)
-            scores = predictor.scores_of(train_emb[js])
-            inside = torch.nonzero(rows >= 0).flatten()
-            if not len(inside):
-                return scores
-            # prototype: the example's own class mean without it (a class it alone represents: its label prompt)
-            x = centred(train_emb[js[inside]], ch)
-            labels = centred(label_anchors(ch["label_template"], bool(ch.get("descriptions", 0))), ch)
-            members = torch.as_tensor(idx, dtype=torch.long)
-            demos = centred(train_emb[members], ch)
-            w = float(ch.get("weight", 1.0))
-            for k, (r, i) in enumerate(zip(inside.tolist(), js[inside].tolist())):
-                c = int(train_y[i])
-                own = demos[(train_y[members] == c) & (members != i)]
-                anchor = labels[c] if not len(own) else norm(w * labels[c] + (1 - w) * norm(own.mean(0), dim=-1),
-                                                              dim=-1)
-                scores[r, c] = x[k] @ anchor
-            return scores
-
-        def evaluate(cand: Candidate, items: list[int]) -> int:
-            """Dev items (index < len(dev)) as they are; train examples leave-one-out (index len(dev) + j)."""
-            before = embedded[0]
-            dv = torch.as_tensor([i for i in items if i < n_dev], dtype=torch.long)
-            tr = torch.as_tensor([i - n_dev for i in items if i >= n_dev], dtype=torch.long)
-            hits = {}
-            predictor = build(cand.choice)
-            if len(dv):
-                pred = predictor.scores_of(dev_emb[dv]).argmax(1)
-                hits.update(zip(dv.tolist(), (pred == dev_y[dv]).float().tolist()))
-            if len(tr):
-                pred = train_scores(predictor, cand.choice, tr).argmax(1)
-                hits.update(zip((tr + n_dev).tolist(), (pred == train_y[tr]).float().tolist()))
-            cand.hits.extend(hits[i] for i in items)
-            cand.seen.extend(items)
-            return embedded[0] - before
-
-        scorers = ["prototype", "kernel"] if len(train) else ["prototype"]
-        space = {"label_template": templates, "descriptions": [0, 1] if has_desc else [0], "demos": demo_names,
-                 "calibrate": [0, 1], "scorer": scorers}
+        search = EncoderSearch(self, backend, task, train, dev, budget)
+        templates, demo_names, scorers = search.templates, search.demo_names, search.scorers
+        space = {"label_template": templates, "descriptions": [0, 1] if search.has_desc else [0],
+                 "demos": demo_names, "calibrate": [0, 1], "scorer": scorers}
         floats = {"weight": (0.0, 1.0, False), "tau": (0.01, 0.2, True)} if len(train) else None
         # inputs are embedded once, so a proposal is scored on all of dev, and on every train example left out of
         # its own demonstrations (more selection data: less overfitting to a small dev set); it costs only its
         # label prompts
-        cost = n_labels + (sum(1 for lab in task.labels if lab.description) if has_desc else 0)
-        n_sel = n_dev + len(train)
-        best, trace = self._optimize(space, evaluate, budget, n_sel, n_sel, cost, cfg.trials or 150, floats=floats)
+        cost = search.n_labels + (sum(1 for lab in task.labels if lab.description) if search.has_desc else 0)
+        n_sel = len(dev) + len(train)
+        best, trace = self._optimize(space, search.evaluate, budget, n_sel, n_sel, cost, cfg.trials or 150,
+                                     floats=floats)
         ch = best.choice
         chosen = {"label_template": templates[ch["label_template"]], "descriptions": bool(ch.get("descriptions", 0)),
-                  "demos": demo_names[ch["demos"]], "demonstrations": int(len(demo_idx[ch["demos"]])),
+                  "demos": demo_names[ch["demos"]], "demonstrations": int(len(search.demo_idx[ch["demos"]])),
                   "scorer": scorers[ch.get("scorer", 0)], "calibrate": bool(ch.get("calibrate", 0)),
                   "weight": ch.get("weight", 1.0), "tau": ch.get("tau")}
-        result = build(ch, prompt=chosen)
+        result = search.build(ch, prompt=chosen)
         result.search_trace = self._summary(best, trace, {"label_template": templates, "demos": demo_names,
-                                                          "scorer": scorers}, budget, n_dev, chosen=chosen,
+                                                          "scorer": scorers}, budget, len(dev), chosen=chosen,
                                             selection="dev and train (each example left out of its own "
                                                       "demonstrations)")
         return result
 
-    @staticmethod
-    def _typical(labels: np.ndarray, emb: torch.Tensor, per: int) -> np.ndarray:
-        """The ``per`` examples of each class nearest to their class mean."""
-        out = []
-        for c in np.unique(labels):
-            idx = np.flatnonzero(labels == c)
-            centre = torch.nn.functional.normalize(emb[idx].mean(0), dim=-1)
-            sims = emb[idx] @ centre
-            out.extend(idx[sims.argsort(descending=True)[:per].numpy()].tolist())
-        return np.sort(np.asarray(out, dtype=np.int64))
-
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         if not len(dev):
             raise ConfigError("prompt_search needs a dev split to score candidates on; give task.data.dev or "
                               "task.split.dev")
         if backend.lm:
             return self._adapt_lm(backend, task, train=train, dev=dev)
-        if task.task.type != "classification":
+        if task.type != "classification":
             raise ConfigError("prompt_search on an encoder searches label prompts: it needs a classification task")
         return self._adapt_encoder(backend, task, train=train, dev=dev)

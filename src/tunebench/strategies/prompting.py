@@ -6,6 +6,7 @@ the causal backend they are Jinja2 templates the LM reads, scored label by label
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -15,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CapabilityError, ConfigError
-from ..prompts import PromptTemplate
-from .base import Predictor, PromptConfig, Strategy, as_texts, doc, register
+from ..prompts import PromptTemplate, select_demonstrations
+from .base import ExportParts, Predictor, PromptConfig, Strategy, as_texts, doc, register
 from .causal import CausalPredictor, Retrieval, demo_pool, make_builder, select_demos
 
 
@@ -87,18 +88,25 @@ class EmbeddingPredictor(Predictor):
                "label_anchors": self.label_anchors}
         return {k: v.contiguous() for k, v in out.items() if v is not None}
 
+    def export_formats(self) -> tuple[str, ...]:
+        return ("hf",)  # the anchors for the unchanged base encoder
+
+    def export_parts(self):
+        """The anchor tensors, how they are compared (``embedding.json``) and the tokenizer."""
+        emb = {"labels": list(self.labels), "mode": self.mode, "k": self.k, "tau": self.tau,
+               "label_weight": self.label_weight, "max_length": self.max_length, "pooling": "mean",
+               "normalize": True, "centered": self.center is not None}
+        return ExportParts("embedding", list(self.labels), tokenizer=self.export_tokenizer(),
+                           max_length=self.max_length, tensors=self.tensors(), embedding=emb)
+
     def _save(self, directory: Path) -> None:
         save_file(self.tensors(), str(directory / "anchors.safetensors"))
-        import json
-
         (directory / "embedding.json").write_text(
             json.dumps({"mode": self.mode, "k": self.k, "max_length": self.max_length, "prompt": self.prompt,
                         "tau": self.tau, "label_weight": self.label_weight}), encoding="utf-8")
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
-        import json
-
         t = load_file(str(directory / "anchors.safetensors"))
         opts = json.loads((directory / "embedding.json").read_text(encoding="utf-8"))
         return cls(strategy, config, labels, backend=backend, anchors=t["anchors"], anchor_labels=t["anchor_labels"],
@@ -188,7 +196,7 @@ class ZeroShot(PromptingStrategy):
         return out
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         if backend.lm:
             return self.adapt_causal(backend, task, train=train, dev=dev)
         tpl = PromptTemplate(self.config.label_templates[0], "label_templates")
@@ -249,18 +257,16 @@ class FewShot(PromptingStrategy):
                                   "prompt; on the encoder backend use classifier: knn")
 
     def select(self, labels: np.ndarray, n_classes: int) -> np.ndarray:
-        from ..prompts import select_demonstrations
-
         return np.sort(select_demonstrations(labels, self.config.shots, self.config.selection, self.seed, True))
 
     def demonstrations(self, backend, task, train):
         if self.config.selection == "retrieved":
             k = self.config.shots * max(1, len(task.labels))
-            return [], Retrieval.build(backend.config.retriever, demo_pool(task, train), k)
+            return [], Retrieval.build(backend.config.retriever, demo_pool(task, train), k, backend)
         return select_demos(task, train, self.config.shots, self.config.selection, self.seed), None
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         if backend.lm:
             return self.adapt_causal(backend, task, train=train, dev=dev)
         n = len(task.labels)
@@ -313,5 +319,5 @@ class ChainOfThought(PromptingStrategy):
         return select_demos(task, train, self.config.shots, self.config.selection, self.seed), None
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         return self.adapt_causal(backend, task, train=train, dev=dev)

@@ -32,11 +32,15 @@ class SoftPrompt(TuningStrategy):
     family = "prompt_tuning"
     config: SoftPromptConfig
 
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        return "soft_prompt"
+
     def extra_positions(self) -> int:
         return self.config.virtual_tokens
 
     def _peft_config(self, task_type, name_or_path: str):
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         kwargs = {}
         if self.config.init_text:
@@ -45,12 +49,12 @@ class SoftPrompt(TuningStrategy):
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=self.config.virtual_tokens, **kwargs)
 
     def prepare(self, model: nn.Module) -> None:
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         cfg = self._peft_config(peft.TaskType.FEATURE_EXTRACTION, model.encoder.config._name_or_path)
         model.encoder = peft.get_peft_model(model.encoder, cfg)
 
     def prepare_lm(self, lm: nn.Module) -> nn.Module:
-        import peft
+        import peft  # heavy (imports transformers): only when a model is prepared
 
         return peft.get_peft_model(lm, self._peft_config(peft.TaskType.CAUSAL_LM, lm.config._name_or_path))

@@ -24,7 +24,8 @@ from ..data import Split
 from ..errors import CapabilityError, ConfigError
 from ..evaluation.metrics import classification_metrics
 from ..progress import NULL_REPORTER, Reporter
-from .base import Predictor, Strategy, TrainConfig, as_texts
+from .base import ExportParts, Predictor, Strategy, TrainConfig, adapter_kind, as_texts, registry
+from .causal import CausalLMObjective, CausalPredictor, make_builder
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,67 @@ class ClassifierObjective(Objective):
 
 def _accelerator(backend):
     """The Accelerate handle: a no-op wrapper in one process, DDP and sharding under ``accelerate launch``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy (seconds to import): only once a model trains
 
     return Accelerator(cpu=backend.device.type == "cpu")
+
+
+def warmup_linear_decay(optim: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at step ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+
+
+@dataclass
+class _Step:
+    """What one optimisation step needs: the (wrapped) model, optimizer, LR schedule and Accelerate handle."""
+
+    model: nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    accelerator: object
+
+    def __call__(self, objective: Objective, batch_idx: list[int], active: list[torch.nn.Parameter]) -> float:
+        """Backpropagate one batch's loss, clip, step; the batch loss."""
+        loss = objective.loss(self.model, batch_idx)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(active, 1.0)
+        self.optim.step()
+        self.sched.step()
+        self.optim.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _train_epoch(objective: Objective, step: _Step, batches: list[list[int]], active: list[torch.nn.Parameter],
+                 reporter: Reporter, label: str) -> float:
+    """One pass over ``batches``; the summed batch losses (nothing trains when ``active`` is empty)."""
+    reporter.start(label, len(batches))
+    running = 0.0
+    for batch_idx in batches:
+        if active:  # a schedule may leave nothing to train in an epoch
+            running += step(objective, batch_idx, active)
+        reporter.advance()
+    return running
+
+
+def _selection_score(objective: Objective, dev: dict[str, float]) -> float:
+    """The dev score that picks the best epoch (higher is better: a loss counts negated)."""
+    score = dev[objective.score_key]
+    return -score if objective.score_key == "loss" else score
+
+
+def _log_epoch(result: TrainResult, epoch: int, running: float, n_batches: int, dev: dict[str, float]) -> None:
+    entry = {"epoch": epoch + 1, "train_loss": running / max(1, n_batches), **{f"dev_{k}": v for k, v in dev.items()}}
+    result.history.append(entry)
+    log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+
+
+def _restore(trainable: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor] | None) -> None:
+    """Copy a kept state back into the trainable parameters (None: keep the last epoch's)."""
+    if state is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(state[n])
 
 
 def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_groups: list[dict] | None = None,
@@ -226,13 +285,11 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
     optim = make_optimizer(split_decay(param_groups, cfg.weight_decay), cfg.lr)
     accelerator = _accelerator(backend)
     world, rank = accelerator.num_processes, accelerator.process_index
-    n_train = len(objective.lengths)
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size) // world)
+    steps_per_epoch = max(1, math.ceil(len(objective.lengths) / cfg.batch_size) // world)
     total = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    sched = warmup_linear_decay(optim, total, int(cfg.warmup_ratio * total))
     wrapped, optim = accelerator.prepare(model, optim)
+    step = _Step(wrapped, optim, sched, accelerator)
     result = TrainResult()
     t0 = time.perf_counter()
     objective.setup(trainable)
@@ -247,32 +304,14 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
         objective.train_mode()
         batches = length_grouped_batches(objective.lengths, cfg.batch_size, rng)
         batches = batches[rank::world][:steps_per_epoch]  # equal shares keep data-parallel processes in step
-        reporter.start(f"epoch {epoch + 1}/{cfg.epochs}", len(batches))
         t0 = time.perf_counter()
-        running = 0.0
-        for batch_idx in batches:
-            if not active:  # a schedule may leave nothing to train in an epoch
-                reporter.advance()
-                continue
-            loss = objective.loss(wrapped, batch_idx)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(active, 1.0)
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            running += float(loss.detach())
-            reporter.advance()
+        running = _train_epoch(objective, step, batches, active, reporter, f"epoch {epoch + 1}/{cfg.epochs}")
         result.train_seconds += time.perf_counter() - t0
         result.examples_seen += sum(len(b) for b in batches) * world
         reporter.stop()
         dev = objective.evaluate()
-        entry = {"epoch": epoch + 1, "train_loss": running / max(1, len(batches)),
-                 **{f"dev_{k}": v for k, v in dev.items()}}
-        result.history.append(entry)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
-        score = dev[objective.score_key]
-        if objective.score_key == "loss":
-            score = -score
+        _log_epoch(result, epoch, running, len(batches), dev)
+        score = _selection_score(objective, dev)
         hook = _EPOCH_HOOK.get()
         if hook is not None:
             hook(epoch + 1, dev, score)
@@ -284,10 +323,7 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
             if cfg.early_stopping and stale >= cfg.early_stopping:
                 log.info("early stopping after epoch %d (best %d)", epoch + 1, result.best_epoch)
                 break
-    if best_state is not None:
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(best_state[n])
+    _restore(trainable, best_state)
     result.trainable_params = max_trainable
     model.eval()
     accelerator.free_memory()
@@ -309,6 +345,20 @@ class ClassifierPredictor(Predictor):
         ids = self.backend.tokenize(as_texts(inputs), self.config.max_length)
         return predict_logits(self.model, self.backend, ids)
 
+    def export_formats(self) -> tuple[str, ...]:
+        # an ONNX graph: an encoder's classifier (a causal LM's body with a last-token head is not exported so)
+        return ("hf", "merged", "onnx") if self.backend.name == "encoder" else ("hf", "merged")
+
+    def export_parts(self):
+        """The encoder (PEFT-wrapped or not), pooling and head; the tokenizer and how inputs are batched."""
+        n = int(getattr(self.config, "max_length", 512))
+        limit = getattr(self.backend, "max_positions", None)
+        return ExportParts(
+            "classifier", list(self.labels), model=self.model.encoder, adapter=adapter_kind(self.model.encoder),
+            tokenizer=self.export_tokenizer(), max_length=min(n, limit) if limit else n, max_positions=limit,
+            head=self.model.head, pooling=self.model.pool,
+            batch=lambda texts, max_length: self.backend.collate(self.backend.tokenize(texts, max_length)))
+
     def _save(self, directory: Path) -> None:
         state = self.model.state_dict()
         save_file({k: state[k].detach().cpu().clone().contiguous() for k in self.trained},
@@ -316,8 +366,6 @@ class ClassifierPredictor(Predictor):
 
     @classmethod
     def _load(cls, directory, backend, strategy, config, labels):
-        from .base import registry
-
         strat = registry.get(strategy)(config)
         model = strat.build_model(backend, len(labels))
         weights = load_file(str(directory / "weights.safetensors"), device=str(backend.device))
@@ -396,10 +444,8 @@ class TuningStrategy(Strategy):
         return None
 
     def adapt(self, backend, task, *, train, dev) -> Predictor:
-        self.check(backend, task.task.type)
+        self.check(backend, task.type)
         if self.uses_lm(backend):
-            from .causal import make_builder
-
             return self.adapt_lm(backend, task, train=train, dev=dev, builder=make_builder(self.config, task))
         labels = list(task.label_names)
         torch.manual_seed(self.seed)  # head and adapter initialisation depend on the seed only
@@ -420,8 +466,6 @@ class TuningStrategy(Strategy):
         A hybrid passes its own ``name`` and ``config`` (what the artifact records), the prompt strategy's
         ``decode`` options and prediction ``mode``.
         """
-        from .causal import CausalLMObjective, CausalPredictor
-
         torch.manual_seed(self.seed)
         model = self.build_lm(backend)
         groups = self.param_groups(model)
