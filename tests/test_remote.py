@@ -77,7 +77,9 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir):
-    srv = Server(["--model", str(tiny_gpt2_dir), "--name", "gpt2-tiny"], env={"TUNEBENCH_API_KEY": KEY})
+    # fp32 like the local model it is compared with (auto would pick bf16 on a CPU with native bf16)
+    srv = Server(["--model", str(tiny_gpt2_dir), "--name", "gpt2-tiny", "--precision", "fp32"],
+                 env={"TUNEBENCH_API_KEY": KEY})
     yield srv
     srv.stop()
 

@@ -7,23 +7,29 @@ best candidate's interval, or no per-item results to compare).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .evidence import PROMPTING, Evidence, Group
 from ..config import CostConfig
+from ..config.costs import parse_amount  # noqa: F401  (it lived here; callers still import it from here)
 
 
 @dataclass
 class Constraints:
     """What the user needs. ``None`` means no constraint; volume and horizon default to the study's cost table."""
 
-    volume_per_day: float | None = None
-    horizon_days: float | None = None
-    latency_p95_ms: float | None = None
-    min_quality: float | None = None
-    budget: float | None = None
-    changes_often: bool = False
+    volume_per_day: float | None = field(default=None, metadata={
+        "help": "Expected requests per day (default: the study's costs.volume_per_day)."})
+    horizon_days: float | None = field(default=None, metadata={
+        "help": "Days the cost is counted over (default: the study's costs.horizon_days)."})
+    latency_p95_ms: float | None = field(default=None, metadata={"help": "Most p95 latency per request, in milliseconds."})
+    min_quality: float | None = field(default=None, metadata={
+        "help": "Least acceptable value of the study's metric (accuracy, or exact match)."})
+    budget: float | None = field(default=None, metadata={
+        "help": "Most total cost over the horizon (training + serving)."})
+    changes_often: bool = field(default=False, metadata={
+        "help": "The task changes often: tuned models are retrained once a month over the horizon, prompts are "
+                "edited."})
 
 
 def _money(x: float, cur: str) -> str:
@@ -191,25 +197,3 @@ class Recommender:
 def recommend(evidence: Evidence, constraints: Constraints | None = None) -> dict:
     """Rank the study's approaches under ``constraints``; see the module docstring for the verdicts."""
     return Recommender(evidence, constraints or Constraints()).recommend()
-
-
-def parse_amount(text: str, unit: str) -> float:
-    """``50000/day`` → 50000, ``100ms`` → 100, ``90d`` → 90, ``$200`` → 200 (the unit suffix is optional)."""
-    t = text.strip().lower().replace(",", "").replace("_", "")
-    for suffix in {"volume": ("/day", "/d", "perday"), "ms": ("ms",), "days": ("days", "day", "d"),
-                   "money": ()}[unit]:
-        if t.endswith(suffix):
-            t = t[: -len(suffix)]
-            break
-    if unit == "days" and t.endswith("w"):
-        return float(t[:-1]) * 7
-    if unit == "ms" and t.endswith("s"):
-        return float(t[:-1]) * 1000
-    t = t.lstrip("$€£")
-    mult = 1.0
-    if t and t[-1] in "km":
-        mult, t = (1e3 if t[-1] == "k" else 1e6), t[:-1]
-    value = float(t) * mult
-    if math.isnan(value) or value < 0:
-        raise ValueError(text)
-    return value

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -30,13 +30,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Limits:
-    """Bounds on what one request may ask for."""
+    """Bounds on what one request may ask for, and the micro-batcher's settings (the ``serve`` options read their
+    defaults and help here; ``max_batch`` and ``batch_window_ms`` go to :func:`create_app` as its ``max_batch``
+    and ``window_ms``)."""
 
-    max_body_bytes: int = 1 << 20
-    max_input_tokens: int = 4096
-    max_tokens: int = 1024
-    max_batch_inputs: int = 64
-    max_queue: int = 1024
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body.", "min": 1024})
+    max_input_tokens: int = field(default=4096, metadata={"help": "Most tokens per input.", "min": 1})
+    max_tokens: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for.", "min": 1})
+    max_batch_inputs: int = field(default=64, metadata={"help": "Most inputs (prompts) in one request.", "min": 1})
+    max_queue: int = field(default=1024, metadata={"help": "Most requests waiting for the model.", "min": 1})
+    max_batch: int = field(default=32, metadata={"help": "Most inputs run together in a micro-batch.", "min": 1})
+    batch_window_ms: float = field(default=5.0, metadata={
+        "help": "How long the first request of a batch waits for others (ms).", "min": 0})
 
 
 class ApiError(Exception):

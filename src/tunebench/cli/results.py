@@ -1,0 +1,154 @@
+"""``tunebench show``, ``ls`` and ``strategies``: reading a results store (and the strategy registry)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..analysis.leaderboard import default_metric, leaderboard, trial_json
+from ..config import DEFAULT_STORE
+from ..errors import TunebenchError
+from ..store.results import Store
+from .common import (DEFAULT_METRIC_HELP, METRICS, JsonOpt, StoreOpt, StudyArg, check_metric, err, fail, json_default,
+                     out, print_json, resolve_study, setup_logging)
+
+
+def _fmt_params(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console) -> None:
+    board = leaderboard(rows, metric)
+    table = Table(title=f"{name}: {metric} on test (mean ± std over seeds)", title_justify="left")
+    table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
+    table.add_column("family", no_wrap=True)
+    second = board[0]["secondary"] if board else "macro_f1"
+    cv = next((e for e in board if "cv_mean" in e), None)
+    cv_cols = [f"cv {cv['cv_metric']} ({cv['cv_k']}-fold)"] if cv else []
+    for col in ("train n", "seeds", metric, second, *cv_cols, "train s", "p50 ms", "tokens/req", "trainable"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for e in board:
+        q = f"{e['quality_mean']:.3f} ± {e['quality_std']:.3f}" if len(e["seeds"]) > 1 else f"{e['quality_mean']:.3f}"
+        f1 = f"{e['secondary_mean']:.3f}"
+        tokens = e.get("tokens_per_request")
+        cv_cell = [f"{e['cv_mean']:.3f} ± {e['cv_std']:.3f}" if "cv_mean" in e else "-"] if cv else []
+        table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1, *cv_cell,
+                      f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}",
+                      "-" if tokens is None or tokens != tokens else f"{tokens:.0f}", _fmt_params(e["trainable_params"]))
+    console.print(table)
+
+
+def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
+    table = Table(title=f"trials ({metric} on test)", title_justify="left")
+    for col in ("id", "strategy", "seed", "train n", metric):
+        table.add_column(col, overflow="fold", justify="right" if col in ("seed", "train n", metric) else "left")
+    for r in sorted(rows, key=lambda r: (r["label"], r["train_size"], r["seed"])):
+        value = r["metrics"].get(metric)
+        table.add_row(r["key"][:8], r["label"], str(r["seed"]), str(r["train_size"] or "-"),
+                      "-" if value is None else f"{value:.3f}")
+    console.print(table)
+
+
+def print_prompts(rows: list[dict], console: Console) -> None:
+    """Each prompting trial's exact template and one rendered example (the first test input)."""
+    seen = set()
+    shown = 0
+    for r in rows:
+        info = r["record"].get("prompt")
+        if not info or r["label"] in seen:
+            continue
+        seen.add(r["label"])
+        shown += 1
+        if "label_template" in info:  # an encoder prompt search: what it embeds and how it compares
+            how = f"soft nearest neighbour, tau {info.get('tau')}" if info.get("scorer") == "kernel" else "prototypes"
+            console.rule(f"[bold]{r['label']}[/] (encoder prompt search: demonstrations {info.get('demos')} "
+                         f"({info.get('demonstrations')}) as {how}, label-prompt weight {info.get('weight')}, "
+                         f"centred: {'yes' if info.get('calibrate') else 'no'})")
+            console.print("[bold]label prompt[/]", highlight=False)
+            console.print(info["label_template"], markup=False, highlight=False)
+            continue
+        console.rule(f"[bold]{r['label']}[/] ({info.get('mode')}, demonstrations: {info.get('demonstrations')}, "
+                     f"chat template: {'yes' if info.get('chat_template') else 'no'})")
+        if info.get("instruction"):
+            console.print("[bold]instruction[/]", highlight=False)
+            console.print(info["instruction"], markup=False, highlight=False)
+        console.print("[bold]template[/]", highlight=False)
+        console.print(info["template"], markup=False, highlight=False)
+        if "example" in info:
+            console.print("[bold]rendered (first test example)[/]", highlight=False)
+            console.print(info["example"], markup=False, highlight=False)
+    if not shown:
+        console.print("no trial of this study used a prompt (prompts are stored for causal-model trials)")
+
+
+def show(study: str = StudyArg, store: Optional[Path] = StoreOpt,
+         metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: "
+                                              f"{DEFAULT_METRIC_HELP} for generation)."),
+         prompts: bool = typer.Option(False, "--prompts", help="Print each trial's template and a rendered example."),
+         ids: bool = typer.Option(False, "--ids", help="List every trial with its id (for serve and export)."),
+         as_json: bool = JsonOpt) -> None:
+    """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
+    setup_logging(False)
+    try:
+        check_metric(metric)
+        name, root = resolve_study(study, store)
+        st = Store(root, create=False)
+        rows = st.trials(name, st.current_keys(name))
+    except TunebenchError as exc:
+        fail(exc)
+    metric = metric or default_metric(rows)
+    if rows and metric not in rows[0]["metrics"]:
+        fail(TunebenchError(f"--metric: this study's trials have no '{metric}' "
+                            f"(they have {', '.join(k for k in METRICS if k in rows[0]['metrics'])})"))
+    if prompts and not as_json:
+        print_prompts(rows, out)
+        return
+    if ids and not as_json:
+        print_trial_ids(rows, metric, out)
+        return
+    if as_json:
+        print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows]},
+                   default=json_default)
+        return
+    if not rows:
+        err.print(f"study '{name}' has no finished trial yet")
+        return
+    print_leaderboard(name, rows, metric, out)
+
+
+def list_studies(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """List the studies in a results store."""
+    setup_logging(False)
+    try:
+        st = Store(store or Path(DEFAULT_STORE), create=False)
+    except TunebenchError as exc:
+        fail(exc)
+    studies = st.studies()
+    if as_json:
+        print_json({"store": str(st.root), "studies": studies})
+        return
+    table = Table(title=f"studies in {st.root}", title_justify="left")
+    for col in ("study", "finished trials", "source"):
+        table.add_column(col)
+    for s in studies:
+        table.add_row(s["name"], str(s["trials"]), s["source"] or "")
+    out.print(table)
+
+
+def strategies() -> None:
+    """List the registered strategies and their parameters."""
+    from ..strategies import registry  # heavy: strategies load torch
+
+    for name, cls in registry.all().items():
+        out.print(f"[bold]{name}[/] ({cls.family}): {(cls.config_cls.__doc__ or '').strip()}")
+        defaults = cls.config_cls()
+        for f in dataclasses.fields(cls.config_cls):
+            out.print(f"    {f.name} = {getattr(defaults, f.name)!r}  {f.metadata.get('help', '')}", highlight=False)

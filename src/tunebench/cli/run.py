@@ -1,0 +1,182 @@
+"""``tunebench run``, ``demo`` and ``validate``: running a study with progress bars, and checking one."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..analysis.evidence import analyze
+from ..analysis.leaderboard import default_metric, trial_json
+from ..analysis.recommend import Constraints
+from ..config import StudyConfig
+from ..config.metrics import headline_metrics
+from ..errors import TunebenchError
+from ..progress import StudyReporter
+from ..store.results import Store
+from .common import (EXIT_INTERRUPTED, EXIT_TRIALS_FAILED, JsonOpt, StoreOpt, VerboseOpt, err, fail, json_default, out,
+                     print_json, setup_logging)
+from .decide import write_report
+from .results import print_leaderboard
+
+
+class RichReporter(StudyReporter):
+    """Draws an overall trials bar and a bar for the current epoch or evaluation."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.console = console
+        self.trials_task = None
+        self.step_task = None
+        self.current = ""
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def trial_started(self, index, total, label):
+        if self.trials_task is None:
+            self.trials_task = self.progress.add_task("trials", total=total)
+        self.current = label
+        self.progress.update(self.trials_task, completed=index - 1, description=f"trial {index}/{total}")
+
+    def trial_finished(self, row):
+        m, c = row["metrics"], row["cost"]
+        shown = ", ".join(f"{k.replace('_', '-')} {m[k]:.3f}" for k in headline_metrics(m))
+        if m.get("format_failure_rate"):
+            shown += f", format failures {m['format_failure_rate']:.1%}"
+        self.progress.console.print(
+            f"[green]✓[/] {row['label']} seed={row['seed']} n={row['train_size']}: {shown}, {c['adapt_seconds']:.1f}s")
+        self.progress.advance(self.trials_task)
+
+    def trial_failed(self, label, error):
+        self.progress.console.print(f"[red]✗[/] {label}: {type(error).__name__}: {error}")
+        self.progress.advance(self.trials_task)
+
+    def start(self, label, total):
+        text = f"  {self.current}: {label}"
+        if self.step_task is None:
+            self.step_task = self.progress.add_task(text, total=total)
+        else:
+            self.progress.reset(self.step_task, total=total, description=text)
+
+    def advance(self, n=1):
+        if self.step_task is not None:
+            self.progress.advance(self.step_task, n)
+
+
+def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool,
+               with_report: bool = False) -> None:
+    from ..runner import Study  # heavy: the runner loads torch
+
+    study_store = Store(store if store is not None else cfg.store_path(base))
+    with RichReporter(err) as reporter:
+        study = Study(cfg, base_dir=base, store=study_store, reporter=reporter, source=source)
+        for w in study.data.warnings:
+            reporter.console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        try:
+            rows = study.run()
+        except KeyboardInterrupt:
+            reporter.progress.stop()
+            err.print("[yellow]interrupted[/]: finished trials are saved; run the same command again to resume.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    report = None
+    if with_report and rows:
+        report = write_report(analyze(study_store, cfg.name), Constraints(), None, study_store.root)
+    if as_json:
+        data = {"checks": study.data.checks, "warnings": study.data.warnings, "labels": study.data.label_names}
+        doc = {"study": cfg.name, "store": str(study_store.root), "data": data,
+               "trials": [trial_json(r) for r in rows]}
+        if report is not None:
+            doc["report"] = {k: str(v) for k, v in report["paths"].items()}
+            doc["recommendation"] = report["recommendation"]
+        print_json(doc, default=json_default)
+    else:
+        print_leaderboard(cfg.name, rows, default_metric(rows), out)
+        out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
+                  f"`tunebench show {cfg.name}` shows them again.")
+        if report is not None:
+            rec = report["recommendation"]
+            out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
+            out.print(f"Report: {report['paths']['html']}", highlight=False)
+    if study.failures:
+        err.print(f"[red]{len(study.failures)} trial(s) failed[/]; see the messages above. Rerun to retry them.")
+        raise typer.Exit(EXIT_TRIALS_FAILED)
+
+
+def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[Path] = StoreOpt,
+        as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+    """Run every pending trial of a study (finished trials are skipped: a rerun resumes)."""
+    from ..runner import load_study  # heavy: the runner loads torch
+
+    setup_logging(verbose)
+    try:
+        cfg, base = load_study(study)
+        _run_study(cfg, base, str(study), store, as_json)
+    except TunebenchError as exc:
+        fail(exc)
+
+
+def demo_study_path() -> Path:
+    return Path(str(resources.files("tunebench") / "examples" / "demo.yaml"))
+
+
+def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+    """Run the bundled demo: customer-support intents, every strategy, the embedded default model, offline; ends by
+    writing the HTML report and printing its path."""
+    from ..runner import load_study  # heavy: the runner loads torch
+
+    setup_logging(verbose)
+    try:
+        cfg, base = load_study(demo_study_path())
+        if not as_json:
+            err.print(f"[bold]tunebench demo[/]: {len(cfg.strategies)} strategies on 400 customer-support messages "
+                      f"(8 intents) with all-MiniLM-L6-v2, on CPU. Study file: {demo_study_path()}")
+        _run_study(cfg, base, str(demo_study_path()), store, as_json, with_report=True)
+    except TunebenchError as exc:
+        fail(exc)
+
+
+class _NoStore:
+    """Stand-in store for ``validate``: planning needs none."""
+
+
+def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: bool = JsonOpt) -> None:
+    """Check a study's config and data without training anything."""
+    from ..runner import Study, load_study  # heavy: the runner loads torch
+
+    setup_logging(False)
+    try:
+        cfg, base = load_study(study)
+        try:  # with a store at hand, prompt: references are checked against its registry
+            study_store = Store(cfg.store_path(base), create=False)
+        except TunebenchError:
+            study_store = _NoStore()
+        st = Study(cfg, base_dir=base, store=study_store)
+        trials = st.plan()
+        data = st.data
+    except TunebenchError as exc:
+        fail(exc)
+    summary = {"study": cfg.name, "valid": True, "labels": data.label_names, "unchecked_prompts": st.unchecked_prompts,
+               "splits": {s.name: len(s) for s in (data.train, data.dev, data.test)},
+               "checks": data.checks, "warnings": data.warnings, "trials": len(trials),
+               "strategies": sorted({t.strategy for t in trials})}
+    if as_json:
+        print_json(summary)
+        return
+    for w in data.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for ref in st.unchecked_prompts:
+        err.print(f"[yellow]warning:[/] {ref}: not checked (no results store at {cfg.store_path(base)} yet)",
+                  highlight=False)
+    out.print(f"[green]✓[/] {study}: valid. {len(data.label_names)} labels; train {len(data.train)}, "
+              f"dev {len(data.dev)}, test {len(data.test)}; {len(trials)} trials "
+              f"({', '.join(summary['strategies'])}).", highlight=False)
