@@ -27,6 +27,7 @@ from .metrics import classification_metrics, generation_item_scores, generation_
 class Measurement:
     """What one trial's predictor did on test."""
 
+    records: list[dict]  # the test inputs as the predictor saw them
     output: Any  # the predictor's Output on the test records (predictions, token counts, generated text)
     metrics: dict
     items: dict  # per-item predictions and scores (what paired statistics need)
@@ -55,7 +56,7 @@ def measure(predictor, data: TaskData, *, seed: int, consistency: ConsistencyCon
     metrics, items, truth = score_test(data, out.predictions)
     if nll is not None:
         metrics["perplexity"] = float(np.exp(np.mean(nll)))
-    return Measurement(out, metrics, items, truth, latencies, infer_s, stability)
+    return Measurement(records, out, metrics, items, truth, latencies, infer_s, stability)
 
 
 def score_test(data: TaskData, predictions) -> tuple[dict, dict, dict]:

@@ -119,7 +119,7 @@ def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, 
 def _record(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, predictor, m: Measurement,
             searched, prompt_searched: dict | None) -> dict:
     """What the trial ran on and with: config, backend, versions, data fingerprints and checks, the prompt."""
-    records = data.test.records()
+    records = m.records
     result = getattr(predictor, "train_result", None)
     record = {"config": study.model_dump(), "backend": backend.describe(), "versions": versions(),
               "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
