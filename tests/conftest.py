@@ -175,3 +175,66 @@ def tiny_gpt2(tiny_gpt2_dir):
     from tunebench.config import ModelConfig
 
     return load_backend(ModelConfig(backend="causal", path=str(tiny_gpt2_dir), precision="fp32"))
+
+
+# -- real services: PostgreSQL and a Ray cluster, started by scripts/test-services.sh (the test command) --------
+def _service(var: str, what: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        if os.environ.get("TUNEBENCH_REQUIRE_SERVICES"):
+            pytest.fail(f"{var} is not set: the test command starts {what} (scripts/test-services.sh)")
+        pytest.skip(f"{what} not running here ({var} unset); `. scripts/test-services.sh` starts one")
+    return value
+
+
+@pytest.fixture()
+def pg_url() -> str:
+    """A fresh, empty PostgreSQL database for one test (dropped after it)."""
+    import uuid
+
+    import psycopg
+
+    admin = _service("TUNEBENCH_TEST_POSTGRES", "a PostgreSQL server")
+    name = f"tb_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    yield admin.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path) -> str:
+    """Where a store lives: a directory (SQLite) or a fresh PostgreSQL database; the store tests run on both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "runs")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """This test process joined to the local Ray cluster the test command started."""
+    import ray
+
+    address = _service("TUNEBENCH_TEST_RAY", "a local Ray cluster")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}})
+    yield address
+
+
+def toy_study(tmp_path: Path, toy_files: dict[str, Path], model_dir: Path, **extra) -> dict:
+    """The 14-trial toy ladder (2 zero-shot templates, few-shot, linear probe, full; 2 seeds x 2 sizes)."""
+    return {
+        "name": "toy-ladder",
+        "task": {"type": "classification", "data": {k: str(v) for k, v in toy_files.items()},
+                 "text": "text", "label": "label", "labels": {"neg": "negative", "pos": "positive"}},
+        "model": {"backend": "encoder", "path": str(model_dir), "precision": "fp32"},
+        "training": {"epochs": 2, "batch_size": 16, "max_length": 32},
+        "strategies": [{"zero_shot": {"label_templates": ["{{ label }}", "it was {{ label }}"]}},
+                       {"few_shot": {"shots": 2}}, {"linear_probe": {}}, {"full": {"epochs": 1}}],
+        "seeds": [0, 1],
+        "train_sizes": [16, "all"],
+        "store": str(tmp_path / "runs"),
+        **extra,
+    }

@@ -17,25 +17,15 @@ from typer.testing import CliRunner
 
 from tunebench.cli import app
 
+from .conftest import toy_study
+
 runner = CliRunner()
 
 
 @pytest.fixture()
 def study_path(tmp_path, toy_files, tiny_model_dir) -> Path:
-    study = {
-        "name": "toy-ladder",
-        "task": {"type": "classification", "data": {k: str(v) for k, v in toy_files.items()},
-                 "text": "text", "label": "label", "labels": {"neg": "negative", "pos": "positive"}},
-        "model": {"backend": "encoder", "path": str(tiny_model_dir), "precision": "fp32"},
-        "training": {"epochs": 2, "batch_size": 16, "max_length": 32},
-        "strategies": [{"zero_shot": {"label_templates": ["{{ label }}", "it was {{ label }}"]}}, {"few_shot": {"shots": 2}},
-                       {"linear_probe": {}}, {"full": {"epochs": 1}}],
-        "seeds": [0, 1],
-        "train_sizes": [16, "all"],
-        "store": str(tmp_path / "runs"),
-    }
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(toy_study(tmp_path, toy_files, tiny_model_dir), sort_keys=False), encoding="utf-8")
     return path
 
 

@@ -30,3 +30,10 @@ class StudyReporter(Reporter):
 
     def trial_failed(self, label: str, error: BaseException) -> None:
         """A trial raised; the study goes on with the others."""
+
+    def trials_status(self, queued: int, running: int, finished: int, failed: int) -> None:
+        """Where the trials of a cluster run stand (the Ray executor calls this as they move)."""
+
+    def waiting(self, trials: int, owners: list[str]) -> None:
+        """``trials`` pending trials are claimed by other drivers (``owners``) on the same store; waiting for them
+        to finish or for their claims to expire."""

@@ -21,7 +21,7 @@ def find_trial(store: Store, study: str, trial: str | None = None, *, best: bool
     """
     rows = store.trials(study, store.current_keys(study))
     if not rows:
-        raise StoreError(f"study '{study}' has no finished trial in {store.root}; run it first")
+        raise StoreError(f"study '{study}' has no finished trial in {store.display}; run it first")
     if trial is not None:
         if len(trial) < MIN_PREFIX:
             raise StoreError(f"--trial: give at least {MIN_PREFIX} characters of the trial id (`tunebench show "

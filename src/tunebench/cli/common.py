@@ -30,7 +30,7 @@ if not err.is_terminal:
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-StoreOpt = typer.Option(None, "--store", help=f"Results directory (default: the study's 'store', else ./{DEFAULT_STORE}).")
+StoreOpt = typer.Option(None, "--store", help=f"Results store: a directory or postgresql://user@host/db (default: the study's 'store', else ./{DEFAULT_STORE}).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout and nothing else.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log what the library does (to stderr).")
 StudyArg = typer.Argument(..., help="Study name or study YAML.")

@@ -73,7 +73,7 @@ def write_report(evidence: Evidence, constraints: Constraints, out_dir: Optional
     return {"recommendation": rec, "paths": paths}
 
 
-def report_cmd(study: str = StudyArg, store: Optional[Path] = StoreOpt,
+def report_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
                out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for report.html, report.md and "
                                                       "report.json (default: STORE/reports/STUDY)."),
                metric: Optional[str] = MetricOpt,
@@ -103,7 +103,7 @@ def report_cmd(study: str = StudyArg, store: Optional[Path] = StoreOpt,
     out.print(f"Report: {paths['html']} (also {paths['md'].name} and {paths['json'].name})", highlight=False)
 
 
-def recommend_cmd(study: str = StudyArg, store: Optional[Path] = StoreOpt,
+def recommend_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
                   metric: Optional[str] = MetricOpt,
                   volume: Optional[str] = VolumeOpt, horizon: Optional[str] = HorizonOpt,
                   latency: Optional[str] = LatencyOpt, min_quality: Optional[str] = MinQualityOpt,

@@ -30,7 +30,7 @@ def export_cmd(study: str = StudyArg, trial: Optional[str] = TrialOpt,
                force: bool = typer.Option(False, "--force", help="Replace an earlier tunebench export in --out."),
                per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="onnx: int8 weight "
                                                 "scales per output channel (more accurate) or one per tensor."),
-               store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+               store: Optional[str] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
     """Export a trial: its adapter (PEFT), its weights merged into the base model, or ONNX with int8 quantization;
     each export carries a model card (README.md) with the trial's task, metrics and config."""
     setup_logging(verbose)

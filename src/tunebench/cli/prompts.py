@@ -45,7 +45,7 @@ def _uses_table(uses: list[dict], title: str | None = None) -> Table:
 
 
 @prompts_app.command("list")
-def prompts_list(store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+def prompts_list(store: Optional[str] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
     """Every registered name: latest version, number of versions, kinds, trials that used it, best test score."""
     setup_logging(False)
     try:
@@ -54,13 +54,13 @@ def prompts_list(store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonO
     except TunebenchError as exc:
         fail(exc)
     if as_json:
-        print_json({"store": str(reg.store.root), "prompts": rows}, default=json_default)
+        print_json({"store": reg.store.display, "prompts": rows}, default=json_default)
         return
     if not rows:
-        out.print(f"no prompts registered in {reg.store.root} yet: trials register the templates they use, "
+        out.print(f"no prompts registered in {reg.store.display} yet: trials register the templates they use, "
                   "`tunebench prompts import FILE` adds one", highlight=False)
         return
-    table = Table(title=f"prompts in {reg.store.root}", title_justify="left")
+    table = Table(title=f"prompts in {reg.store.display}", title_justify="left")
     for col in ("name", "latest", "versions", "kinds", "trials", "best (test)"):
         table.add_column(col, overflow="fold", justify="right" if col in ("latest", "versions", "trials") else "left")
     for r in rows:
@@ -72,7 +72,7 @@ def prompts_list(store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonO
 
 @prompts_app.command("show")
 def prompts_show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION, NAME@latest or NAME@#HASH."),
-                 store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+                 store: Optional[str] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
     """One version: its exact template text, hash, date, source and the trials that used it."""
     setup_logging(False)
     try:
@@ -99,7 +99,7 @@ def prompts_diff(a: str = typer.Argument(..., help="A reference, e.g. support-in
                  b: str = typer.Argument(..., help="Another, e.g. support-intent@2 or other@3 (a bare number is a "
                                          "version of A's name)."),
                  context: int = typer.Option(3, "--context", "-U", min=0, help="Unchanged lines shown around changes."),
-                 store: Optional[Path] = RegistryStoreOpt) -> None:
+                 store: Optional[str] = RegistryStoreOpt) -> None:
     """Unified diff of two versions' template text."""
     setup_logging(False)
     try:
@@ -124,7 +124,7 @@ def prompts_diff(a: str = typer.Argument(..., help="A reference, e.g. support-in
 
 
 @prompts_app.command("log")
-def prompts_log(name: str = typer.Argument(..., help="A registered name."), store: Optional[Path] = RegistryStoreOpt,
+def prompts_log(name: str = typer.Argument(..., help="A registered name."), store: Optional[str] = RegistryStoreOpt,
                 as_json: bool = JsonOpt) -> None:
     """History of a name, newest first: each version's hash, date and source, with the trials that used it, their
     test score and, where they selected on dev, their dev score."""
@@ -165,7 +165,7 @@ def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@
                                                 "becomes folders)."),
                    all_: bool = typer.Option(False, "--all", help="Export the latest version of every name."),
                    force: bool = typer.Option(False, "--force", help="Replace existing files with different content."),
-                   store: Optional[Path] = RegistryStoreOpt) -> None:
+                   store: Optional[str] = RegistryStoreOpt) -> None:
     """Write NAME@V.jinja (the exact template text) and NAME@V.yaml (name, version, hash, kind, source) for review
     in version control; `tunebench prompts import` reads them back."""
     setup_logging(False)
@@ -189,7 +189,7 @@ def prompts_import(files: list[Path] = typer.Argument(..., help="Template files 
                    kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label or instruction (default: "
                                                       "the sidecar's, "
                                                       "else prompt)."),
-                   store: Optional[Path] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
+                   store: Optional[str] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:
     """Register the text of template files: new text becomes a new version, text already there gives its version."""
     setup_logging(False)
     try:
@@ -198,7 +198,7 @@ def prompts_import(files: list[Path] = typer.Argument(..., help="Template files 
     except TunebenchError as exc:
         fail(exc)
     if as_json:
-        print_json({"store": str(reg.store.root), "imported": results})
+        print_json({"store": reg.store.display, "imported": results})
         return
     for r in results:
         what = "new version" if r["new"] else "already registered"

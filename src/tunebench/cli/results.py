@@ -89,7 +89,7 @@ def print_prompts(rows: list[dict], console: Console) -> None:
         console.print("no trial of this study used a prompt (prompts are stored for causal-model trials)")
 
 
-def show(study: str = StudyArg, store: Optional[Path] = StoreOpt,
+def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
          metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: "
                                               f"{DEFAULT_METRIC_HELP} for generation)."),
          prompts: bool = typer.Option(False, "--prompts", help="Print each trial's template and a rendered example."),
@@ -124,7 +124,7 @@ def show(study: str = StudyArg, store: Optional[Path] = StoreOpt,
     print_leaderboard(name, rows, metric, out)
 
 
-def list_studies(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> None:
+def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """List the studies in a results store."""
     setup_logging(False)
     try:
@@ -133,9 +133,9 @@ def list_studies(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt) -> N
         fail(exc)
     studies = st.studies()
     if as_json:
-        print_json({"store": str(st.root), "studies": studies})
+        print_json({"store": st.display, "studies": studies})
         return
-    table = Table(title=f"studies in {st.root}", title_justify="left")
+    table = Table(title=f"studies in {st.display}", title_justify="left")
     for col in ("study", "finished trials", "source"):
         table.add_column(col)
     for s in studies:

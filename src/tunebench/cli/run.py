@@ -13,9 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..analysis.evidence import analyze
 from ..analysis.leaderboard import default_metric, trial_json
 from ..analysis.recommend import Constraints
-from ..config import StudyConfig
+from pydantic import ValidationError
+
+from ..config import ExecutionConfig, StudyConfig
 from ..config.metrics import headline_metrics
-from ..errors import TunebenchError
+from ..errors import ConfigError, TunebenchError
 from ..progress import StudyReporter
 from ..store.results import Store
 from .common import (EXIT_INTERRUPTED, EXIT_TRIALS_FAILED, JsonOpt, StoreOpt, VerboseOpt, err, fail, json_default, out,
@@ -61,6 +63,19 @@ class RichReporter(StudyReporter):
         self.progress.console.print(f"[red]✗[/] {label}: {type(error).__name__}: {error}")
         self.progress.advance(self.trials_task)
 
+    def trials_status(self, queued, running, finished, failed):
+        total = queued + running + finished + failed
+        if self.trials_task is None:
+            self.trials_task = self.progress.add_task("trials", total=total)
+        self.progress.update(self.trials_task, total=total, completed=finished + failed,
+                             description=f"trials: {queued} queued, {running} running, {finished} finished, "
+                                         f"{failed} failed")
+
+    def waiting(self, trials, owners):
+        self.progress.console.print(f"[yellow]waiting[/] for {trials} trial(s) claimed by other runs on this store "
+                                    f"({', '.join(owners)}); a dead run's claims expire and its trials run here",
+                                    highlight=False)
+
     def start(self, label, total):
         text = f"  {self.current}: {label}"
         if self.step_task is None:
@@ -73,11 +88,12 @@ class RichReporter(StudyReporter):
             self.progress.advance(self.step_task, n)
 
 
-def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path], as_json: bool,
-               with_report: bool = False) -> None:
+def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[str], as_json: bool,
+               with_report: bool = False, artifacts: Optional[str] = None) -> None:
     from ..runner import Study  # heavy: the runner loads torch
 
-    study_store = Store(store if store is not None else cfg.store_path(base))
+    study_store = Store(store if store is not None else cfg.store_path(base),
+                        artifacts=artifacts if artifacts is not None else cfg.artifacts_path(base))
     with RichReporter(err) as reporter:
         study = Study(cfg, base_dir=base, store=study_store, reporter=reporter, source=source)
         for w in study.data.warnings:
@@ -93,7 +109,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
         report = write_report(analyze(study_store, cfg.name), Constraints(), None, study_store.root)
     if as_json:
         data = {"checks": study.data.checks, "warnings": study.data.warnings, "labels": study.data.label_names}
-        doc = {"study": cfg.name, "store": str(study_store.root), "data": data,
+        doc = {"study": cfg.name, "store": study_store.display, "data": data,
                "trials": [trial_json(r) for r in rows]}
         if report is not None:
             doc["report"] = {k: str(v) for k, v in report["paths"].items()}
@@ -101,7 +117,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
         print_json(doc, default=json_default)
     else:
         print_leaderboard(cfg.name, rows, default_metric(rows), out)
-        out.print(f"Results: {study_store.db_path} (artifacts in {study_store.root / 'artifacts'}); "
+        out.print(f"Results: {study_store.db_path or study_store.display} (artifacts in {study_store.artifacts.location}); "
                   f"`tunebench show {cfg.name}` shows them again.")
         if report is not None:
             rec = report["recommendation"]
@@ -112,24 +128,47 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[Path],
         raise typer.Exit(EXIT_TRIALS_FAILED)
 
 
-def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[Path] = StoreOpt,
+def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[str] = StoreOpt,
+        artifacts: Optional[str] = typer.Option(
+            None, "--artifacts", help="Artifact root: a directory every worker shares or an fsspec URL "
+            "(s3://bucket/prefix); default: the study's 'artifacts', else STORE/artifacts."),
+        executor: Optional[str] = typer.Option(None, "--executor", help="local (default) or ray: trials as Ray tasks."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto, ray://HOST:10001 (default: "
+                                              "the study's execution.address, else a private local cluster)."),
+        max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                     help="Ray: trials in flight at once."),
         as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
-    """Run every pending trial of a study (finished trials are skipped: a rerun resumes)."""
+    """Run every pending trial of a study (finished trials are skipped: a rerun resumes). Several runs may share
+    one store: they split the trials between them."""
     from ..runner import load_study  # heavy: the runner loads torch
 
     setup_logging(verbose)
     try:
         cfg, base = load_study(study)
-        _run_study(cfg, base, str(study), store, as_json)
+        cfg = with_execution(cfg, executor=executor, address=address, max_concurrent=max_concurrent)
+        _run_study(cfg, base, str(study), store, as_json, artifacts=artifacts)
     except TunebenchError as exc:
         fail(exc)
+
+
+def with_execution(cfg: StudyConfig, **options) -> StudyConfig:
+    """The study with command-line execution options (those given) over its ``execution:``."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return cfg
+    try:
+        execution = ExecutionConfig.model_validate({**cfg.execution.model_dump(exclude_unset=True), **given})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    return cfg.model_copy(update={"execution": execution})
 
 
 def demo_study_path() -> Path:
     return Path(str(resources.files("tunebench") / "examples" / "demo.yaml"))
 
 
-def demo(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
+def demo(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
     """Run the bundled demo: customer-support intents, every strategy, the embedded default model, offline; ends by
     writing the HTML report and printing its path."""
     from ..runner import load_study  # heavy: the runner loads torch

@@ -37,7 +37,7 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: "
                                                 "PyTorch's, one per core); leave cores free for whatever shares the "
                                                 "machine."),
-          store: Optional[Path] = StoreOpt, verbose: bool = VerboseOpt) -> None:
+          store: Optional[str] = StoreOpt, verbose: bool = VerboseOpt) -> None:
     """Serve a trial (or a causal LM) with the OpenAI API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /v1/classify and /health, micro-batched, behind bearer API keys."""
     setup_logging(verbose)

@@ -8,12 +8,13 @@ Example:
 
 from .base import _Strict
 from .costs import ApiPrice, CostConfig
+from .execution import ExecutionConfig, Resources
 from .loading import error_at, parse_study, read_study
 from .models import AnyModelConfig, CausalModel, EncoderModel, ModelConfig, OpenAIModel
 from .search import SearchConfig
 from .study import DEFAULT_STORE, PERTURBATION_KINDS, ConsistencyConfig, StrategyEntry, StudyConfig
 from .task import DataFiles, LabelSpec, SplitConfig, TaskConfig
 
-__all__ = ["AnyModelConfig", "ApiPrice", "CausalModel", "EncoderModel", "OpenAIModel", "ConsistencyConfig", "CostConfig", "DEFAULT_STORE", "DataFiles", "LabelSpec", "ModelConfig",
+__all__ = ["AnyModelConfig", "ApiPrice", "CausalModel", "EncoderModel", "OpenAIModel", "ConsistencyConfig", "CostConfig", "DEFAULT_STORE", "ExecutionConfig", "Resources", "DataFiles", "LabelSpec", "ModelConfig",
            "PERTURBATION_KINDS", "SearchConfig", "SplitConfig", "StrategyEntry", "StudyConfig", "TaskConfig",
            "_Strict", "error_at", "parse_study", "read_study"]

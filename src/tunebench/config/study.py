@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import _Strict
 from .costs import CostConfig
+from .execution import ExecutionConfig
 from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .search import SearchConfig
 from .task import TaskConfig
@@ -52,7 +53,12 @@ class StudyConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"], min_length=1)
-    store: str = Field(DEFAULT_STORE, description="Directory of the results store.")
+    store: str = Field(DEFAULT_STORE, description="The results store: a directory (SQLite and artifacts) or "
+                       "postgresql://user@host:5432/db for a store a team shares.")
+    artifacts: str | None = Field(None, description="Where trial artifacts go: a directory every worker and reader "
+                                  "shares, or an fsspec URL (s3://bucket/prefix). Default: STORE/artifacts; a "
+                                  "PostgreSQL store needs one (it remembers the first it is given).")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     costs: CostConfig = Field(default_factory=CostConfig)
     cv: int | None = Field(None, ge=2, description="k-fold cross-validation over train + dev (stratified): each "
@@ -136,10 +142,19 @@ class StudyConfig(_Strict):
             out.append(m)
         return out
 
-    def store_path(self, base_dir: str | Path = ".") -> Path:
-        """The results directory: a ``store`` written in the study is relative to the study file, the default
-        (``./tunebench-runs``) to the current directory."""
+    def store_path(self, base_dir: str | Path = ".") -> Path | str:
+        """The results store: a ``store`` written in the study is relative to the study file, the default
+        (``./tunebench-runs``) to the current directory; a database URL is returned as it is."""
+        if "://" in self.store:
+            return self.store
         path = Path(self.store).expanduser()
         if "store" in self.model_fields_set and not path.is_absolute():
             return Path(base_dir) / path
         return path
+
+    def artifacts_path(self, base_dir: str | Path = ".") -> str | None:
+        """``artifacts`` with a relative directory made relative to the study file (URLs as they are)."""
+        if self.artifacts is None or "://" in self.artifacts:
+            return self.artifacts
+        path = Path(self.artifacts).expanduser()
+        return str(path if path.is_absolute() else Path(base_dir) / path)

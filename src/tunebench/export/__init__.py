@@ -98,14 +98,14 @@ class ExportPlan:
     """A checked export request: the stored trial row, the output directory, the format."""
 
     study: str
-    store_root: Path
+    store_root: str | Path
     row: dict
     fmt: str
     target: Path
     force: bool = False
 
 
-def prepare_export(store_root: Path, study: str, *, trial: str | None, best: bool, fmt: str,
+def prepare_export(store_root: str | Path, study: str, *, trial: str | None, best: bool, fmt: str,
                    out_dir: Path | None, force: bool) -> ExportPlan:
     """Check an export request before any model is loaded: the format, which trial (``trial``: an id prefix, or
     ``best``), that the trial can be exported in ``fmt``, and that ``out_dir`` (default
@@ -125,7 +125,7 @@ def prepare_export(store_root: Path, study: str, *, trial: str | None, best: boo
         check_format(row["strategy"], row.get("params"), model.backend, fmt, f"trial {row['key'][:8]}")
     target = out_dir or default_out_dir(study, row["key"], fmt)
     check_out_dir(target, force)
-    return ExportPlan(study, Path(store_root), row, fmt, Path(target), force)
+    return ExportPlan(study, store_root, row, fmt, Path(target), force)
 
 
 def run_export(plan: ExportPlan, *, per_channel: bool = True,

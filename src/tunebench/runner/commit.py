@@ -6,7 +6,8 @@ from ..store import Store
 from .execute import TrialResult
 
 
-def commit(store: Store, result: TrialResult) -> None:
-    """Store ``result``: its artifact moves into place, then its row, per-item results and test truth are committed
-    in one transaction (the row is the commit point: a trial killed before it is simply run again)."""
-    store.add_trial(result.row, result.artifact_dir, result.items, result.test_set)
+def commit(store: Store, result: TrialResult, owner: str | None = None) -> bool:
+    """Store ``result``: in one transaction the claim of ``owner`` is checked, the artifact moved into place and
+    its row, per-item results and test truth written (the row is the commit point: a trial killed before it is
+    simply run again). False when it was already stored or its claim passed to another driver: never twice."""
+    return store.add_trial(result.row, result.artifact_dir, result.items, result.test_set, owner=owner)

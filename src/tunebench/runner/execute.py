@@ -7,6 +7,9 @@ the same function runs in this process, in a Ray worker or in a retry.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from ..data import Split, TaskData
 from ..evaluation.cost import PeakMemory
 from ..evaluation.measure import Measurement, cost_of, measure, versions
 from ..progress import StudyReporter
+from ..store.locations import ArtifactRoot
 from .cv import cross_validate
 from .search import run_search
 from .spec import TrialSpec, set_seed, train_subset
@@ -33,7 +37,21 @@ class TrialResult:
     row: dict
     items: dict
     test_set: tuple[str, dict]  # (test fingerprint, truth)
-    artifact_dir: Path | None  # None where this process does not write (non-main ranks)
+    artifact_dir: Path | str | None  # staged artifact (a path or URL); None where this process does not write
+
+
+@dataclass
+class Staging:
+    """Where a driver's trials stage their artifacts before commit: the store's artifact root and the driver's
+    claim owner (each owner stages apart). ``root`` None: this process writes no artifact (the non-zero ranks of
+    ``accelerate launch``). Picklable: Ray workers get it with each trial."""
+
+    root: ArtifactRoot | None
+    owner: str
+
+    def location(self, key: str) -> str | None:
+        """A fresh, empty staging location for ``key`` (a retried trial starts clean)."""
+        return None if self.root is None else self.root.staging(key, self.owner)
 
 
 def is_main_process() -> bool:
@@ -41,6 +59,23 @@ def is_main_process() -> bool:
     from accelerate import PartialState  # heavy: initialises the distributed state only when a trial runs
 
     return PartialState().is_main_process
+
+
+def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging: Staging, *,
+                   backend: Backend | None = None, reporter: StudyReporter | None = None) -> TrialResult:
+    """:func:`execute` with the artifact written to ``spec``'s staging location: directly on a directory root, via
+    a local temporary directory and an upload on a URL root (``s3://...``)."""
+    loc = staging.location(spec.key)
+    if loc is None or staging.root.is_local:
+        result = execute(spec, study, data, Path(loc) if loc else None, backend=backend, reporter=reporter)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tunebench-artifact-") as tmp:
+            result = execute(spec, study, data, Path(tmp) / "artifact", backend=backend, reporter=reporter)
+            if result.artifact_dir is not None:
+                staging.root.upload(Path(result.artifact_dir), loc)
+                result.artifact_dir = loc
+    result.row["record"]["ran_on"] = {"host": socket.gethostname(), "pid": os.getpid()}
+    return result
 
 
 def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: Path | None, *,

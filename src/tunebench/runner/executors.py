@@ -1,17 +1,18 @@
 """Executors run planned trials and hand back results; the driver commits them.
 
-An executor gets the pending specs and what every trial needs (the study config and the checked task data) and
-yields one :class:`Outcome` per trial as it finishes. It never writes the store: the driver
+An executor gets the pending specs and what every trial needs (the study config and the checked task data), asks
+``claim(spec)`` just before it starts each one (another driver on the same store may hold it: then it is skipped)
+and yields one :class:`Outcome` per trial it started, as it finishes. It never writes the store: the driver
 (:class:`tunebench.runner.Study`) commits each result as it arrives, so a driver killed at any moment keeps every
-trial already committed. :class:`LocalExecutor` runs them one after another in this process; a cluster executor
-(Ray) implements the same interface, running :func:`~tunebench.runner.execute.execute` on workers.
+trial already committed. :class:`LocalExecutor` runs them one after another in this process;
+:class:`~tunebench.runner.ray_executor.RayExecutor` runs :func:`~tunebench.runner.execute.execute_staged` as Ray
+tasks.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from ..backends import Backend, load_backend
@@ -19,7 +20,7 @@ from ..config import StudyConfig
 from ..data import TaskData
 from ..errors import TunebenchError
 from ..progress import StudyReporter
-from .execute import TrialResult, execute
+from .execute import Staging, TrialResult, execute_staged
 from .spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,15 @@ class Outcome:
     error: BaseException | None = None
 
 
-class Executor(Protocol):
-    """Runs trials. ``staging(key)`` gives the directory a trial's artifact is written to before its commit."""
+Claim = Callable[[TrialSpec], bool]
 
-    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData,
-            staging: Callable[[str], Path]) -> Iterator[Outcome]: ...
+
+class Executor(Protocol):
+    """Runs trials. ``staging`` says where a trial's artifact is written before its commit; ``claim(spec)`` must be
+    true before a trial starts."""
+
+    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData, staging: Staging,
+            claim: Claim) -> Iterator[Outcome]: ...
 
 
 class LocalExecutor:
@@ -69,14 +74,17 @@ class LocalExecutor:
                 checked.add((spec.name, spec.model))
                 spec.strategy_cls(spec.config).preflight(backend, study.task.type)
 
-    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData,
-            staging: Callable[[str], Path]) -> Iterator[Outcome]:
+    def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData, staging: Staging,
+            claim: Claim = lambda spec: True) -> Iterator[Outcome]:
         self.preflight(specs, study)
         for i, spec in enumerate(specs, 1):
+            if not claim(spec):
+                log.info("trial %s is finished or running elsewhere; skipped", spec.name)
+                continue
             self.reporter.trial_started(i, len(specs), spec.describe())
             try:
-                result = execute(spec, study, data, staging(spec.key), backend=self.backend_for(study, spec.model),
-                                 reporter=self.reporter)
+                result = execute_staged(spec, study, data, staging, backend=self.backend_for(study, spec.model),
+                                        reporter=self.reporter)
             except (TunebenchError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # one broken trial must not lose the others

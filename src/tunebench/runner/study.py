@@ -1,11 +1,16 @@
 """``Study``: a study's trials planned, the pending ones run by an executor, each result committed as it arrives.
 
-    study.yaml → plan() → [TrialSpec] → executor: execute(spec, data, artifact dir) → TrialResult → commit(store)
+    study.yaml → plan() → [TrialSpec] → claim → executor: execute(spec, data, staging) → TrialResult → commit(store)
+
+Several drivers may run one study on one store at once (two terminals, two machines on a PostgreSQL store): each
+claims a trial before running it, so they split the pending trials; a driver that finds the rest claimed by
+others waits for them to finish, or for a dead driver's claims to expire and then runs those trials itself.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from ..backends import Backend
@@ -13,9 +18,10 @@ from ..config import StudyConfig
 from ..data import TaskData, load_task
 from ..progress import StudyReporter
 from ..store import Store
+from .claims import Claims
 from .commit import commit
-from .execute import is_main_process
-from .executors import Executor, LocalExecutor
+from .execute import Staging, is_main_process
+from .executors import Executor, LocalExecutor, Outcome
 from .plan import plan
 from .spec import TrialSpec
 
@@ -34,7 +40,8 @@ class Study:
                  reporter: StudyReporter | None = None, source: str | None = None):
         self.config = config
         self.base_dir = Path(base_dir)
-        self.store = store if store is not None else Store(config.store_path(self.base_dir))
+        self.store = store if store is not None else Store(config.store_path(self.base_dir),
+                                                           artifacts=config.artifacts_path(self.base_dir))
         self.reporter = reporter or StudyReporter()
         self.source = source
         self._data: TaskData | None = None
@@ -53,11 +60,20 @@ class Study:
         self.unchecked_prompts = planned.unchecked_prompts
         return planned.trials
 
+    def executor(self, backend: Backend | None = None) -> Executor:
+        """The executor the study's ``execution:`` names (local unless it says ray)."""
+        if self.config.execution.executor == "ray":
+            from .ray_executor import RayExecutor  # heavy: ray is imported only when asked for
+
+            return RayExecutor(self.config.execution, self.reporter)
+        return LocalExecutor(self.reporter, backend)
+
     def run(self, backend: Backend | None = None, executor: Executor | None = None) -> list[dict]:
         """Run pending trials; returns the stored rows of every trial in the plan.
 
         ``backend`` (optional) serves a single-model study; otherwise each model is loaded when first needed.
-        ``executor`` (default: :class:`LocalExecutor`) decides where trials run; results are committed here.
+        ``executor`` (default: the study's ``execution:``) decides where trials run; results are committed here,
+        one at a time as they arrive.
         """
         trials = self.plan()
         self.store.save_study(self.config.name, self.config.model_dump(), self.source, [t.key for t in trials])
@@ -65,15 +81,43 @@ class Study:
         pending = [t for t in trials if t.key not in done]
         log.info("study %s: %d trials, %d already finished, %d to run", self.config.name, len(trials),
                  len(trials) - len(pending), len(pending))
-        executor = executor or LocalExecutor(self.reporter, backend)
-        main = is_main_process() if pending else True  # under `accelerate launch`, one process writes the store
-        staging = self.store.staging_dir if main else (lambda key: None)
-        for outcome in executor.run(pending, self.config, self.data, staging):
-            if outcome.error is not None:
-                self.failures.append((outcome.spec.name, outcome.error))
-                self.reporter.trial_failed(outcome.spec.name, outcome.error)
-                continue
-            if main:
-                commit(self.store, outcome.result)
-            self.reporter.trial_finished(outcome.result.row)
+        executor = executor or self.executor(backend)
+        if pending and not is_main_process():  # under `accelerate launch` the other ranks follow rank 0, unclaimed
+            for outcome in executor.run(pending, self.config, self.data, Staging(None, "rank"), lambda spec: True):
+                if outcome.error is not None:
+                    self.failures.append((outcome.spec.name, outcome.error))
+            return self.store.trials(self.config.name, {t.key for t in trials})
+        if pending:
+            with Claims(self.store, self.config.name, ttl=self.config.execution.claim_ttl) as claims:
+                self._run_claimed(trials, pending, executor, claims)
         return self.store.trials(self.config.name, {t.key for t in trials})
+
+    def _run_claimed(self, trials: list[TrialSpec], pending: list[TrialSpec], executor: Executor,
+                     claims: Claims) -> None:
+        """Run what this driver can claim; then wait for trials other drivers hold, and take over the ones whose
+        claims expire, until every trial is finished or failed in this run."""
+        staging = Staging(self.store.require_artifacts(), claims.owner)
+        while pending:
+            progressed = False
+            for outcome in executor.run(pending, self.config, self.data, staging, claims.claim):
+                progressed = True
+                self._settle(outcome, claims)
+            done = self.store.done_keys(self.config.name)
+            failed = {f["key"] for f in self.store.failures(self.config.name, since=claims.started)}
+            pending = [t for t in trials if t.key not in done and t.key not in failed]
+            held = claims.held_elsewhere({t.key for t in pending})
+            if held:
+                self.reporter.waiting(len(held), sorted({c["owner"] for c in held}))
+            if pending and not progressed:
+                time.sleep(min(5.0, claims.ttl / 4))
+
+    def _settle(self, outcome: Outcome, claims: Claims) -> None:
+        if outcome.error is not None:
+            self.failures.append((outcome.spec.name, outcome.error))
+            claims.failed(outcome.spec, outcome.error)
+            self.reporter.trial_failed(outcome.spec.name, outcome.error)
+        elif commit(self.store, outcome.result, claims.owner):
+            self.reporter.trial_finished(outcome.result.row)
+        else:
+            log.warning("trial %s was stored by another driver meanwhile; this run's result is dropped",
+                        outcome.spec.name)

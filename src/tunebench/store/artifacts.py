@@ -56,9 +56,7 @@ def open_trial(store: Store, study: str, row: dict, backend=None) -> LoadedTrial
     model_name = row["record"].get("model") or next(iter(models))
     if model_name not in models:
         raise StoreError(f"trial {row['key'][:8]}: its model '{model_name}' is not in the study's config any more")
-    if not row.get("artifact"):
-        raise StoreError(f"trial {row['key'][:8]} ({row['label']}) has no saved artifact")
-    artifact = store.root / row["artifact"]
+    artifact = store.artifact_path(row)
     mc = models[model_name]
     if backend is None:
         backend = load_backend(mc)

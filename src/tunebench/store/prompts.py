@@ -27,15 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config.metrics import headline_metrics
 from ..errors import ConfigError, StoreError
 from ..prompts import check_name, default_template, parse_ref
 from ..version import __version__
+from . import db
 
 if TYPE_CHECKING:
     from .results import Store
@@ -78,28 +82,30 @@ def content_hash(template: str) -> str:
     return hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
-def _version(row: sqlite3.Row | tuple) -> PromptVersion:
+def _version(row) -> PromptVersion:
     return PromptVersion(*tuple(row))
 
 
 _COLS = "name, version, hash, kind, template, created, source"
 
 
-def register_in(con: sqlite3.Connection, name: str, template: str, kind: str = "prompt", source: str | None = None,
+def register_in(con: Connection, name: str, template: str, kind: str = "prompt", source: str | None = None,
                 created: float | None = None) -> PromptVersion:
     """Register ``template`` under ``name`` inside the caller's transaction (see :meth:`PromptRegistry.register`)."""
     check_name(name)
     if kind not in KINDS:
         raise ConfigError(f"prompt kind {kind!r}: one of {', '.join(KINDS)}")
     digest = content_hash(template)
-    row = con.execute(f"SELECT {_COLS} FROM prompts WHERE name = ? AND hash = ?", (name, digest)).fetchone()
+    row = con.execute(text(f"SELECT {_COLS} FROM prompts WHERE name = :n AND hash = :h"),
+                      {"n": name, "h": digest}).first()
     if row is not None:
         return _version(row)
-    version = con.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM prompts WHERE name = ?", (name,)).fetchone()[0]
+    version = con.execute(text("SELECT COALESCE(MAX(version), 0) + 1 FROM prompts WHERE name = :n"),
+                          {"n": name}).scalar()
     pv = PromptVersion(name, int(version), digest, kind, template, created if created is not None else time.time(),
                        source)
-    con.execute(f"INSERT INTO prompts({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (pv.name, pv.version, pv.hash, pv.kind, pv.template, pv.created, pv.source))
+    con.execute(text(f"INSERT INTO prompts({_COLS}) VALUES (:name, :version, :hash, :kind, :template, :created, "
+                     ":source)"), asdict(pv))
     log.info("registered prompt %s (#%s, %s)", pv.ref, pv.short, source or "no source")
     return pv
 
@@ -155,13 +161,13 @@ def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
     return []
 
 
-def record_trial(con: sqlite3.Connection, row: dict, created: float | None = None) -> list[PromptVersion]:
+def record_trial(con: Connection, row: dict, created: float | None = None) -> list[PromptVersion]:
     """Register the templates of a trial being stored and link the trial to their versions (caller's transaction)."""
     used = []
-    for name, text, kind, source in templates_of(row):
-        pv = register_in(con, name, text, kind, source, created)
-        con.execute("INSERT OR IGNORE INTO prompt_uses(trial_key, name, version) VALUES (?, ?, ?)",
-                    (row["key"], pv.name, pv.version))
+    for name, template, kind, source in templates_of(row):
+        pv = register_in(con, name, template, kind, source, created)
+        con.execute(text("INSERT INTO prompt_uses(trial_key, name, version) VALUES (:k, :n, :v) "
+                         "ON CONFLICT DO NOTHING"), {"k": row["key"], "n": pv.name, "v": pv.version})
         used.append(pv)
     return used
 
@@ -172,19 +178,18 @@ def backfill(store: Store) -> int:
     Only trials that used a template and have no ``prompt_uses`` row are read, so a second call is cheap. Their
     versions are numbered in the order the trials finished, dated when the trial finished.
     """
-    n = 0
-    with store._connect() as con:
-        con.execute("BEGIN IMMEDIATE")
-        rows = con.execute(
+    def go(con: Connection) -> int:
+        rows = con.execute(text(
             "SELECT key, study, strategy, label, params, record, finished_at FROM trials t "
-            "WHERE NOT EXISTS (SELECT 1 FROM prompt_uses u WHERE u.trial_key = t.key) "
-            "AND (json_extract(t.record, '$.prompt.template') IS NOT NULL "
-            "OR json_extract(t.record, '$.prompt.label_template') IS NOT NULL "
-            "OR json_extract(t.params, '$.label_templates') IS NOT NULL) ORDER BY finished_at").fetchall()
-        for r in rows:
+            "WHERE NOT EXISTS (SELECT 1 FROM prompt_uses u WHERE u.trial_key = t.key) ORDER BY finished_at")).mappings()
+        linked = 0
+        for r in list(rows):
             d = {**dict(r), "params": json.loads(r["params"]), "record": json.loads(r["record"])}
-            if record_trial(con, d, created=r["finished_at"]):
-                n += 1
+            if templates_of(d) and record_trial(con, d, created=r["finished_at"]):
+                linked += 1
+        return linked
+
+    n = db.write(store.engine, go)
     if n:
         log.info("prompt registry: linked %d earlier trial(s) to their templates", n)
     return n
@@ -210,22 +215,18 @@ class PromptRegistry:
     def register(self, name: str, template: str, kind: str = "prompt", source: str | None = None) -> PromptVersion:
         """Register ``template`` under ``name``: the existing version when the text is already there, else a new
         version (the highest + 1; the first is 1)."""
-        try:
-            with self.store._connect() as con:
-                con.execute("BEGIN IMMEDIATE")  # number versions under the write lock
-                return register_in(con, name, template, kind, source)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.store.root}: cannot register prompt {name!r}: {exc}") from None
+        try:  # two writers numbering one name at once: the loser's transaction is retried (see db.write)
+            return db.write(self.store.engine, lambda con: register_in(con, name, template, kind, source))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.store.display}: cannot register prompt {name!r}: {exc}") from None
 
     def names(self) -> list[str]:
-        with self.store._connect() as con:
-            return [r[0] for r in con.execute("SELECT DISTINCT name FROM prompts ORDER BY name")]
+        return [r["name"] for r in db.read(self.store.engine, "SELECT DISTINCT name FROM prompts ORDER BY name")]
 
     def versions(self, name: str) -> list[PromptVersion]:
         """Every version under ``name``, oldest first (empty when the name is unknown)."""
-        with self.store._connect() as con:
-            rows = con.execute(f"SELECT {_COLS} FROM prompts WHERE name = ? ORDER BY version", (name,)).fetchall()
-        return [_version(r) for r in rows]
+        rows = db.read(self.store.engine, f"SELECT {_COLS} FROM prompts WHERE name = :n ORDER BY version", n=name)
+        return [PromptVersion(**r) for r in rows]
 
     def get(self, ref: str) -> PromptVersion:
         """The version a reference names: ``NAME``, ``NAME@latest``, ``NAME@3`` or ``NAME@#1a2b3c``."""
@@ -233,7 +234,7 @@ class PromptRegistry:
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none yet"
-            raise StoreError(f"no prompt named '{name}' in {self.store.root} (known: {known}); "
+            raise StoreError(f"no prompt named '{name}' in {self.store.display} (known: {known}); "
                              "`tunebench prompts list` shows them, `tunebench prompts import FILE` adds one")
         listed = ", ".join(f"{v.version} (#{v.short})" for v in versions)
         if selector == "latest":
@@ -253,13 +254,12 @@ class PromptRegistry:
         """The trials that used ``name`` (one version or all): study, trial key, label, seed, train size, the
         headline test metric and its value, and the dev scores where the trial selected on dev."""
         sql = ("SELECT u.version, t.key, t.study, t.strategy, t.label, t.seed, t.train_size, t.metrics, "
-               "t.finished_at FROM prompt_uses u JOIN trials t ON t.key = u.trial_key WHERE u.name = ?")
-        args: list[Any] = [name]
+               "t.finished_at FROM prompt_uses u JOIN trials t ON t.key = u.trial_key WHERE u.name = :n")
+        args: dict[str, Any] = {"n": name}
         if version is not None:
-            sql += " AND u.version = ?"
-            args.append(version)
-        with self.store._connect() as con:
-            rows = con.execute(sql + " ORDER BY u.version, t.finished_at", args).fetchall()
+            sql += " AND u.version = :v"
+            args["v"] = version
+        rows = db.read(self.store.engine, sql + " ORDER BY u.version, t.finished_at", **args)
         out = []
         for r in rows:
             metrics = json.loads(r["metrics"])
@@ -272,17 +272,18 @@ class PromptRegistry:
 
     def summary(self) -> list[dict]:
         """One entry per name: latest version, number of versions, kinds, trials that used it, best score."""
-        with self.store._connect() as con:
-            rows = con.execute("SELECT name, MAX(version) AS latest, COUNT(*) AS versions, "
-                               "GROUP_CONCAT(DISTINCT kind) AS kinds, MAX(created) AS updated FROM prompts "
-                               "GROUP BY name ORDER BY name").fetchall()
+        rows = db.read(self.store.engine, "SELECT name, MAX(version) AS latest, COUNT(*) AS versions, "
+                       "MAX(created) AS updated FROM prompts GROUP BY name ORDER BY name")
+        kinds: dict[str, set[str]] = {}
+        for k in db.read(self.store.engine, "SELECT DISTINCT name, kind FROM prompts"):
+            kinds.setdefault(k["name"], set()).add(k["kind"])
         out = []
         for r in rows:
             uses = self.uses(r["name"])
             scored = [u for u in uses if u["score"] is not None]
             best = max(scored, key=lambda u: u["score"], default=None)
             out.append({"name": r["name"], "latest": r["latest"], "versions": r["versions"],
-                        "kinds": sorted(r["kinds"].split(",")), "trials": len({u["key"] for u in uses}),
+                        "kinds": sorted(kinds.get(r["name"], ())), "trials": len({u["key"] for u in uses}),
                         "updated": r["updated"],
                         "best": None if best is None else {k: best[k] for k in ("version", "key", "study", "label",
                                                                                  "metric", "score")}})

@@ -1,179 +1,311 @@
-"""The results store: SQLite, one row per finished trial, written in one transaction when the trial ends.
+"""The results store: one row per finished trial, on SQLite (embedded default) or PostgreSQL (a team store).
 
-A trial's artifact directory is moved into place before its row is committed, so a process killed at any
-moment leaves either a complete trial (row + artifact) or nothing that counts; a rerun redoes the rest.
+A trial is *claimed* before it runs (a ``claims`` row: owner, host, pid, heartbeat, expiry), so several drivers
+on one store split the pending trials between them. Its artifact is written to a staging location of its own,
+then committed: in one transaction the claim is checked, the artifact moved into place, the row, per-item results
+and test truth written and the claim dropped. A driver killed at any moment leaves either a complete trial (row +
+artifact) or nothing that counts; its claims expire when its heartbeat stops, and the next driver runs the trial.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import sqlite3
+import os
+import socket
 import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import StoreError
+from . import db
+from .locations import ArtifactRoot, is_url, local_copy
 from .prompts import record_trial
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "tunebench.db"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS trials (
-    key TEXT PRIMARY KEY,
-    study TEXT NOT NULL,
-    strategy TEXT NOT NULL,
-    family TEXT NOT NULL,
-    label TEXT NOT NULL,
-    params TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    train_size INTEGER NOT NULL,
-    train_size_spec TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    cost TEXT NOT NULL,
-    history TEXT NOT NULL,
-    record TEXT NOT NULL,
-    artifact TEXT,
-    finished_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS trials_study ON trials(study);
-CREATE TABLE IF NOT EXISTS items (
-    key TEXT PRIMARY KEY,
-    data TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS test_sets (
-    fingerprint TEXT PRIMARY KEY,
-    data TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS studies (
-    name TEXT PRIMARY KEY,
-    config TEXT NOT NULL,
-    source TEXT,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS prompts (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    template TEXT NOT NULL,
-    created REAL NOT NULL,
-    source TEXT,
-    UNIQUE(name, version),
-    UNIQUE(name, hash)
-);
-CREATE TABLE IF NOT EXISTS prompt_uses (
-    trial_key TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY(trial_key, name, version)
-);
-CREATE INDEX IF NOT EXISTS prompt_uses_name ON prompt_uses(name, version);
-"""
 _JSON_COLS = ("params", "metrics", "cost", "history", "record")
+_COLS = ["key", "study", "strategy", "family", "label", "params", "seed", "train_size", "train_size_spec",
+         "metrics", "cost", "history", "record", "artifact", "finished_at"]
+
+
+def new_owner() -> str:
+    """A driver's identity in claims: host, pid and a random part (a reused pid is another owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Store:
-    """Results of every study under one directory (default ``./tunebench-runs``).
+    """Results of every study in one store: a directory (SQLite + artifacts, default ``./tunebench-runs``) or a
+    PostgreSQL URL (``postgresql://user@host:5432/db``) with artifacts at ``artifacts`` (a shared path or an
+    fsspec URL, remembered by the store once given).
 
     Example:
         >>> store = Store("tunebench-runs")  # doctest: +SKIP
         >>> [t["strategy"] for t in store.trials("sst2-ladder")]
     """
 
-    def __init__(self, root: str | Path, *, create: bool = True):
-        self.root = Path(root)
-        self.db_path = self.root / DB_NAME
-        if not self.db_path.exists() and not create:
-            raise StoreError(f"{self.root}: no results store here (no {DB_NAME}); run a study first or pass --store")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "artifacts").mkdir(exist_ok=True)
-            with self._connect() as con:
-                con.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"{self.root}: cannot open the results store: {exc}") from None
+    def __init__(self, location: str | Path, *, create: bool = True, artifacts: str | Path | None = None):
+        self.location = str(location)
+        self.is_postgres = db.is_postgres(self.location)
+        if self.is_postgres:
+            self.root = Path(os.environ.get("TUNEBENCH_LOCAL_DIR", "tunebench-runs"))  # reports and such, locally
+            self.display = db.redact(self.location)
+            self.db_path = None
+            self.engine = self._open(lambda: db.postgres_engine(self.location), create)
+        else:
+            self.root = Path(location).expanduser()
+            self.display = str(self.root)
+            self.db_path = self.root / DB_NAME
+            if not self.db_path.exists() and not create:
+                raise StoreError(f"{self.root}: no results store here (no {DB_NAME}); run a study first or pass "
+                                 "--store")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.root}: cannot open the results store: {exc}") from None
+            self.engine = self._open(lambda: db.sqlite_engine(str(self.db_path)), create)
+        self.artifacts = self._artifact_root(artifacts)
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.db_path, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        con.row_factory = sqlite3.Row
-        return con
+    def _open(self, make, create: bool):  # noqa: ARG002 (a missing SQLite file is refused before)
+        try:
+            engine = make()
+            db.create_schema(engine)  # also adds tables newer than an existing store (claims, failures, meta)
+            return engine
+        except SQLAlchemyError as exc:
+            hint = " (is the server running and the database created?)" if self.is_postgres else ""
+            raise StoreError(f"{self.display}: cannot open the results store{hint}: {_reason(exc)}") from None
+
+    def __repr__(self) -> str:
+        return f"Store({self.display!r})"
+
+    def _artifact_root(self, artifacts: str | Path | None) -> ArtifactRoot | None:
+        recorded = self.meta("artifacts")
+        if artifacts is not None:
+            loc = str(artifacts) if is_url(str(artifacts)) else str(Path(artifacts).expanduser().resolve())
+            if recorded is None and self.is_postgres:
+                self.set_meta("artifacts", loc)
+            return ArtifactRoot(loc)
+        if recorded is not None:
+            return ArtifactRoot(recorded)
+        return None if self.is_postgres else ArtifactRoot(self.root / "artifacts")
+
+    # -- small helpers ----------------------------------------------------------------------------------------
+    def _read(self, sql: str, **params: Any) -> list[Any]:
+        try:
+            return db.read(self.engine, sql, **params)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.display}: cannot read the results store: {_reason(exc)}") from None
+
+    def _write(self, fn, what: str):
+        try:
+            return db.write(self.engine, fn)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.display}: cannot {what}: {_reason(exc)}") from None
+
+    def meta(self, name: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE name = :name", name=name)
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._write(lambda con: con.execute(text(
+            "INSERT INTO meta(name, value) VALUES (:n, :v) ON CONFLICT(name) DO UPDATE SET value = excluded.value"),
+            {"n": name, "v": value}), "record the store's settings")
+
+    # -- artifacts --------------------------------------------------------------------------------------------
+    def require_artifacts(self) -> ArtifactRoot:
+        if self.artifacts is None:
+            raise StoreError(f"{self.display}: this store has no artifact location yet; set `artifacts:` in the "
+                             "study (a path every worker and reader shares, or a URL such as s3://bucket/prefix) "
+                             "or pass --artifacts")
+        return self.artifacts
 
     def artifact_dir(self, key: str) -> Path:
-        return self.root / "artifacts" / key
+        return Path(self.require_artifacts().final(key))
 
-    def staging_dir(self, key: str) -> Path:
-        path = self.root / "artifacts" / f".{key}.partial"
-        shutil.rmtree(path, ignore_errors=True)
-        return path
+    def staging(self, key: str, owner: str) -> str:
+        """A fresh staging location for ``key``, private to ``owner``."""
+        return self.require_artifacts().staging(key, owner)
 
+    def artifact_location(self, row: dict) -> str | None:
+        """Where a stored trial's artifact is (a path or a URL), or None when it has none."""
+        art = row.get("artifact")
+        if not art:
+            return None
+        return art if is_url(art) or Path(art).is_absolute() else str(self.root / art)
+
+    def artifact_path(self, row: dict) -> Path:
+        """A local directory with the trial's artifact (downloaded first when the root is a URL)."""
+        loc = self.artifact_location(row)
+        if loc is None:
+            raise StoreError(f"trial {row['key'][:8]} ({row['label']}) has no saved artifact")
+        return local_copy(loc)
+
+    def _stored_artifact(self, final: str) -> str:
+        """What the row records: relative to the store directory where it is under it (old stores, moved
+        directories keep working), else the absolute path or URL."""
+        if not is_url(final) and not self.is_postgres:
+            try:
+                return str(Path(final).resolve().relative_to(self.root.resolve()))
+            except ValueError:
+                pass
+        return final
+
+    # -- studies ----------------------------------------------------------------------------------------------
     def save_study(self, name: str, config: dict, source: str | None, keys: list[str]) -> None:
         """Record a study's current config and the keys of its current plan (``show`` lists only those)."""
-        doc = {"config": config, "keys": keys}
-        with self._connect() as con:
-            con.execute("INSERT INTO studies(name, config, source, updated_at) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET config=excluded.config, source=excluded.source, "
-                        "updated_at=excluded.updated_at", (name, json.dumps(doc), source, time.time()))
+        doc = {"name": name, "config": json.dumps({"config": config, "keys": keys}), "source": source,
+               "at": time.time()}
+        self._write(lambda con: con.execute(text(
+            "INSERT INTO studies(name, config, source, updated_at) VALUES (:name, :config, :source, :at) "
+            "ON CONFLICT(name) DO UPDATE SET config=excluded.config, source=excluded.source, "
+            "updated_at=excluded.updated_at"), doc), "record the study")
 
     def current_keys(self, name: str) -> set[str]:
         """Trial keys of the study's latest plan: trials of an earlier config stay stored but are not current."""
         return set(self.study_config(name)["keys"])
 
     def done_keys(self, study: str) -> set[str]:
-        with self._connect() as con:
-            return {r[0] for r in con.execute("SELECT key FROM trials WHERE study = ?", (study,))}
+        return {r["key"] for r in self._read("SELECT key FROM trials WHERE study = :s", s=study)}
 
-    def add_trial(self, row: dict, staged: Path | None, items: dict | None = None,
-                  test_set: tuple[str, dict] | None = None) -> None:
-        """Move the staged artifact into place, then commit the row (the commit is what makes it count).
+    def studies(self) -> list[dict]:
+        rows = self._read(
+            "SELECT s.name, s.source, s.updated_at, COUNT(t.key) AS trials FROM studies s "
+            "LEFT JOIN trials t ON t.study = s.name GROUP BY s.name, s.source, s.updated_at "
+            "ORDER BY s.updated_at DESC")
+        return [dict(r) for r in rows]
+
+    def study_config(self, name: str) -> dict:
+        rows = self._read("SELECT config FROM studies WHERE name = :n", n=name)
+        if not rows:
+            known = ", ".join(s["name"] for s in self.studies()) or "none yet"
+            raise StoreError(f"{self.display}: no study named '{name}' (known: {known})")
+        return json.loads(rows[0]["config"])
+
+    # -- claims -----------------------------------------------------------------------------------------------
+    def claim(self, study: str, key: str, owner: str, ttl: float) -> bool:
+        """Claim ``key`` for ``owner`` unless it is finished or another owner's claim has not expired."""
+        now = time.time()
+        host, pid = owner.rsplit(":", 2)[0], int(owner.rsplit(":", 2)[1])
+
+        def go(con: Connection) -> bool:
+            got = con.execute(text(
+                "INSERT INTO claims(key, study, owner, host, pid, claimed_at, heartbeat, expires) "
+                "VALUES (:key, :study, :owner, :host, :pid, :now, :now, :exp) ON CONFLICT(key) DO UPDATE SET "
+                "owner=excluded.owner, host=excluded.host, pid=excluded.pid, claimed_at=excluded.claimed_at, "
+                "heartbeat=excluded.heartbeat, expires=excluded.expires "
+                "WHERE claims.expires < :now OR claims.owner = :owner RETURNING owner"),
+                {"key": key, "study": study, "owner": owner, "host": host, "pid": pid, "now": now,
+                 "exp": now + ttl}).first()
+            if got is None:
+                return False
+            if con.execute(text("SELECT 1 FROM trials WHERE key = :k"), {"k": key}).first() is not None:
+                con.execute(text("DELETE FROM claims WHERE key = :k AND owner = :o"), {"k": key, "o": owner})
+                return False  # finished by another driver just before
+            return True
+
+        return self._write(go, "claim a trial")
+
+    def renew(self, owner: str, ttl: float) -> int:
+        """Push back the expiry of every claim ``owner`` holds (the heartbeat); returns how many it holds."""
+        now = time.time()
+        return self._write(lambda con: con.execute(text(
+            "UPDATE claims SET heartbeat = :now, expires = :exp WHERE owner = :o"),
+            {"now": now, "exp": now + ttl, "o": owner}).rowcount, "renew claims")
+
+    def release(self, key: str, owner: str) -> None:
+        self._write(lambda con: con.execute(text("DELETE FROM claims WHERE key = :k AND owner = :o"),
+                                            {"k": key, "o": owner}), "release a claim")
+
+    def claims(self, study: str | None = None) -> list[dict]:
+        """Live and expired claims (``expired`` set on those past their expiry)."""
+        rows = self._read("SELECT * FROM claims" + (" WHERE study = :s" if study else "") + " ORDER BY claimed_at",
+                          s=study)
+        now = time.time()
+        return [{**dict(r), "expired": r["expires"] < now} for r in rows]
+
+    def record_failure(self, study: str, key: str, label: str, reason: str, owner: str) -> None:
+        """Remember why a trial failed (a rerun retries it) and drop ``owner``'s claim on it."""
+        def go(con: Connection) -> None:
+            con.execute(text("INSERT INTO failures(key, study, label, reason, owner, at) "
+                             "VALUES (:k, :s, :l, :r, :o, :at) ON CONFLICT(key) DO UPDATE SET label=excluded.label, "
+                             "reason=excluded.reason, owner=excluded.owner, at=excluded.at"),
+                        {"k": key, "s": study, "l": label, "r": reason[:4000], "o": owner, "at": time.time()})
+            con.execute(text("DELETE FROM claims WHERE key = :k AND owner = :o"), {"k": key, "o": owner})
+
+        self._write(go, "record a failed trial")
+
+    def failures(self, study: str, since: float | None = None) -> list[dict]:
+        rows = self._read("SELECT * FROM failures WHERE study = :s AND at >= :since ORDER BY at", s=study,
+                          since=since or 0.0)
+        return [dict(r) for r in rows]
+
+    # -- trials -----------------------------------------------------------------------------------------------
+    def add_trial(self, row: dict, staged: str | Path | None, items: dict | None = None,
+                  test_set: tuple[str, dict] | None = None, owner: str | None = None) -> bool:
+        """Commit a finished trial: in one transaction, check ``owner`` still holds its claim, move the staged
+        artifact into place, write the row, per-item results, test truth and the registry entries of the
+        templates it used, and drop the claim. Returns False (and discards the staged artifact) when the trial was
+        already stored or its claim was taken over after expiring: a trial is never committed twice.
 
         ``items`` holds the trial's per-test-item predictions and scores (what paired statistics need);
-        ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split.
-        Row, items, test set and the registry entries of the templates the trial used (see
-        :mod:`tunebench.prompt_registry`) are written in one transaction."""
-        final = None
-        if staged is not None:
-            final = self.artifact_dir(row["key"])
-            shutil.rmtree(final, ignore_errors=True)  # leftover of a run killed between move and commit
-            staged.rename(final)
-        values = {**row, **{c: json.dumps(row[c]) for c in _JSON_COLS},
-                  "artifact": str(final.relative_to(self.root)) if final else None, "finished_at": time.time()}
-        cols = ["key", "study", "strategy", "family", "label", "params", "seed", "train_size", "train_size_spec",
-                "metrics", "cost", "history", "record", "artifact", "finished_at"]
-        with self._connect() as con:
+        ``test_set`` is ``(fingerprint, truth)``: the test labels or references, stored once per test split."""
+        key = row["key"]
+        root = self.require_artifacts() if staged is not None else self.artifacts
+
+        def go(con: Connection) -> bool:
+            if owner is not None:
+                lock = " FOR UPDATE" if self.is_postgres else ""
+                holder = con.execute(text(f"SELECT owner FROM claims WHERE key = :k{lock}"), {"k": key}).first()
+                if holder is not None and holder[0] != owner:
+                    log.warning("trial %s: its claim expired and was taken by %s; this result is dropped",
+                                key[:8], holder[0])
+                    return False
+            if con.execute(text("SELECT 1 FROM trials WHERE key = :k"), {"k": key}).first() is not None:
+                return False
+            final = root.promote(str(staged), key) if staged is not None else None
+            values = {**row, **{c: json.dumps(row[c]) for c in _JSON_COLS},
+                      "artifact": self._stored_artifact(final) if final else None, "finished_at": time.time()}
             if items is not None:
-                con.execute("INSERT OR REPLACE INTO items(key, data) VALUES (?, ?)", (row["key"], json.dumps(items)))
+                con.execute(text("INSERT INTO items(key, data) VALUES (:k, :d) ON CONFLICT(key) DO UPDATE SET "
+                                 "data = excluded.data"), {"k": key, "d": json.dumps(items)})
             if test_set is not None:
-                con.execute("INSERT OR IGNORE INTO test_sets(fingerprint, data) VALUES (?, ?)",
-                            (test_set[0], json.dumps(test_set[1])))
-            con.execute(f"INSERT OR IGNORE INTO trials({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        [values[c] for c in cols])
+                con.execute(text("INSERT INTO test_sets(fingerprint, data) VALUES (:f, :d) ON CONFLICT(fingerprint) "
+                                 "DO NOTHING"), {"f": test_set[0], "d": json.dumps(test_set[1])})
+            con.execute(text(f"INSERT INTO trials({', '.join(_COLS)}) VALUES ({', '.join(':' + c for c in _COLS)})"),
+                        {c: values[c] for c in _COLS})
             record_trial(con, row)
+            con.execute(text("DELETE FROM claims WHERE key = :k"), {"k": key})
+            con.execute(text("DELETE FROM failures WHERE key = :k"), {"k": key})
+            return True
+
+        stored = self._write(go, f"store trial {key[:8]}")
+        if not stored and staged is not None and root is not None:
+            root.remove(str(staged))
+        return stored
 
     def items(self, keys: list[str]) -> dict[str, dict]:
         """Per-item predictions and scores of these trials (trials stored before tunebench kept them have none)."""
         out = {}
-        with self._connect() as con:
-            for k in keys:
-                row = con.execute("SELECT data FROM items WHERE key = ?", (k,)).fetchone()
-                if row is not None:
-                    out[k] = json.loads(row[0])
+        for k in keys:
+            rows = self._read("SELECT data FROM items WHERE key = :k", k=k)
+            if rows:
+                out[k] = json.loads(rows[0]["data"])
         return out
 
     def test_set(self, fingerprint: str) -> dict | None:
         """The stored truth of a test split (labels or reference texts), by its data fingerprint."""
-        with self._connect() as con:
-            row = con.execute("SELECT data FROM test_sets WHERE fingerprint = ?", (fingerprint,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        rows = self._read("SELECT data FROM test_sets WHERE fingerprint = :f", f=fingerprint)
+        return json.loads(rows[0]["data"]) if rows else None
 
     def trials(self, study: str, keys: set[str] | None = None) -> list[dict]:
-        with self._connect() as con:
-            rows = con.execute("SELECT * FROM trials WHERE study = ? ORDER BY finished_at", (study,)).fetchall()
         out = []
-        for r in rows:
+        for r in self._read("SELECT * FROM trials WHERE study = :s ORDER BY finished_at, key", s=study):
             d = dict(r)
             for c in _JSON_COLS:
                 d[c] = json.loads(d[c])
@@ -181,17 +313,7 @@ class Store:
                 out.append(d)
         return out
 
-    def studies(self) -> list[dict]:
-        with self._connect() as con:
-            rows = con.execute(
-                "SELECT s.name, s.source, s.updated_at, COUNT(t.key) AS trials FROM studies s "
-                "LEFT JOIN trials t ON t.study = s.name GROUP BY s.name ORDER BY s.updated_at DESC").fetchall()
-        return [dict(r) for r in rows]
 
-    def study_config(self, name: str) -> dict:
-        with self._connect() as con:
-            row = con.execute("SELECT config FROM studies WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            known = ", ".join(s["name"] for s in self.studies()) or "none yet"
-            raise StoreError(f"{self.root}: no study named '{name}' (known: {known})")
-        return json.loads(row[0])
+def _reason(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return db.redact(str(orig if orig is not None else exc).strip().splitlines()[0])
