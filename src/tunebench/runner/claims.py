@@ -5,12 +5,13 @@ that looks runs those trials again."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from ..errors import TunebenchError
 from ..store import Store
-from ..store.results import new_owner
+from ..store.results import host_name, new_owner
 from .spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ class Claims:
         holds it, and it has not failed since this driver started (a failure is retried by the next run)."""
         if any(f["key"] == spec.key for f in self.store.failures(self.study, since=self.started)):
             return False
-        return self.store.claim(self.study, spec.key, self.owner, self.ttl)
+        dead = next((c["owner"] for c in self.store.claims(self.study) if c["key"] == spec.key and _dead_here(c)),
+                    None)
+        return self.store.claim(self.study, spec.key, self.owner, self.ttl, take_from=dead)
 
     def failed(self, spec: TrialSpec, error: BaseException) -> None:
         self.store.record_failure(self.study, spec.key, spec.name, f"{type(error).__name__}: {error}", self.owner)
@@ -70,3 +73,17 @@ class Claims:
         """Live claims of other drivers among ``keys``."""
         return [c for c in self.store.claims(self.study)
                 if c["key"] in keys and c["owner"] != self.owner and not c["expired"]]
+
+
+def _dead_here(claim: dict) -> bool:
+    """A claim of a process on this host that no longer exists (killed -9): no need to wait for its expiry. A
+    reused pid only makes us wait, never take a live claim."""
+    if claim["host"] != host_name() or claim["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(claim["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -93,6 +93,13 @@ class ArtifactRoot:
     def upload(self, local_dir: Path, loc: str) -> None:
         self.fs.put(str(local_dir), loc, recursive=True)
 
+    def clear_staging(self, key: str) -> None:
+        """Remove every staging location of ``key`` (drivers that held it before and died)."""
+        for loc in self.leftovers():
+            if loc.rstrip("/").rsplit("/", 1)[-1].startswith(f".{key}."):
+                log.info("removing %s, left by a driver that stopped before committing", loc)
+                self.remove(loc)
+
     def leftovers(self) -> list[str]:
         """Staging locations under this root (a driver's unfinished work)."""
         if self.is_local:

@@ -35,9 +35,14 @@ _COLS = ["key", "study", "strategy", "family", "label", "params", "seed", "train
          "metrics", "cost", "history", "record", "artifact", "finished_at"]
 
 
+def host_name() -> str:
+    """This machine's name in claims (``TUNEBENCH_HOSTNAME`` overrides it where containers share a hostname)."""
+    return os.environ.get("TUNEBENCH_HOSTNAME") or socket.gethostname()
+
+
 def new_owner() -> str:
     """A driver's identity in claims: host, pid and a random part (a reused pid is another owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{host_name()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Store:
@@ -188,8 +193,10 @@ class Store:
         return json.loads(rows[0]["config"])
 
     # -- claims -----------------------------------------------------------------------------------------------
-    def claim(self, study: str, key: str, owner: str, ttl: float) -> bool:
-        """Claim ``key`` for ``owner`` unless it is finished or another owner's claim has not expired."""
+    def claim(self, study: str, key: str, owner: str, ttl: float, take_from: str | None = None) -> bool:
+        """Claim ``key`` for ``owner`` unless it is finished or another owner's claim has not expired (a claim of
+        ``take_from``, an owner known to be dead, is taken over at once). Leftover staging of an earlier owner of
+        the key is removed: only the claim holder touches a key's artifacts."""
         now = time.time()
         host, pid = owner.rsplit(":", 2)[0], int(owner.rsplit(":", 2)[1])
 
@@ -199,9 +206,9 @@ class Store:
                 "VALUES (:key, :study, :owner, :host, :pid, :now, :now, :exp) ON CONFLICT(key) DO UPDATE SET "
                 "owner=excluded.owner, host=excluded.host, pid=excluded.pid, claimed_at=excluded.claimed_at, "
                 "heartbeat=excluded.heartbeat, expires=excluded.expires "
-                "WHERE claims.expires < :now OR claims.owner = :owner RETURNING owner"),
+                "WHERE claims.expires < :now OR claims.owner = :owner OR claims.owner = :dead RETURNING owner"),
                 {"key": key, "study": study, "owner": owner, "host": host, "pid": pid, "now": now,
-                 "exp": now + ttl}).first()
+                 "exp": now + ttl, "dead": take_from or ""}).first()
             if got is None:
                 return False
             if con.execute(text("SELECT 1 FROM trials WHERE key = :k"), {"k": key}).first() is not None:
@@ -209,7 +216,10 @@ class Store:
                 return False  # finished by another driver just before
             return True
 
-        return self._write(go, "claim a trial")
+        got = self._write(go, "claim a trial")
+        if got and self.artifacts is not None:
+            self.artifacts.clear_staging(key)
+        return got
 
     def renew(self, owner: str, ttl: float) -> int:
         """Push back the expiry of every claim ``owner`` holds (the heartbeat); returns how many it holds."""
