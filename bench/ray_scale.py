@@ -32,6 +32,7 @@ import csv
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 QUALITY = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful", "brilliant"]
@@ -72,13 +74,15 @@ def tiny_model(out: Path) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     corpus = [t for t, _ in toy_rows(400, 0)] + POSITIVE + NEGATIVE + [str(i) for i in range(1000)]
     tok.train_from_iterator(corpus, trainers.WordPieceTrainer(
-        vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        vocab_size=400, show_progress=False, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
@@ -134,17 +138,47 @@ def where(rows: list[dict]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
 
 
-def trial_on_node(raylet_pid: int) -> str | None:
-    """The title of a trial running now in a worker whose parent is ``raylet_pid`` (Ray titles it ray::trial:NAME)."""
+def children(raylet_pid: int) -> dict[int, str]:
+    """Ray worker processes started by ``raylet_pid``, with their titles (ray::trial:NAME while running a trial)."""
+    out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if cmd.startswith("ray::trial:") and ppid == raylet_pid:
-            return cmd
-    return None
+        if cmd.startswith("ray::") and ppid == raylet_pid:
+            out[int(pid)] = cmd
+    return out
+
+
+def trial_on_node(raylet_pid: int) -> str | None:
+    return next((t for t in children(raylet_pid).values() if t.startswith("ray::trial:")), None)
+
+
+class RayNoise:
+    """stdout that shortens what Ray's driver prints from the cluster (``(raylet) ...``, with raylet log dumps) to
+    its first line, once each; everything else passes through."""
+
+    def __init__(self, stream):
+        self.stream, self.seen, self.skip_newline = stream, set(), False
+
+    def write(self, text: str) -> int:
+        if self.skip_newline and text == "\n":
+            self.skip_newline = False
+            return 1
+        if "(raylet)" in text:
+            self.skip_newline = True
+            line = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[0]
+            line = " ".join(re.split(r"(?<=\.)\s+", line)[:2])  # its first two sentences
+            if line in self.seen:
+                return len(text)
+            self.seen.add(line)
+            text = f"  [ray] {line}\n"
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class Counting:
@@ -153,10 +187,11 @@ class Counting:
     def __init__(self):
         from tunebench.progress import StudyReporter
 
-        self.inner, self.finished = StudyReporter(), 0
+        self.inner, self.finished, self.log = StudyReporter(), 0, []
 
     def trial_finished(self, row: dict) -> None:
         self.finished += 1
+        self.log.append((time.perf_counter(), row["label"], row["record"]["ran_on"]["pid"]))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -179,6 +214,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    sys.stdout = RayNoise(sys.stdout)
     tmp = Path(tempfile.mkdtemp(prefix="tb-rayscale-"))
     os.environ["RAY_TMPDIR"] = str(tmp / "r")  # sessions and ray_current_cluster apart from /tmp/ray
     (tmp / "r").mkdir()
@@ -231,11 +267,14 @@ def main(argv=None) -> int:
                 time.sleep(0.2)
             if victim:
                 time.sleep(0.5)  # let it get into its work
-            committed = reporter.finished
+            committed, workers = reporter.finished, children(raylet)
             cluster.remove_node(second, allow_graceful=False)
             t_kill = time.perf_counter()
             print(f"killed node 2 (raylet pid {raylet}) after {committed} committed trials, "
                   f"running there: {victim or 'nothing seen'}")
+            time.sleep(2)
+            alive = {w: t for w, t in workers.items() if Path(f"/proc/{w}").exists()}
+            print(f"node 2's processes {workers}; alive 2 s after the kill: {alive or 'none'}")
             if not args.no_replace:
                 cluster.add_node(num_cpus=1, object_store_memory=200_000_000)
                 print("added a fresh node (1 CPU): the cluster is back to 2 CPUs")
@@ -243,6 +282,11 @@ def main(argv=None) -> int:
             if "error" in out:
                 raise out["error"]
             rows, fails, wall = out["rows"], out["failures"], out["wall"]
+            for t, label, pid in reporter.log:
+                if t > t_kill:
+                    print(f"  committed {t - t_kill:5.1f} s after the kill: {label} (pid {pid}"
+                          f"{', a worker of the killed node' if pid in workers else ''})")
+            print(f"node 2's processes alive now: {[w for w in workers if Path(f'/proc/{w}').exists()] or 'none'}")
             keys = [r["key"] for r in rows]
             print(f"study finished {time.perf_counter() - t_kill:.1f} s after the kill; wall {wall:.1f} s")
             print(f"trials stored: {len(rows)} of {len(local)} planned; each key once: "
@@ -268,6 +312,7 @@ def main(argv=None) -> int:
                 cluster.shutdown()
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
+    sys.stdout = sys.stdout.stream
     print(f"\n{'OK' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
 

@@ -4,6 +4,7 @@ on this host, else at expiry) and the other finishes its trials."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from tunebench.cli import app
 from tunebench.store import Store
 
 from .conftest import toy_study
 
 pytestmark = pytest.mark.slow
+runner = CliRunner()
 
 
 def _study(tmp_path: Path, toy_files, model_dir, location: str) -> Path:
@@ -53,6 +57,15 @@ def _check_complete(location: str) -> list[dict]:
 def test_two_runs_on_one_store_split_the_trials_each_once(tmp_path, toy_files, tiny_model_dir, store_location):
     path = _study(tmp_path, toy_files, tiny_model_dir, store_location)
     a, b = _start(path), _start(path)
+    seen = []  # `show` while both write: each read a consistent, growing set of whole trials
+    while a.poll() is None or b.poll() is None:
+        shown = runner.invoke(app, ["show", "toy-ladder", "--store", store_location, "--json"])
+        if shown.exit_code == 0:
+            trials = json.loads(shown.stdout)["trials"]
+            assert all("accuracy" in t["metrics"] for t in trials)
+            seen.append(len(trials))
+        time.sleep(0.5)
+    assert seen == sorted(seen) and len(set(seen)) > 1
     out_a, err_a = a.communicate(timeout=600)
     out_b, err_b = b.communicate(timeout=600)
     assert a.returncode == 0, err_a[-3000:]

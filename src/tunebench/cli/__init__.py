@@ -2,14 +2,14 @@
 
 The commands parse options and render; the work is the library's. One module per command group: ``run``
 (run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``serve``, ``export``
-and ``prompts`` (the ``prompts`` sub-app); ``common`` holds the consoles, shared options and helpers.
+``prompts`` and ``store`` (sub-apps); ``common`` holds the consoles, shared options and helpers.
 """
 
 from __future__ import annotations
 
 import typer
 
-from . import decide, export, prompts, results, run, serve
+from . import decide, export, prompts, results, run, serve, store
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -26,6 +26,7 @@ app.command("ls")(results.list_studies)
 app.command("strategies")(results.strategies)
 app.command("export")(export.export_cmd)
 app.add_typer(prompts.prompts_app, name="prompts")
+app.add_typer(store.store_app, name="store")
 
 
 def main() -> None:  # pragma: no cover

@@ -18,10 +18,10 @@ from .common import JsonOpt, fail, json_default, out, print_json, setup_logging
 
 prompts_app = typer.Typer(help="The prompt registry: every template trials used, versioned by content, with the "
                           "trials and scores of each version.", no_args_is_help=True)
-RegistryStoreOpt = typer.Option(None, "--store", help=f"Results directory (default: ./{DEFAULT_STORE}).")
+RegistryStoreOpt = typer.Option(None, "--store", help=f"Results store: a directory or postgresql://... (default: ./{DEFAULT_STORE}).")
 
 
-def _registry(store: Optional[Path], create: bool = False):
+def _registry(store: Optional[str], create: bool = False):
     return open_registry(store or Path(DEFAULT_STORE), create=create)
 
 

@@ -120,16 +120,17 @@ def local_copy(location: str) -> Path:
 
     cache = Path(os.environ.get("TUNEBENCH_CACHE", Path.home() / ".cache" / "tunebench")) / "artifacts"
     target = cache / hashlib.sha256(location.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
+    marker = target.with_name(target.name + ".complete")
+    if not marker.exists():
         fs, path = fsspec.core.url_to_fs(location)
         if not fs.exists(path):
             raise StoreError(f"artifact {location} does not exist (was the artifact root moved or cleaned?)")
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-        (tmp / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        marker.touch()
         log.info("downloaded artifact %s to %s", location, target)
     return target
 

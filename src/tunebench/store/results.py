@@ -162,10 +162,11 @@ class Store:
         return final
 
     # -- studies ----------------------------------------------------------------------------------------------
-    def save_study(self, name: str, config: dict, source: str | None, keys: list[str]) -> None:
+    def save_study(self, name: str, config: dict, source: str | None, keys: list[str],
+                   updated_at: float | None = None) -> None:
         """Record a study's current config and the keys of its current plan (``show`` lists only those)."""
         doc = {"name": name, "config": json.dumps({"config": config, "keys": keys}), "source": source,
-               "at": time.time()}
+               "at": updated_at if updated_at is not None else time.time()}
         self._write(lambda con: con.execute(text(
             "INSERT INTO studies(name, config, source, updated_at) VALUES (:name, :config, :source, :at) "
             "ON CONFLICT(name) DO UPDATE SET config=excluded.config, source=excluded.source, "
@@ -257,7 +258,8 @@ class Store:
 
     # -- trials -----------------------------------------------------------------------------------------------
     def add_trial(self, row: dict, staged: str | Path | None, items: dict | None = None,
-                  test_set: tuple[str, dict] | None = None, owner: str | None = None) -> bool:
+                  test_set: tuple[str, dict] | None = None, owner: str | None = None,
+                  finished_at: float | None = None) -> bool:
         """Commit a finished trial: in one transaction, check ``owner`` still holds its claim, move the staged
         artifact into place, write the row, per-item results, test truth and the registry entries of the
         templates it used, and drop the claim. Returns False (and discards the staged artifact) when the trial was
@@ -280,7 +282,8 @@ class Store:
                 return False
             final = root.promote(str(staged), key) if staged is not None else None
             values = {**row, **{c: json.dumps(row[c]) for c in _JSON_COLS},
-                      "artifact": self._stored_artifact(final) if final else None, "finished_at": time.time()}
+                      "artifact": self._stored_artifact(final) if final else None,
+                      "finished_at": finished_at if finished_at is not None else time.time()}
             if items is not None:
                 con.execute(text("INSERT INTO items(key, data) VALUES (:k, :d) ON CONFLICT(key) DO UPDATE SET "
                                  "data = excluded.data"), {"k": key, "d": json.dumps(items)})
