@@ -138,6 +138,10 @@ def where(rows: list[dict]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
 
 
+def trials_on(procs: dict[int, str]) -> list[str]:
+    return [t for t in procs.values() if t.startswith("ray::trial:")]
+
+
 def children(raylet_pid: int) -> dict[int, str]:
     """Ray worker processes started by ``raylet_pid``, with their titles (ray::trial:NAME while running a trial)."""
     out = {}
@@ -150,10 +154,6 @@ def children(raylet_pid: int) -> dict[int, str]:
         if cmd.startswith("ray::") and ppid == raylet_pid:
             out[int(pid)] = cmd
     return out
-
-
-def trial_on_node(raylet_pid: int) -> str | None:
-    return next((t for t in children(raylet_pid).values() if t.startswith("ray::trial:")), None)
 
 
 class RayNoise:
@@ -195,6 +195,53 @@ class Counting:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def node_failure(cluster, second, doc: dict, tmp: Path, local: list[dict], args) -> bool:
+    """Run ``doc`` on Ray in a thread; kill ``second`` while a trial runs there; check the study still completes."""
+    print("\n-- node failure --")
+    reporter, out = Counting(), {}
+
+    def background():
+        try:
+            out["rows"], out["failures"], out["wall"] = run_study(doc, tmp, reporter=reporter)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            out["error"] = exc
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    while thread.is_alive() and reporter.finished < args.kill_after:
+        time.sleep(0.2)
+    raylet, deadline = second.all_processes["raylet"][0].process.pid, time.time() + 60
+    while thread.is_alive() and time.time() < deadline and not trials_on(children(raylet)):
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the trial get into its work
+    committed, workers = reporter.finished, children(raylet)
+    cluster.remove_node(second, allow_graceful=False)  # SIGKILL: raylet, object store, agents; workers follow
+    t_kill = time.perf_counter()
+    print(f"killed node 2 (raylet pid {raylet}) after {committed} committed trials; running there: "
+          f"{trials_on(workers) or 'no trial'}")
+    if not args.no_replace:
+        cluster.add_node(num_cpus=1, object_store_memory=200_000_000)
+        print("added a fresh node (1 CPU), as an autoscaler would: queued trials can use it once its worker "
+              "has started")
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    rows, fails = out["rows"], out["failures"]
+    for t, label, pid in reporter.log:
+        if t > t_kill:
+            print(f"  committed {t - t_kill:5.1f} s after the kill: {label} (pid {pid}"
+                  f"{', a worker of the killed node' if pid in workers else ''})")
+    print(f"node 2's processes still alive: {[w for w in workers if Path(f'/proc/{w}').exists()] or 'none'}")
+    keys = [r["key"] for r in rows]
+    once = len(keys) == len(set(keys)) == len(local)
+    print(f"study finished {time.perf_counter() - t_kill:.1f} s after the kill; wall {out['wall']:.1f} s")
+    print(f"trials stored: {len(rows)} of {len(local)} planned; each key exactly once: {once}")
+    print(f"failures: {[(n, str(e)[:200]) for n, e in fails] or 'none'}")
+    same = compare(local, rows, "metrics equal to the local run's")
+    print(f"ran on: {where(rows)}")
+    return same and once and not fails
 
 
 def main(argv=None) -> int:
@@ -246,55 +293,8 @@ def main(argv=None) -> int:
         ok &= same and not local_fail and not ray_fail and len(rayed) == len(local) >= 12
 
         if not args.no_kill:
-            print("\n-- node failure --")
-            reporter, out = Counting(), {}
-            kill_doc = {**doc, "store": str(tmp / "ray-kill"), "execution": on_ray}
-
-            def background():
-                try:
-                    out["rows"], out["failures"], out["wall"] = run_study(kill_doc, tmp, reporter=reporter)
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    out["error"] = exc
-
-            thread = threading.Thread(target=background, daemon=True)
-            thread.start()
-            while thread.is_alive() and reporter.finished < args.kill_after:
-                time.sleep(0.2)
-            raylet = second.all_processes["raylet"][0].process.pid
-            deadline, victim = time.time() + 60, None
-            while thread.is_alive() and time.time() < deadline and victim is None:
-                victim = trial_on_node(raylet)
-                time.sleep(0.2)
-            if victim:
-                time.sleep(0.5)  # let it get into its work
-            committed, workers = reporter.finished, children(raylet)
-            cluster.remove_node(second, allow_graceful=False)
-            t_kill = time.perf_counter()
-            print(f"killed node 2 (raylet pid {raylet}) after {committed} committed trials, "
-                  f"running there: {victim or 'nothing seen'}")
-            time.sleep(2)
-            alive = {w: t for w, t in workers.items() if Path(f"/proc/{w}").exists()}
-            print(f"node 2's processes {workers}; alive 2 s after the kill: {alive or 'none'}")
-            if not args.no_replace:
-                cluster.add_node(num_cpus=1, object_store_memory=200_000_000)
-                print("added a fresh node (1 CPU): the cluster is back to 2 CPUs")
-            thread.join()
-            if "error" in out:
-                raise out["error"]
-            rows, fails, wall = out["rows"], out["failures"], out["wall"]
-            for t, label, pid in reporter.log:
-                if t > t_kill:
-                    print(f"  committed {t - t_kill:5.1f} s after the kill: {label} (pid {pid}"
-                          f"{', a worker of the killed node' if pid in workers else ''})")
-            print(f"node 2's processes alive now: {[w for w in workers if Path(f'/proc/{w}').exists()] or 'none'}")
-            keys = [r["key"] for r in rows]
-            print(f"study finished {time.perf_counter() - t_kill:.1f} s after the kill; wall {wall:.1f} s")
-            print(f"trials stored: {len(rows)} of {len(local)} planned; each key once: "
-                  f"{len(keys) == len(set(keys)) == len(local)}")
-            print(f"failures: {[(n, str(e)[:200]) for n, e in fails] or 'none'}")
-            ksame = compare(local, rows, "metrics equal to the local run's")
-            print(f"ran on: {where(rows)}")
-            ok &= ksame and not fails and len(keys) == len(set(keys)) == len(local)
+            ok &= node_failure(cluster, second, {**doc, "store": str(tmp / "ray-kill"), "execution": on_ray}, tmp,
+                               local, args)
 
         print("\nNote: on this 2-core machine expect no speed-up from Ray. Each worker process starts Python, imports "
               "torch and transformers and loads the model once; data and results cross the object store; the two "
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
                 cluster.shutdown()
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
-    sys.stdout = sys.stdout.stream
+            sys.stdout = sys.stdout.stream
     print(f"\n{'OK' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
 

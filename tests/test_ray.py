@@ -97,3 +97,42 @@ def test_a_worker_killed_mid_trial_is_retried_and_each_trial_stored_once(tmp_pat
         assert store.artifact_path(r).joinpath("predictor.json").is_file()
     leftovers = [p.name for p in (tmp_path / "runs" / "artifacts").iterdir() if p.name.endswith(".partial")]
     assert leftovers == []
+
+
+def _small_yaml(tmp_path, toy_files, tiny_model_dir, **extra) -> Path:
+    import yaml
+
+    doc = toy_study(tmp_path, toy_files, tiny_model_dir, **extra)
+    doc.update(strategies=[{"zero_shot": {}}, {"linear_probe": {}}], seeds=[0], train_sizes=["all"])
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+def test_cli_runs_on_ray_and_refuses_what_no_node_can_run(tmp_path, toy_files, tiny_model_dir, ray_cluster):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tunebench.cli import app
+
+    cli = CliRunner()
+    path = _small_yaml(tmp_path, toy_files, tiny_model_dir)
+    result = cli.invoke(app, ["run", str(path), "--executor", "ray", "--address", ray_cluster,
+                              "--max-concurrent", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    trials = json.loads(result.stdout)["trials"]
+    assert len(trials) == 2
+
+    bad = cli.invoke(app, ["run", str(path), "--executor", "slurm"])
+    assert bad.exit_code != 0 and "--executor" in bad.output and "ray" in bad.output
+
+    greedy = _small_yaml(tmp_path, toy_files, tiny_model_dir, store=str(tmp_path / "greedy"),
+                         execution={"executor": "ray", "address": ray_cluster,
+                                    "resources": {"linear_probe": {"gpu": 1}}})
+    refused = cli.invoke(app, ["run", str(greedy)])
+    assert refused.exit_code != 0 and "no node of the Ray cluster has that much" in refused.output
+
+    typo = _small_yaml(tmp_path, toy_files, tiny_model_dir, execution={"executor": "ray", "resources": {"lroa": {}}})
+    refused = cli.invoke(app, ["run", str(typo)])
+    assert refused.exit_code != 0 and "execution.resources: unknown key(s) ['lroa']" in refused.output
