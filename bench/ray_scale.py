@@ -20,7 +20,7 @@ Output, in order:
 Exit code 1 when metrics differ or a trial is missing, duplicated or failed. On 2 cores expect Ray to be slower.
 
 Usage:
-    python bench/ray_scale.py                 # all three runs, a few minutes on 2 cores
+    python bench/ray_scale.py                 # all three runs, about a minute on 2 cores
     python bench/ray_scale.py --no-kill       # timings and metric check only
 """
 
@@ -44,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from tunebench.progress import StudyReporter  # noqa: E402  (light: no torch)
 
 QUALITY = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful", "brilliant"]
@@ -142,16 +144,22 @@ def trials_on(procs: dict[int, str]) -> list[str]:
     return [t for t in procs.values() if t.startswith("ray::trial:")]
 
 
+def parent(pid: int | str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def children(raylet_pid: int) -> dict[int, str]:
     """Ray worker processes started by ``raylet_pid``, with their titles (ray::trial:NAME while running a trial)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
-        if cmd.startswith("ray::") and ppid == raylet_pid:
+        if cmd.startswith("ray::") and parent(pid) == raylet_pid:
             out[int(pid)] = cmd
     return out
 
@@ -181,20 +189,15 @@ class RayNoise:
         return getattr(self.stream, name)
 
 
-class Counting:
-    """A study reporter that counts committed trials (the driver commits them as they arrive)."""
+class Counting(StudyReporter):
+    """A study reporter that logs each committed trial (the driver commits them as they arrive)."""
 
     def __init__(self):
-        from tunebench.progress import StudyReporter
-
-        self.inner, self.finished, self.log = StudyReporter(), 0, []
+        self.finished, self.log = 0, []
 
     def trial_finished(self, row: dict) -> None:
         self.finished += 1
         self.log.append((time.perf_counter(), row["label"], row["record"]["ran_on"]["pid"]))
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def node_failure(cluster, second, doc: dict, tmp: Path, local: list[dict], args) -> bool:
@@ -221,8 +224,10 @@ def node_failure(cluster, second, doc: dict, tmp: Path, local: list[dict], args)
     t_kill = time.perf_counter()
     print(f"killed node 2 (raylet pid {raylet}) after {committed} committed trials; running there: "
           f"{trials_on(workers) or 'no trial'}")
+    nodes = {cluster.head_node.all_processes["raylet"][0].process.pid: "head", raylet: "killed node 2"}
     if not args.no_replace:
-        cluster.add_node(num_cpus=1, object_store_memory=200_000_000)
+        fresh = cluster.add_node(num_cpus=1, object_store_memory=200_000_000)
+        nodes[fresh.all_processes["raylet"][0].process.pid] = "fresh node 3"
         print("added a fresh node (1 CPU), as an autoscaler would: queued trials can use it once its worker "
               "has started")
     thread.join()
@@ -231,8 +236,8 @@ def node_failure(cluster, second, doc: dict, tmp: Path, local: list[dict], args)
     rows, fails = out["rows"], out["failures"]
     for t, label, pid in reporter.log:
         if t > t_kill:
-            print(f"  committed {t - t_kill:5.1f} s after the kill: {label} (pid {pid}"
-                  f"{', a worker of the killed node' if pid in workers else ''})")
+            node = "killed node 2" if pid in workers else nodes.get(parent(pid), "?")
+            print(f"  committed {t - t_kill:5.1f} s after the kill: {label} (pid {pid} on {node})")
     print(f"node 2's processes still alive: {[w for w in workers if Path(f'/proc/{w}').exists()] or 'none'}")
     keys = [r["key"] for r in rows]
     once = len(keys) == len(set(keys)) == len(local)
@@ -301,7 +306,9 @@ def main(argv=None) -> int:
               "nodes share the same 2 cores with the driver and Ray's own processes; and these trials last seconds. "
               "On a real cluster the trials run in parallel across nodes and GPUs, so once a trial is long compared "
               "with a worker's start-up (minutes of fine-tuning vs ~10 s), wall time approaches total trial time "
-              "divided by the parallel width, and a lost node costs only the trials it was running.")
+              "divided by the parallel width. A lost node costs only the trials it was running: Ray reruns them as "
+              "soon as it sees the node gone (at once when the worker's connection drops, or after the GCS health "
+              "check gives up on the node, ~15 s by default); a fresh node helps only once its worker has started.")
     finally:
         try:
             import ray

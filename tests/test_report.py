@@ -80,7 +80,7 @@ def test_report_has_every_section_and_rebuilds_from_the_store_alone(finished_stu
     def no_trials(*a, **k):
         raise AssertionError("the report reran a trial")
 
-    monkeypatch.setattr("tunebench.runner.executors.execute", no_trials)
+    monkeypatch.setattr("tunebench.runner.executors.execute_staged", no_trials)
     monkeypatch.setattr("tunebench.runner.study.Study.run", no_trials)
     again = json.loads(Path(_report(finished_study["store"], finished_study["tmp"] / "rep2")["json"]).read_text())
     assert again["analysis"] == a

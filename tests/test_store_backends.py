@@ -78,8 +78,9 @@ def test_an_expired_claim_passes_to_the_next_driver_and_the_old_owner_cannot_com
     time.sleep(0.8)
     assert [c["expired"] for c in store.claims("s")] == [True]
     assert store.claim("s", "k", alive, ttl=60)
+    assert not Path(staged_dead).exists()  # the new holder of the key cleared the dead owner's staging
     staged_alive = _stage(store, "k", alive, "fresh")
-    assert Path(staged_dead).exists() and staged_dead != staged_alive  # separate staging per owner
+    assert staged_dead != staged_alive  # staging is per owner
     assert not store.add_trial(_row("k", acc=0.2), staged_dead, owner=dead)  # its claim was taken over
     assert store.trials("s") == []
     assert store.add_trial(_row("k", acc=0.8), staged_alive, owner=alive)
@@ -103,6 +104,13 @@ def test_failures_are_recorded_and_cleared_by_a_later_success(store):
     store.record_failure("s", "k", "few_shot k", "ValueError: boom", a)
     assert [(f["key"], f["reason"]) for f in store.failures("s")] == [("k", "ValueError: boom")]
     assert store.claims("s") == []
+    store.save_study("s", {"name": "s"}, None, ["k"])
+    status = runner.invoke(app, ["store", "status", "--store", store.location, "--json"])
+    assert status.exit_code == 0, status.output
+    assert [f["reason"] for f in json.loads(status.stdout)["failures"]] == ["ValueError: boom"]
+    shown = runner.invoke(app, ["show", "s", "--store", store.location, "--json"])
+    assert json.loads(shown.stdout)["pending"] == {"planned": 1, "running": 0, "failed": [
+        {k: v for k, v in store.failures("s")[0].items()}]}
     assert store.claim("s", "k", a, ttl=60)
     assert store.add_trial(_row("k"), None, owner=a)
     assert store.failures("s") == []

@@ -101,9 +101,15 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         check_metric(metric)
         name, root = resolve_study(study, store)
         st = Store(root, create=False)
-        rows = st.trials(name, st.current_keys(name))
+        current = st.current_keys(name)
+        rows = st.trials(name, current)
+        running = [c for c in st.claims(name) if c["key"] in current and not c["expired"]]
+        failed = [f for f in st.failures(name) if f["key"] in current]
     except TunebenchError as exc:
         fail(exc)
+    if (running or failed) and not as_json:
+        err.print(f"{len(current) - len(rows)} of {len(current)} trials not finished: {len(running)} running now, "
+                  f"{len(failed)} failed last time (`tunebench store status` lists them)", highlight=False)
     metric = metric or default_metric(rows)
     if rows and metric not in rows[0]["metrics"]:
         fail(TunebenchError(f"--metric: this study's trials have no '{metric}' "
@@ -115,7 +121,8 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         print_trial_ids(rows, metric, out)
         return
     if as_json:
-        print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows]},
+        print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows],
+                    "pending": {"planned": len(current), "running": len(running), "failed": failed}},
                    default=json_default)
         return
     if not rows:

@@ -74,7 +74,10 @@ class RayExecutor:
     def connect(self) -> None:
         """Join the cluster at ``execution.address`` (``auto``: the one ``ray start`` runs on this machine), or
         start a private local one when no address is given."""
-        if ray.is_initialized():
+        if ray.is_initialized():  # joined already (tests, notebooks): that cluster is used as it is
+            if self.execution.address not in (None, "auto"):
+                log.warning("Ray is already initialised in this process; execution.address %s is not used",
+                            self.execution.address)
             return
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         try:
@@ -118,13 +121,14 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         opts = {s.key: self.resources(s, study, gpus) for s in specs}
         self._check_feasible(specs, opts)
-        limit = self.execution.max_concurrent or max(
-            1, int(ray.cluster_resources().get("CPU", 1) // min((o["num_cpus"] for o in opts.values()), default=1)))
+        smallest = min((o["num_cpus"] for o in opts.values()), default=1)
         task = ray.remote(run_trial)
         study_ref, data_ref = ray.put(study), ray.put(data)
         queue, in_flight = deque(specs), {}
         counts = {"finished": 0, "failed": 0}
         while queue or in_flight:
+            # the cluster may grow (autoscaler, a node joining) or shrink while the study runs
+            limit = self.execution.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // smallest))
             while queue and len(in_flight) < limit:
                 spec = queue.popleft()
                 if not claim(spec):
