@@ -36,6 +36,7 @@ class RichReporter(StudyReporter):
         self.trials_task = None
         self.step_task = None
         self.current = ""
+        self._waited = None
 
     def __enter__(self):
         self.progress.start()
@@ -72,6 +73,9 @@ class RichReporter(StudyReporter):
                                          f"{failed} failed")
 
     def waiting(self, trials, owners):
+        if (trials, owners) == self._waited:  # said once until it changes
+            return
+        self._waited = (trials, owners)
         self.progress.console.print(f"[yellow]waiting[/] for {trials} trial(s) claimed by other runs on this store "
                                     f"({', '.join(owners)}); a dead run's claims expire and its trials run here",
                                     highlight=False)
