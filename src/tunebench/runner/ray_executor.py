@@ -75,9 +75,10 @@ class RayExecutor:
         """Join the cluster at ``execution.address`` (``auto``: the one ``ray start`` runs on this machine), or
         start a private local one when no address is given."""
         if ray.is_initialized():  # joined already (tests, notebooks): that cluster is used as it is
-            if self.execution.address not in (None, "auto"):
-                log.warning("Ray is already initialised in this process; execution.address %s is not used",
-                            self.execution.address)
+            joined = ray.get_runtime_context().gcs_address
+            if self.execution.address not in (None, "auto", joined):
+                log.warning("Ray is already joined to %s in this process; execution.address %s is not used",
+                            joined, self.execution.address)
             return
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         try:
