@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import decide, export, prompts, results, run, serve, store
+from . import decide, export, prompts, results, run, serve, store, ui
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -21,6 +21,7 @@ app.command("show")(results.show)
 app.command("report")(decide.report_cmd)
 app.command("recommend")(decide.recommend_cmd)
 app.command("serve")(serve.serve)
+app.command("ui")(ui.ui)
 app.command("validate")(run.validate)
 app.command("ls")(results.list_studies)
 app.command("strategies")(results.strategies)

@@ -142,12 +142,19 @@ def agreement(runs: Sequence[Sequence]) -> float | None:
     return float(np.mean([all(_same(runs[0][i], r[i]) for r in runs[1:]) for i in range(n)]))
 
 
+MAX_FLIPS_SHOWN = 20
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
 def measure(predictor, records: list[dict], base_predictions: Sequence, *, kinds: Sequence[str], seed: int,
             fields: Sequence[str], join: Callable[[dict], str], samples: int) -> dict:
     """Flip rate per perturbation kind (over the items the edit changed) and, for sampled generation, the
     agreement of ``samples`` samples per input. ``records`` is the bounded subset already predicted as
     ``base_predictions``."""
-    out: dict = {"n_items": len(records), "perturbation": {}, "perturbed_items": {}}
+    out: dict = {"n_items": len(records), "perturbation": {}, "perturbed_items": {}, "flips": {}}
     for kind in kinds:
         edited, changed = perturb_records(records, kind, seed, fields, join)
         if not changed.any():
@@ -159,6 +166,9 @@ def measure(predictor, records: list[dict], base_predictions: Sequence, *, kinds
         before = [base_predictions[i] for i in np.flatnonzero(changed)]
         out["perturbation"][kind] = flip_rate(before, preds)
         out["perturbed_items"][kind] = int(changed.sum())
+        out["flips"][kind] = [  # the first edits that changed the answer, as the trial page shows them
+            {"item": int(i), "text": edited[i]["input"], "before": _plain(b), "after": _plain(a)}
+            for i, b, a in zip(np.flatnonzero(changed), before, preds) if _plain(b) != _plain(a)][:MAX_FLIPS_SHOWN]
     rates = [v for v in out["perturbation"].values() if v is not None]
     out["flip_rate"] = float(np.mean(rates)) if rates else None
     decode = getattr(predictor, "decode", None)

@@ -53,24 +53,31 @@ def measure(predictor, data: TaskData, *, seed: int, consistency: ConsistencyCon
     reporter.advance()
     reporter.stop()
     stability = measure_stability(predictor, records, out.predictions, seed, consistency, data.config, reporter)
-    metrics, items, truth = score_test(data, out.predictions)
+    metrics, items, truth = score_test(data, out.predictions, out.scores)
     if nll is not None:
         metrics["perplexity"] = float(np.exp(np.mean(nll)))
     return Measurement(records, out, metrics, items, truth, latencies, infer_s, stability)
 
 
-def score_test(data: TaskData, predictions) -> tuple[dict, dict, dict]:
-    """Test metrics, per-item predictions and scores, and the truth they were scored against."""
+def score_test(data: TaskData, predictions, class_scores: np.ndarray | None = None) -> tuple[dict, dict, dict]:
+    """Test metrics, per-item predictions and scores, and the truth they were scored against (with the test
+    inputs, which the item explorer shows). ``class_scores`` (n, labels), where the predictor has them, give each
+    item's confidence: the softmax probability of the predicted label."""
+    inputs = list(data.test.texts)
     if data.test.targets is not None:
         preds = list(predictions)
         metrics = generation_metrics(preds, data.test.targets)
         items = {"predictions": preds, "scores": generation_item_scores(preds, data.test.targets)}
-        return metrics, items, {"targets": list(data.test.targets)}
+        return metrics, items, {"targets": list(data.test.targets), "inputs": inputs}
     metrics = classification_metrics(data.test.labels, predictions, data.label_names)
     preds = [int(p) for p in predictions]
     items = {"predictions": preds,
              "scores": {"accuracy": [float(p == y) for p, y in zip(preds, data.test.labels.tolist())]}}
-    return metrics, items, {"labels": data.test.labels.tolist(), "label_names": data.label_names}
+    if class_scores is not None and len(class_scores) == len(preds):
+        z = np.asarray(class_scores, dtype=np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        items["confidence"] = [round(float(c), 5) for c in z.max(axis=1) / z.sum(axis=1)]
+    return metrics, items, {"labels": data.test.labels.tolist(), "label_names": data.label_names, "inputs": inputs}
 
 
 def measure_stability(predictor, records: list[dict], predictions, seed: int, cfg: ConsistencyConfig,

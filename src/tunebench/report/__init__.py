@@ -66,10 +66,17 @@ def figures(doc: dict) -> dict[str, bytes]:
     return {k: out[k] for k in FIGURES if k in out}
 
 
+TEMPLATES = jinja2.PackageLoader("tunebench", "report/templates")
+
+
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("tunebench", "report/templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(loader=TEMPLATES, autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return add_filters(env)
+
+
+def add_filters(env: jinja2.Environment) -> jinja2.Environment:
+    """The number formats the report's templates use (the UI renders the same partials)."""
     env.filters["f3"] = lambda v: "–" if v is None else f"{v:.3f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     env.filters["money"] = _money

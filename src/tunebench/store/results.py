@@ -289,7 +289,8 @@ class Store:
                                  "data = excluded.data"), {"k": key, "d": json.dumps(items)})
             if test_set is not None:
                 con.execute(text("INSERT INTO test_sets(fingerprint, data) VALUES (:f, :d) ON CONFLICT(fingerprint) "
-                                 "DO NOTHING"), {"f": test_set[0], "d": json.dumps(test_set[1])})
+                                 "DO UPDATE SET data = excluded.data"),  # same truth; newer ones add inputs
+                            {"f": test_set[0], "d": json.dumps(test_set[1])})
             con.execute(text(f"INSERT INTO trials({', '.join(_COLS)}) VALUES ({', '.join(':' + c for c in _COLS)})"),
                         {c: values[c] for c in _COLS})
             record_trial(con, row)
