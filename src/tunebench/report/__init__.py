@@ -104,7 +104,7 @@ def write(evidence: Evidence, recommendation: dict, out_dir: str | Path) -> dict
     figs = figures(doc)
     env = _env()
     context = {"doc": doc, "a": doc["analysis"], "rec": recommendation, "titles": FIGURES,
-               "cur": doc["analysis"]["cost_model"].get("currency", "$"), "kinds": _perturbation_kinds(doc)}
+               "cur": doc["analysis"]["cost_model"].get("currency", "$"), "kinds": perturbation_kinds(doc)}
     html = env.get_template("report.html.j2").render(
         **context, figures={k: base64.b64encode(v).decode("ascii") for k, v in figs.items()})
     md = env.get_template("report.md.j2").render(**context, figures=figs)
@@ -121,7 +121,7 @@ def write(evidence: Evidence, recommendation: dict, out_dir: str | Path) -> dict
     return paths
 
 
-def _perturbation_kinds(doc: dict) -> list[str]:
+def perturbation_kinds(doc: dict) -> list[str]:
     kinds: list[str] = []
     for s in doc["analysis"]["strategies"]:
         for k in s["consistency"]["perturbation"]:

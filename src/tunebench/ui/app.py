@@ -194,6 +194,7 @@ def create_app(store: Store, *, api_keys: set[str] | None = None, allowed_hosts:
         rec = recommend(ev, constraints)
         doc = report.build(ev, rec)
         return {"name": name, "a": doc["analysis"], "rec": rec, "rows": rows, "errors": errors,
+                "kinds": report.perturbation_kinds(doc),
                 "form": {f.name: params.get(f.name, "") for f in fields(Constraints)},
                 "cur": doc["analysis"]["cost_model"].get("currency", "$"), "titles": report.FIGURES}
 
