@@ -158,8 +158,8 @@ def explore(store: Store, rows: list[dict], query: Query) -> Page:
         raise StoreError("no finished trial with per-item results to show")
     fp = by_key[chosen[0]]["record"]["fingerprints"]["test"]
     chosen = [k for k in chosen if by_key[k]["record"]["fingerprints"]["test"] == fp]  # one test set at a time
-    generation = "targets" in (store.test_set(fp) or {})
     truth = truth_of(store, fp)
+    generation = truth.targets is not None
     trials = [trial_items(store, k, generation) for k in chosen]
     P = np.stack([t.preds for t in trials])
     C = np.stack([t.correct for t in trials])
