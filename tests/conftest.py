@@ -238,3 +238,33 @@ def toy_study(tmp_path: Path, toy_files: dict[str, Path], model_dir: Path, **ext
         "store": str(tmp_path / "runs"),
         **extra,
     }
+
+
+def assert_verdicts_follow_intervals(report_json: Path, html: str | None = None) -> int:
+    """No "tied" beside an interval that excludes 0 (or the reverse), in the report's data, its HTML
+    leaderboard and the recommendation's sentences; returns how many comparisons were checked."""
+    import json
+    import re
+
+    doc = json.loads(Path(report_json).read_text())
+    checked = 0
+    for s in doc["analysis"]["strategies"]:
+        c = s["vs_best"]
+        if c is None:
+            continue
+        contains = c["ci"][0] <= 0 <= c["ci"][1]
+        assert c["tied"] == contains == s["tied_with_best"], (s["label"], c)
+        checked += 1
+    for r in doc["recommendation"]["ranking"]:
+        for reason in r["reasons"]:
+            for rel, lo, hi in re.findall(r"(tied with|worse than|better than) [^:]+: difference [-+.\d]+ "
+                                          r"\([\d.]+% CI ([-+.\d]+) to ([-+.\d]+)\)", reason):
+                assert (rel == "tied with") == (float(lo) <= 0 <= float(hi)), reason
+                checked += 1
+    if html is not None:
+        rows = re.findall(r'<tr class="(tied)?"><td>([^<]+)</td>.*?</tr>', html, flags=re.S)
+        by_label = {s["label"]: s for s in doc["analysis"]["strategies"]}
+        for tied, label in rows:
+            if label in by_label:
+                assert bool(tied) == by_label[label]["tied_with_best"], label
+    return checked

@@ -17,6 +17,8 @@ from tunebench.data import load_task
 from tunebench.evaluation import classification_metrics
 from tunebench.strategies import registry
 
+from .conftest import assert_verdicts_follow_intervals
+
 
 @pytest.fixture(scope="module")
 def default_backend():
@@ -74,3 +76,4 @@ def test_demo_runs(tmp_path):
     assert doc["recommendation"]["verdict"] in ("recommend", "tie", "not enough evidence")
     analysis = json.loads(Path(doc["report"]["json"]).read_text())["analysis"]
     assert len(analysis["strategies"]) == len({t["label"] for t in doc["trials"]})
+    assert assert_verdicts_follow_intervals(Path(doc["report"]["json"]), report.read_text()) >= len(analysis["strategies"]) - 1

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from tunebench.cli import app
 
+from .conftest import assert_verdicts_follow_intervals
+
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -54,6 +56,7 @@ def test_report_has_every_section_and_rebuilds_from_the_store_alone(finished_stu
     paths = _report(finished_study["store"], out)
     doc = json.loads(Path(paths["json"]).read_text())
     a = doc["analysis"]
+    assert assert_verdicts_follow_intervals(Path(paths["json"]), Path(paths["html"]).read_text()) >= 3
     labels = {s["label"] for s in a["strategies"]}
     assert labels == {"zero_shot", "few_shot(shots=2)", "linear_probe", "full"}
     for s in a["strategies"]:

@@ -19,7 +19,7 @@ from ..config import CostConfig
 from ..errors import StoreError
 from ..evaluation.consistency import agreement
 from ..evaluation.cost import Pricing, break_even, price
-from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, metric_fn
+from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
 from .leaderboard import SECONDARY, cv_summary, default_metric
 from ..store.results import Store
 
@@ -65,18 +65,18 @@ class Group:
 
     @cached_property
     def fn(self) -> MetricFn | None:
-        return metric_fn(self.metric, self.items, self.truth) if self.has_items else None
+        return metric_fn(self.metric, self.items, self.truth, self.seeds) if self.has_items else None
 
     @cached_property
     def ci(self) -> tuple[float, float] | None:
         return bootstrap_ci(self.fn) if self.fn is not None else None
 
     @property
-    def correct(self) -> list[np.ndarray] | None:
-        """Per seed, per item: right or wrong (McNemar's outcomes); classification only."""
+    def correct(self) -> list[tuple[int, np.ndarray]] | None:
+        """Per seed: the seed and, per item, right or wrong (McNemar's outcomes); classification only."""
         if not self.has_items or "accuracy" not in self.items[0]["scores"]:
             return None
-        return [np.asarray(it["scores"]["accuracy"]) > 0.5 for it in self.items]
+        return [(s, np.asarray(it["scores"]["accuracy"]) > 0.5) for s, it in zip(self.seeds, self.items)]
 
     def cost_mean(self, key: str) -> float | None:
         vals = [r["cost"].get(key) for r in self.rows if r["cost"].get(key) is not None]
@@ -149,15 +149,25 @@ class Evidence:
         raise KeyError(label)
 
     def compare(self, a: Group, b: Group) -> Comparison | None:
-        """Paired comparison of ``a`` against ``b`` on the same test items (cached); None without stored items."""
-        key = (a.label, a.train_size, b.label, b.train_size)
+        """``a`` against ``b`` on the same resampled seeds and test items (cached); None without stored items.
+
+        Between two strategies of the comparison set the result is Holm-corrected over the family "every
+        strategy against ``b``" (the leaderboard's "against the best" is one such family)."""
+        key = _key(a, b)
         if key not in self._cmp:
-            if a.fn is None or b.fn is None or a.fn.n_items != b.fn.n_items:
-                self._cmp[key] = None
+            if any(a is g for g in self.final) and any(b is g for g in self.final):
+                others = [g for g in self.final if g is not b]
+                for g, c in zip(others, holm([self._raw(g, b) for g in others])):
+                    self._cmp[_key(g, b)] = c
             else:
-                pairs = _seed_pairs(a.correct, b.correct) if self.metric == "accuracy" else None
-                self._cmp[key] = compare(a.fn, b.fn, correct_pairs=pairs)
+                self._cmp[key] = self._raw(a, b)
         return self._cmp[key]
+
+    def _raw(self, a: Group, b: Group) -> Comparison | None:
+        if a.fn is None or b.fn is None or a.fn.n_items != b.fn.n_items:
+            return None
+        pairs = _seed_pairs(a.correct, b.correct) if self.metric == "accuracy" else None
+        return compare(a.fn, b.fn, correct_pairs=pairs)
 
     def tied_with(self, ref: Group, candidates: list[Group]) -> list[Group]:
         """The candidates the evidence cannot separate from ``ref`` (``ref`` included)."""
@@ -201,22 +211,24 @@ class Evidence:
             return {"status": "not applicable", "train_size": None,
                     "reason": "the study needs at least one prompting and one tuning strategy"}
         sizes = sorted({g.train_size for g in tuning})
-        steps = []
+        steps, cmps = [], []
         for s in sizes:
             t_best = max((g for g in tuning if g.train_size == s), key=lambda g: g.mean)
             avail = [g for g in prompting if g.train_size in (0, s)]
             if not avail:
                 continue
             p_best = max(avail, key=lambda g: g.mean)
-            c = self.compare(t_best, p_best)
-            beats = c is not None and not c.tied and c.diff > 0
             steps.append({"train_size": s, "tuning": t_best.label, "tuning_mean": t_best.mean,
-                          "prompting": p_best.label, "prompting_mean": p_best.mean,
-                          "diff": None if c is None else c.diff, "ci": None if c is None else list(c.ci),
-                          "significant": beats})
-            if beats:
-                return {"status": "reached", "train_size": s, "tuning": t_best.label, "prompting": p_best.label,
-                        "steps": steps}
+                          "prompting": p_best.label, "prompting_mean": p_best.mean})
+            cmps.append(self._raw(t_best, p_best))
+        for step, c in zip(steps, holm(cmps)):  # Holm across the train sizes tried
+            step.update(diff=None if c is None else c.diff, ci=None if c is None else list(c.ci),
+                        p_holm=None if c is None else c.p_holm,
+                        significant=c is not None and not c.tied and c.diff > 0)
+        for step in steps:
+            if step["significant"]:
+                return {"status": "reached", "train_size": step["train_size"], "tuning": step["tuning"],
+                        "prompting": step["prompting"], "steps": steps}
         return {"status": "not reached", "train_size": None, "steps": steps}
 
     def data_needed(self, g: Group) -> int | None:
@@ -276,13 +288,21 @@ class Evidence:
         }
 
 
-def _seed_pairs(a: list[np.ndarray] | None, b: list[np.ndarray] | None) -> list[tuple] | None:
-    """Outcomes paired seed by seed (a single-seed side pairs with every seed of the other)."""
+def _key(a: Group, b: Group) -> tuple:
+    return a.label, a.train_size, b.label, b.train_size
+
+
+def _seed_pairs(a: list[tuple[int, np.ndarray]] | None, b: list[tuple[int, np.ndarray]] | None) -> list[tuple] | None:
+    """``((seed_a, seed_b), a_correct, b_correct)`` paired seed by seed (a single-seed side pairs with every seed
+    of the other; otherwise equal seeds pair, or runs in order where the seed numbers differ)."""
     if not a or not b:
         return None
     if len(a) == 1 or len(b) == 1:
-        return [(x, y) for x in a for y in b]
-    return list(zip(a, b))
+        return [((sa, sb), x, y) for sa, x in a for sb, y in b]
+    by_b = dict(b)
+    if all(sa in by_b for sa, _ in a):
+        return [((sa, sa), x, by_b[sa]) for sa, x in a]
+    return [((sa, sb), x, y) for (sa, x), (sb, y) in zip(a, b)]
 
 
 def _pair(ci: tuple[float, float] | None) -> list[float] | None:

@@ -32,6 +32,11 @@ class Constraints:
                 "edited."})
 
 
+def _level(cmp) -> str:
+    """The confidence level a comparison's interval is printed at (95%, or wider after Holm's correction)."""
+    return f"{100 * cmp.level:.1f}%".replace(".0%", "%")
+
+
 def _money(x: float, cur: str) -> str:
     if x == 0:
         return f"{cur}0"
@@ -99,8 +104,10 @@ class Recommender:
             cmp = ev.compare(g, top)
             if cmp is not None:
                 rel = "tied with" if cmp.tied else ("worse than" if cmp.diff < 0 else "better than")
-                q += (f"; {rel} {top.label}: difference {cmp.diff:+.3f} (95% CI {cmp.ci[0]:+.3f} to "
+                q += (f"; {rel} {top.label}: difference {cmp.diff:+.3f} ({_level(cmp)} CI {cmp.ci[0]:+.3f} to "
                       f"{cmp.ci[1]:+.3f})")
+                if cmp.note:
+                    q += f"; {cmp.note}"
         out.append(q)
         p = a["pricing"]
         per_1k = _money(p.per_request * 1000, cur)
@@ -163,6 +170,12 @@ class Recommender:
             summary = (f"tie on {ev.metric}: {g.label} and {others} cannot be separated on this test set; "
                        f"{g.label} is the cheapest of them ({_money(pick['total'], cur)} over "
                        f"{costs.horizon_days:g} days at {_volume(costs.volume_per_day)} requests/day)")
+            seedy = [c for c in (ev.compare(a["group"], top["group"]) for a in tied if a is not top) if c is not None
+                     and c.seeds_needed and (c.seed_share or 0) > 0.5]
+            if seedy:
+                need = max(c.seeds_needed for c in seedy)
+                summary += (f". Seed-to-seed variation dominates the differences: about {need} seeds per strategy "
+                            "would separate them at the differences seen")
         else:
             verdict = "recommend"
             runner = max((a for a in feasible if a is not pick), key=lambda a: a["group"].mean, default=None)
@@ -170,7 +183,7 @@ class Recommender:
             if runner is not None:
                 cmp = ev.compare(runner["group"], g)
                 if cmp is not None:
-                    summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} (95% CI "
+                    summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} ({_level(cmp)} CI "
                                 f"{-cmp.ci[1]:.3f} to {-cmp.ci[0]:.3f})")
             summary += f"; {_money(pick['total'], cur)} over {costs.horizon_days:g} days at your volume"
         return {**out, "verdict": verdict, "recommended": g.label, "tied": [a["group"].label for a in tied],
