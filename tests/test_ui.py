@@ -144,3 +144,27 @@ def test_no_route_writes_the_store(ui_store):
         for url in ("/", "/study/toy-ui", "/study/toy-ui/items"):
             assert getattr(c, method)(url).status_code in (404, 405)
     assert (store.trials("toy-ui"), store.studies()) == before
+
+
+def test_explorer_on_a_generation_study_shows_outputs_references_and_item_metrics(tmp_path):
+    store = Store(tmp_path / "gen")
+    refs = [f"answer {i}" for i in range(30)]
+    outputs = {"a": [r if i % 3 else "wrong" for i, r in enumerate(refs)],
+               "b": [r if i % 5 else "other" for i, r in enumerate(refs)]}
+    for name, preds in outputs.items():
+        em = [float(p == r) for p, r in zip(preds, refs)]
+        row = {"key": f"{name}-key-0000", "study": "g", "strategy": "zero_shot", "family": "prompting",
+               "label": name, "params": {}, "seed": 0, "train_size": 0, "train_size_spec": "all",
+               "metrics": {"exact_match": sum(em) / len(em)}, "cost": {}, "history": [],
+               "record": {"model": "m", "fingerprints": {"test": "fp"}}}
+        store.add_trial(row, None, {"predictions": preds, "scores": {"exact_match": em, "rouge_l": em}},
+                        ("fp", {"targets": refs, "inputs": [f"question {i}" for i in range(30)]}))
+    rows = store.trials("g")
+    page = explore(store, rows, Query(trials=["a-key", "b-key"], filter="wrong_any", per_page=100))
+    assert page.generation and [r["index"] for r in page.rows] == [i for i in range(30) if i % 3 == 0 or i % 5 == 0]
+    first = page.rows[0]
+    assert first["truth"] == "answer 0" and first["input"] == "question 0"
+    assert [c["prediction"] for c in first["cells"]] == ["wrong", "other"]
+    assert first["cells"][0]["scores"] == {"exact_match": 0.0, "rouge_l": 0.0} and not first["cells"][0]["correct"]
+    page = explore(store, rows, Query(trials=["a-key", "b-key"], baseline="a-key", per_page=100))
+    assert page.versus["b-key-0000"]["gains"] == sum(1 for i in range(30) if i % 3 == 0 and i % 5 != 0)
