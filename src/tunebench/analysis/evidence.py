@@ -164,10 +164,15 @@ class Evidence:
         return self._cmp[key]
 
     def _raw(self, a: Group, b: Group) -> Comparison | None:
-        if a.fn is None or b.fn is None or a.fn.n_items != b.fn.n_items:
-            return None
-        pairs = _seed_pairs(a.correct, b.correct) if self.metric == "accuracy" else None
-        return compare(a.fn, b.fn, correct_pairs=pairs)
+        """The uncorrected comparison (cached: a family and the crossover reuse it)."""
+        key = ("raw", *_key(a, b))
+        if key not in self._cmp:
+            if a.fn is None or b.fn is None or a.fn.n_items != b.fn.n_items:
+                self._cmp[key] = None
+            else:
+                pairs = _seed_pairs(a.correct, b.correct) if self.metric == "accuracy" else None
+                self._cmp[key] = compare(a.fn, b.fn, correct_pairs=pairs)
+        return self._cmp[key]
 
     def tied_with(self, ref: Group, candidates: list[Group]) -> list[Group]:
         """The candidates the evidence cannot separate from ``ref`` (``ref`` included)."""
@@ -202,7 +207,16 @@ class Evidence:
                            "seeds": len(g.rows)} for g in sorted(gs, key=lambda g: g.train_size)]
         return out
 
+    @cached_property
+    def _crossover(self) -> dict:
+        return self._find_crossover()
+
     def crossover(self) -> dict:
+        """The smallest train size at which the best tuning strategy beats the best prompting strategy with
+        significance, Holm-corrected across the sizes tried (computed once)."""
+        return self._crossover
+
+    def _find_crossover(self) -> dict:
         """The smallest train size at which the best tuning strategy beats the best prompting strategy with
         significance (prompting that uses no training data counts at every size)."""
         tuning = [g for g in self.groups if g.family in TUNING]

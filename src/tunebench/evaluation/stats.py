@@ -110,7 +110,6 @@ class Draws:
     universe: list[int]
     n_resamples: int
     seed: int = 0
-    items_only: bool = False
 
     @property
     def chunk(self) -> int:
@@ -122,15 +121,13 @@ class Draws:
             b = min(self.chunk, self.n_resamples - lo)
             rng = np.random.default_rng([self.seed, c])
             items = rng.integers(0, self.n_items, size=(b, self.n_items))
-            picked = np.tile(u, (b, 1)) if self.items_only else u[rng.integers(0, len(u), size=(b, len(u)))]
+            picked = u[rng.integers(0, len(u), size=(b, len(u)))]
             yield items, picked
 
 
-def draws(n_items: int, seeds: Sequence[int], n_resamples: int, seed: int = 0, *,
-          items_only: bool = False) -> Draws:
-    """Two-level draws over ``seeds`` (their union) and ``n_items`` test items; ``items_only``: every seed kept
-    once in every resample (the item-only bootstrap, for the share of variance that comes from seeds)."""
-    return Draws(n_items, sorted(set(seeds)), n_resamples, seed, items_only)
+def draws(n_items: int, seeds: Sequence[int], n_resamples: int, seed: int = 0) -> Draws:
+    """Two-level draws over ``seeds`` (their union) and ``n_items`` test items."""
+    return Draws(n_items, sorted(set(seeds)), n_resamples, seed)
 
 
 def distribution(m: MetricFn, d: Draws) -> np.ndarray:
@@ -141,6 +138,16 @@ def distribution(m: MetricFn, d: Draws) -> np.ndarray:
     in the seed mean, once in the deviations) and shrinks the seed variance by (k-1)/k; the scale ``lam`` removes
     the first by a moment estimate of the between-seed variance (observed spread of the seeds' scores minus what
     item sampling alone puts into it) and undoes the second. One seed: the ordinary item bootstrap."""
+    return _components(m, d)[1]
+
+
+def _components(m: MetricFn, d: Draws) -> tuple[np.ndarray, np.ndarray]:
+    """``(item_only, two_level)`` on each resample of ``d``: the seed mean on the drawn items, and that plus the
+    scaled seed term (see :func:`distribution`). Cached per metric and draws: a family's reference is drawn once."""
+    key = (d.n_items, tuple(d.universe), d.n_resamples, d.seed)
+    cache = m.__dict__.setdefault("_components", {})
+    if key in cache:
+        return cache[key]
     own = {s: i for i, s in enumerate(m.seeds)}
     k = len(m.seeds)
     lookup = np.asarray([own.get(s, j % k) for j, s in enumerate(d.universe)])
@@ -151,13 +158,15 @@ def distribution(m: MetricFn, d: Draws) -> np.ndarray:
     V, picked = np.concatenate(parts, axis=1), np.concatenate(picks, axis=0)  # (k, B), (B, u)
     mean = V.mean(0)
     if k == 1:
-        return mean
+        cache[key] = (mean, mean)
+        return cache[key]
     dev = V - mean
     spread = float(np.var(m.seed_values(), ddof=1))  # between-seed variance + item noise in each seed's score
     noise = float(np.mean(np.var(dev, axis=1))) * k / (k - 1)  # item noise of one seed's score around the mean
     lam = np.sqrt(max(0.0, spread - noise) * k / ((k - 1) * spread)) if spread > 0 else 0.0
     run = lookup[np.searchsorted(d.universe, picked)]  # (B, u): which of m's runs each drawn seed is
-    return mean + lam * dev[run, np.arange(len(run))[:, None]].mean(1)
+    cache[key] = (mean, mean + lam * dev[run, np.arange(len(run))[:, None]].mean(1))
+    return cache[key]
 
 
 def _interval(dist: np.ndarray, level: float, point: float) -> tuple[float, float]:
@@ -247,14 +256,14 @@ def compare(a: MetricFn, b: MetricFn, *, correct_pairs: Sequence[tuple] | None =
         return Comparison(diff, (diff, diff), 1.0, p_mc, True, identical, (diff, diff), 1.0, 1 - alpha, mc)
     B = n_resamples or min(a.n_resamples, b.n_resamples)
     d = draws(a.n_items, a.seeds + b.seeds, B, seed)
-    dist = distribution(a, d) - distribution(b, d)
+    (items_a, all_a), (items_b, all_b) = _components(a, d), _components(b, d)
+    dist = all_a - all_b
     p_boot = float(min(1.0, 2 * min(np.mean(dist <= 0), np.mean(dist >= 0))))
     ci = _interval(dist, 1 - alpha, diff)
     out = Comparison(diff, ci, p_boot, p_mc, not (ci[0] > 0 or ci[1] < 0), False, ci, p_boot, 1 - alpha, mc,
                      dist=dist)
-    if len(d.universe) > 1:  # how much of the noise is seeds: against the item-only bootstrap on the same items
-        items_only = draws(a.n_items, a.seeds + b.seeds, B, seed, items_only=True)
-        var_items = float(np.var(distribution(a, items_only) - distribution(b, items_only)))
+    if len(d.universe) > 1:  # how much of the noise is seeds: against the item-only resample of the same items
+        var_items = float(np.var(items_a - items_b))
         var_all = float(np.var(dist))
         out.seed_share = max(0.0, 1 - var_items / var_all) if var_all > 0 else 0.0
         out.seeds_needed = seeds_needed(a, b, diff, alpha)
