@@ -13,9 +13,6 @@ from ..errors import TunebenchError
 from ..store import Store
 from .common import StoreOpt, VerboseOpt, err, fail, setup_logging
 
-LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]"]
-
-
 def ui(store: Optional[str] = StoreOpt,
        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (off loopback an API key is "
                                 "required)."),
@@ -38,8 +35,8 @@ def ui(store: Optional[str] = StoreOpt,
         keys = None
         if not loopback or api_key_file is not None or os.environ.get(API_KEY_ENV):
             keys = api_keys(api_key_file, no_auth=False, host=host)
-        hosts = list(allowed_host or (LOOPBACK_NAMES if loopback else
-                                      ["*"] if host in ("0.0.0.0", "::") else [host]))
+        hosts = list(allowed_host) if allowed_host else (  # None: the app's loopback names
+            None if loopback else ["*"] if host in ("0.0.0.0", "::") else [host])
         st = Store(store or DEFAULT_STORE, create=False)
         app = create_app(st, api_keys=keys, allowed_hosts=hosts)
     except TunebenchError as exc:
