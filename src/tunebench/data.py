@@ -7,13 +7,20 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
+import stat
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .config import LabelSpec, TaskConfig
+from .config.files import check_path, clip, read_limited
 from .errors import DataError
 from .textfmt import render
 
@@ -94,7 +101,7 @@ def _format_of(path: Path, override: str | None) -> str:
 def _check_text_file(path: Path, fmt: str) -> list[int] | None:
     """UTF-8, and a consistent number of fields per CSV/TSV row or one JSON object per JSONL line: errors name
     the line. Returns the line on which each example starts (quoted fields may span lines, blank lines skip)."""
-    data = path.read_bytes()
+    data = read_limited(path, "data file", max_data_bytes(), DataError)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -136,6 +143,9 @@ def _check_text_file(path: Path, fmt: str) -> list[int] | None:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{path} line {n}: JSON nested too deeply; each line must be one flat JSON object "
+                                "of named fields") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object with named fields, got {type(row).__name__}")
         return starts
@@ -146,11 +156,19 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
     """Read a data file through ``datasets``; returns its columns and a human location for each row."""
     import datasets
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    if path.stat().st_size == 0:
+    path = check_path(path, "data file", DataError)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        reason = "data file not found" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc.strerror})"
+        raise DataError(f"{path}: {reason}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file (a directory, device or FIFO); give a data file")
+    if st.st_size == 0:
         raise DataError(f"{path}: file is empty; it needs a header row and at least one example")
+    if st.st_size > max_data_bytes():
+        raise DataError(f"{path}: {st.st_size:,} bytes, over the limit of {max_data_bytes():,}; sample the file or "
+                        f"raise the limit with {MAX_DATA_ENV}=MEGABYTES")
     fmt = _format_of(path, fmt)
     starts = _check_text_file(path, fmt) if fmt != "parquet" else None
     kwargs: dict = {}
@@ -161,15 +179,46 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
         kwargs.update(keep_default_na=False, na_filter=False)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        with _literal(path) as literal:
+            ds = datasets.load_dataset(builder, data_files=literal, split="train", **kwargs)
     except Exception as exc:  # datasets wraps parser errors in several exception types
         cause = exc.__cause__ or exc
-        raise DataError(f"{path}: could not be read as {fmt.upper()}: {str(cause).splitlines()[0][:300]}") from None
+        first = (str(cause).splitlines() or [cause.__class__.__name__])[0]
+        raise DataError(f"{path}: could not be read as {fmt.upper()}: {clip(first, 300)}") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no examples")
     if starts is not None and len(starts) == len(ds):
         return ds.to_dict(), [f"line {n}" for n in starts]
     return ds.to_dict(), [f"row {i + 1}" for i in range(len(ds))]
+
+
+MAX_DATA_ENV = "TUNEBENCH_MAX_DATA_MB"
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
+
+
+def max_data_bytes() -> int:
+    """The largest data file read (default 2 GiB; ``$TUNEBENCH_MAX_DATA_MB`` changes it)."""
+    try:
+        return int(float(os.environ.get(MAX_DATA_ENV, "2048")) * (1 << 20))
+    except ValueError:
+        raise DataError(f"{MAX_DATA_ENV}: expected a number of megabytes, got "
+                        f"{clip(os.environ[MAX_DATA_ENV], 40)}") from None
+
+
+@contextmanager
+def _literal(path: Path) -> Iterator[str]:
+    """A path ``datasets`` reads as exactly this file. It treats data_files as glob patterns (``train[1].csv``
+    would match ``train1.csv``, ``a*.csv`` every match) and skips hidden files, so a path with pattern characters
+    or a hidden part is read through a symlink with a plain name in a temporary folder."""
+    path = path.resolve()
+    parts = path.parts[1:]
+    if _PLAIN_PATH.match(str(path)) and not any(p.startswith((".", "__")) for p in parts):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="tunebench-data-") as tmp:
+        link = Path(tmp) / f"data{path.suffix if _PLAIN_PATH.match(path.suffix) else ''}"
+        link.symlink_to(path)
+        yield str(link)
 
 
 def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:
@@ -209,11 +258,13 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
 
 
 def _resolve_path(p: str, base: Path) -> Path:
-    cand = (base / p) if not Path(p).is_absolute() else Path(p)
-    if cand.exists() or Path(p).is_absolute():
+    """``p`` relative to the study file's folder, else to the working directory (the first that exists)."""
+    where = f"task.data ({clip(p, 80)})"
+    cand = check_path((base / p) if not Path(p).is_absolute() else Path(p), where, DataError)
+    if os.path.lexists(cand) or Path(p).is_absolute():
         return cand
-    cwd = Path.cwd() / p
-    return cwd if cwd.exists() else cand
+    cwd = check_path(Path.cwd() / p, where, DataError)
+    return cwd if os.path.lexists(cwd) else cand
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:

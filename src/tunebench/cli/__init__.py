@@ -7,9 +7,16 @@ The commands parse options and render; the work is the library's. One module per
 
 from __future__ import annotations
 
+import sys
+import tempfile
+import traceback
+
 import typer
 
+from ..config.files import clip
+from ..errors import TunebenchError
 from . import decide, export, prompts, results, run, serve, store, ui
+from .common import EXIT_INTERNAL, EXIT_INTERRUPTED, err
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -30,5 +37,22 @@ app.add_typer(prompts.prompts_app, name="prompts")
 app.add_typer(store.store_app, name="store")
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The console entry point: the app, with a last boundary under every command. A user error that escaped a
+    command is printed as one (no traceback); anything else is a bug, reported in one line with the file where
+    its traceback was written."""
+    try:
+        app(prog_name="tunebench")
+    except TunebenchError as exc:
+        err.print(f"[bold red]error:[/] {clip(str(exc), 4000)}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the last boundary: never a traceback on the terminal
+        with tempfile.NamedTemporaryFile("w", prefix="tunebench-crash-", suffix=".txt", delete=False) as fh:
+            traceback.print_exc(file=fh)
+        err.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {clip(str(exc), 300)}\n"
+                  f"This is a bug in tunebench, not in your input; the traceback is in {fh.name}. Please report it "
+                  "with that file.", highlight=False)
+        sys.exit(EXIT_INTERNAL)

@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import DEFAULT_STORE
+from ..config.files import clip
 from ..config.metrics import DEFAULT_METRIC, metric_names
 from ..errors import TunebenchError
 
@@ -28,7 +29,7 @@ if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 colu
 if not err.is_terminal:
     err = Console(stderr=True, width=140)
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 
 StoreOpt = typer.Option(None, "--store", help=f"Results store: a directory or postgresql://user@host/db (default: the study's 'store', else ./{DEFAULT_STORE}).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document to stdout and nothing else.")
@@ -58,7 +59,7 @@ def setup_logging(verbose: bool) -> None:
 
 def fail(exc: TunebenchError) -> None:
     """Print the error (no traceback) and exit with its code."""
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/] {clip(str(exc), 4000)}", highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -68,9 +69,20 @@ def json_default(o):
     return str(o)
 
 
+def finite(doc: Any) -> Any:
+    """``doc`` with every inf or NaN float as None: JSON has no Infinity (``json.dumps`` would write it anyway)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [finite(v) for v in doc]
+    return doc
+
+
 def print_json(doc: Any, default: Callable | None = None) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(doc, default=default) + "\n")
+    """One JSON document on stdout (strict JSON: non-finite numbers are written as null)."""
+    sys.stdout.write(json.dumps(finite(doc), default=default, allow_nan=False) + "\n")
 
 
 def check_metric(metric: Optional[str]) -> None:

@@ -16,7 +16,7 @@ from .common import StoreOpt, VerboseOpt, err, fail, setup_logging
 def ui(store: Optional[str] = StoreOpt,
        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (off loopback an API key is "
                                 "required)."),
-       port: int = typer.Option(8765, "--port", help="Port to listen on."),
+       port: int = typer.Option(8765, "--port", min=1, max=65535, help="Port to listen on."),
        api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Accepted API keys, one per line "
                                                    "(also $TUNEBENCH_API_KEY); the same keys as tunebench serve."),
        allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Host header values to accept "

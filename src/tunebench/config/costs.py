@@ -14,25 +14,26 @@ from .base import _Strict
 class ApiPrice(_Strict):
     """What a hosted model costs per million tokens."""
 
-    input_per_1m: float = Field(ge=0, description="Price per 1M prompt (input) tokens.")
-    output_per_1m: float = Field(0.0, ge=0, description="Price per 1M completion (output) tokens.")
+    input_per_1m: float = Field(ge=0, le=1e6, description="Price per 1M prompt (input) tokens.")
+    output_per_1m: float = Field(0.0, ge=0, le=1e6, description="Price per 1M completion (output) tokens.")
 
 
 class CostConfig(_Strict):
     """The price table: how training and serving are paid for, and how much traffic is expected."""
 
-    train_per_hour: float = Field(1.0, ge=0, description="Hourly cost of the hardware that trains (self-hosted).")
-    serve_per_hour: float = Field(1.0, ge=0, description="Hourly cost of the hardware that serves (self-hosted).")
-    concurrency: int = Field(1, ge=1, description="Requests one serving machine handles at once at the measured "
+    train_per_hour: float = Field(1.0, ge=0, le=1e6, description="Hourly cost of the hardware that trains (self-hosted).")
+    serve_per_hour: float = Field(1.0, ge=0, le=1e6, description="Hourly cost of the hardware that serves (self-hosted).")
+    concurrency: int = Field(1, ge=1, le=1_000_000, description="Requests one serving machine handles at once at the measured "
                              "latency (self-hosted cost per request = latency x hourly rate / concurrency).")
-    volume_per_day: float = Field(10000, ge=0, description="Expected requests per day.")
-    horizon_days: float = Field(90, gt=0, description="Days over which total cost is counted.")
+    volume_per_day: float = Field(10000, ge=0, le=1e12, description="Expected requests per day.")
+    horizon_days: float = Field(90, gt=0, le=36_500, description="Days over which total cost is counted.")
     api: dict[str, ApiPrice] = Field(default_factory=dict, description="Per model name: token prices of a hosted "
                                      "API; those models are priced by tokens instead of serving time.")
     currency: str = Field("$", max_length=4, description="Shown before amounts.")
 
 
 # ---- command-line amounts and overrides --------------------------------------------------------------------
+AMOUNT_MAX = 1e15  # the largest amount a flag takes (requests, ms, days or money): finite, and far above any use
 AMOUNT_UNITS = {"volume": ("/day", "/d", "perday"), "ms": ("ms",), "days": ("days", "day", "d"), "money": ()}
 
 
@@ -44,15 +45,15 @@ def parse_amount(text: str, unit: str) -> float:
             t = t[: -len(suffix)]
             break
     if unit == "days" and t.endswith("w"):
-        return float(t[:-1]) * 7
+        return parse_amount(t[:-1], "money") * 7
     if unit == "ms" and t.endswith("s"):
-        return float(t[:-1]) * 1000
+        return parse_amount(t[:-1], "money") * 1000
     t = t.lstrip("$€£")
     mult = 1.0
     if t and t[-1] in "km":
         mult, t = (1e3 if t[-1] == "k" else 1e6), t[:-1]
     value = float(t) * mult
-    if math.isnan(value) or value < 0:
+    if not math.isfinite(value) or value < 0 or value > AMOUNT_MAX:
         raise ValueError(text)
     return value
 
@@ -73,7 +74,7 @@ def parse_api_price(item: str) -> tuple[str, ApiPrice]:
         model, prices = item.split("=", 1)
         inp, _, outp = prices.partition("/")
         return model.strip(), ApiPrice(input_per_1m=float(inp), output_per_1m=float(outp or 0))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):  # pydantic's ValidationError (inf, negative, over the range) is a ValueError
         raise TunebenchError(f"--api-price: cannot read '{item}'; write MODEL=IN/OUT, e.g. "
                              "gpt-4o-mini=0.15/0.60 (per 1M tokens)") from None
 

@@ -8,7 +8,80 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
+from .files import STUDY_MAX_BYTES, TEMPLATE_MAX_BYTES, check_path, clip, read_text_limited
 from .study import StudyConfig
+
+MAX_DEPTH = 64  # nesting of a study file (a real one is under 10 deep)
+MAX_NODES = 100_000  # values in a study file once its aliases are expanded
+MAX_ERRORS = 12  # validation errors listed (the rest are counted)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth, the size of the document once aliases are expanded (no
+    "billion laughs"), and constructor failures (``!!float abc``) reported as YAML errors with their line."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a constructor's own failure (ValueError, AttributeError ...)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {clip(node.value, 60)} ({node.tag}): {clip(str(exc), 120)}",
+                node.start_mark) from None
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (linear time: shared nodes are memoised)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to the node that contains it (a cycle)",
+                                          node.start_mark)
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo, open_) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, open_) + _expanded_size(v, memo, open_) for k, v in node.value)
+    else:
+        size = 1
+    open_.discard(key)
+    memo[key] = size
+    if size > MAX_NODES:
+        raise yaml.composer.ComposerError(None, None, f"the document expands to over {MAX_NODES:,} values through "
+                                          "its aliases (*name); write the values out or use fewer aliases",
+                                          node.start_mark)
+    return size
+
+
+def load_yaml(text: str) -> tuple[object, yaml.Node | None]:
+    """The YAML document in ``text`` and its node tree (for line numbers), read with :class:`_BoundedLoader`.
+
+    Raises ``yaml.YAMLError`` (with a mark where there is one) for anything it refuses."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _expanded_size(root, {}, set())
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
 
 
 def _yaml_line(node: yaml.Node | None, loc: tuple) -> int | None:
@@ -31,20 +104,16 @@ def read_study(path: str | Path) -> tuple[StudyConfig, Path, yaml.Node | None]:
     """Read and validate a study YAML as config; returns the config, the directory its paths are relative to and
     the YAML tree (for line numbers). Strategy parameters are checked against the registry by
     :func:`tunebench.runner.load_study`, which most callers want."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
+    path = check_path(path, "study file")
+    text = read_text_limited(path, "study file", STUDY_MAX_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
+        raw, root = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}{where}: invalid YAML: {clip(str(getattr(exc, 'problem', None) or exc), 300)}") from None
+    except RecursionError:  # the bounds above should make this unreachable; never a traceback
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study is a YAML mapping with name, task, model and strategies")
     _read_template_files(raw, path, root)
@@ -76,19 +145,20 @@ def _read_template_files(raw: dict, path: Path, root: yaml.Node | None) -> None:
         if "template" in params:
             raise ConfigError(f"{where}: give either template or template_file, not both")
         files = params.pop("template_file")
+        if isinstance(files, list) and not files:
+            raise ConfigError(f"{where}: template_file: give a file or a non-empty list of files")
         texts = []
         for f in files if isinstance(files, list) else [files]:
-            file = Path(f) if Path(str(f)).is_absolute() else path.parent / str(f)
-            try:
-                texts.append(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{where}: template_file {file}: cannot read it ({exc.__class__.__name__}: "
-                                  f"{exc}); the path is relative to the study file") from None
+            name = check_path(f, f"{where}: template_file")
+            file = name if name.is_absolute() else path.parent / name
+            texts.append(read_text_limited(file, f"{where}: template_file (relative to the study file)",
+                                           TEMPLATE_MAX_BYTES))
         params["template"] = texts if isinstance(files, list) else texts[0]
 
     if isinstance(raw.get("training"), dict):
         load(raw["training"], ("training",))
-    for i, item in enumerate(raw.get("strategies") or []):
+    strategies = raw.get("strategies")
+    for i, item in enumerate(strategies if isinstance(strategies, list) else []):
         if isinstance(item, dict) and len(item) == 1 and "name" not in item:
             (name, params), = item.items()
             load(params, ("strategies", i, name))
@@ -102,12 +172,16 @@ def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = 
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
         lines = []
-        for err in exc.errors():
+        errors = exc.errors()
+        for err in errors[:MAX_ERRORS]:
             loc = _without_tags(tuple(err["loc"]))
-            field = ".".join(str(p) for p in loc) or "(top level)"
+            field = clip(".".join(str(p) for p in loc), 120) or "(top level)"
             line = _yaml_line(root, loc) if root is not None else None
             where = f"{source} line {line}" if line else source
-            lines.append(f"{where}: {field}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {field}: {clip(msg, 400)}")
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"{source}: … and {len(errors) - MAX_ERRORS} more error(s)")
         raise ConfigError("\n".join(lines)) from None
 
 

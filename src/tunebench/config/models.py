@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from .base import _Strict
+from .files import clip
 
 # Every option of every backend with its default: stored configs of older versions carry all of them, and trial
 # keys (``identity``) are computed over this full set so that they do not change.
@@ -42,7 +43,8 @@ class ModelConfig(_Strict):
 
     def __new__(cls, *args: Any, **data: Any):
         if cls is ModelConfig:  # the generic name builds the block of the backend asked for
-            cls = _BLOCKS.get(data.get("backend", "encoder"), EncoderModel)
+            backend = data.get("backend", "encoder")
+            cls = _BLOCKS.get(backend if isinstance(backend, str) else "encoder", EncoderModel)
         return super().__new__(cls)
 
     @classmethod
@@ -58,8 +60,8 @@ class ModelConfig(_Strict):
         if not isinstance(v, dict) or cls is ModelConfig:
             return v
         out = dict(v)
-        if "backend" in out and out["backend"] not in _BLOCKS:
-            raise ValueError(f"backend: {out['backend']!r} is not one of {', '.join(_BLOCKS)}")
+        if "backend" in out and not (isinstance(out["backend"], str) and out["backend"] in _BLOCKS):
+            raise ValueError(f"backend: {clip(out['backend'], 40)} is not one of {', '.join(_BLOCKS)}")
         for key in set(out) - set(cls.model_fields):
             if key in _DEFAULTS and out[key] == _DEFAULTS[key]:
                 out.pop(key)
@@ -117,7 +119,7 @@ class OpenAIModel(ModelConfig):
         "chat", description="openai: chat (/chat/completions: messages) or completions (/completions: raw prompt; "
         "also label log-probabilities via echo, where the endpoint supports it).")
     max_concurrency: int = Field(8, ge=1, le=256, description="openai: most requests in flight at once.")
-    timeout_s: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned (and retried).")
+    timeout_s: float = Field(60.0, gt=0, le=86400, description="openai: seconds before a request is abandoned (and retried).")
     max_retries: int = Field(5, ge=0, le=20, description="openai: retries, with exponential backoff, on 429, 5xx, "
                              "timeouts and dropped connections.")
     tuned: str | None = Field(None, description="openai: the endpoint serves a model tuned elsewhere (e.g. a "
@@ -136,7 +138,8 @@ _BLOCKS: dict[str, type[ModelConfig]] = {"encoder": EncoderModel, "causal": Caus
 
 def _backend_of(v: Any) -> str:
     if isinstance(v, dict):
-        return v.get("backend", "encoder") if v.get("backend") in _BLOCKS else "encoder"
+        backend = v.get("backend", "encoder")
+        return backend if isinstance(backend, str) and backend in _BLOCKS else "encoder"
     return getattr(v, "backend", "encoder")
 
 

@@ -21,13 +21,13 @@ class SearchConfig(_Strict):
     set of choices, ``{low, high, log, step}`` a range (integers when ``low`` and ``high`` are integers).
     """
 
-    trials: int = Field(10, ge=1, description="Configurations tried (the budget; also bounded by seconds).")
-    seconds: float | None = Field(None, gt=0, description="Wall-clock budget of the search in seconds.")
+    trials: int = Field(10, ge=1, le=100_000, description="Configurations tried (the budget; also bounded by seconds).")
+    seconds: float | None = Field(None, gt=0, le=30 * 86400, description="Wall-clock budget of the search in seconds.")
     metric: str | None = Field(None, description="Dev metric maximised (default: accuracy for classification, "
                                "token_f1 for generation).")
     pruning: Literal["median", "none"] = Field("median", description="median: stop a configuration whose dev "
                                                "score after an epoch is below the median of earlier ones.")
-    startup: int = Field(3, ge=0, description="Configurations run in full before pruning starts.")
+    startup: int = Field(3, ge=0, le=100_000, description="Configurations run in full before pruning starts.")
     space: dict[str, Any] = Field(description="Searched parameters: a list of choices or {low, high, log, step}.")
 
     @model_validator(mode="before")

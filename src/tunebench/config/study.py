@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import _Strict
+from .base import INT_MAX, SEED_MAX, _Strict
 from .costs import CostConfig
 from .execution import ExecutionConfig
+from .files import clip, path_field
 from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .search import SearchConfig
 from .task import TaskConfig
@@ -38,21 +39,23 @@ class ConsistencyConfig(_Strict):
     perturbations: list[Literal["case", "punctuation", "whitespace", "typo", "synonym"]] = Field(
         default_factory=lambda: list(PERTURBATION_KINDS),
         description="Edits applied to test inputs; the label-flip rate is measured for each ([] turns this off).")
-    max_items: int = Field(200, ge=1, description="Test items perturbed (the first N; bounds the extra inference).")
-    samples: int = Field(5, ge=2, description="Samples per input for sampled generation (temperature > 0).")
+    max_items: int = Field(200, ge=1, le=1_000_000, description="Test items perturbed (the first N; bounds the extra inference).")
+    samples: int = Field(5, ge=2, le=1000, description="Samples per input for sampled generation (temperature > 0).")
 
 
 class StudyConfig(_Strict):
     """A study: a task, a model, the strategies to compare, seeds and train sizes."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     task: TaskConfig
     model: AnyModelConfig = Field(default_factory=EncoderModel)
     models: list[AnyModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
     strategies: list[StrategyEntry]
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    train_sizes: list[Union[int, Literal["all"]]] = Field(default_factory=lambda: ["all"], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=1000, description="Trial seeds (0 … 2^32 - 1).")
+    train_sizes: list[Union[Annotated[int, Field(ge=1, le=INT_MAX)], Literal["all"]]] = Field(
+        default_factory=lambda: ["all"], min_length=1, max_length=1000)
     store: str = Field(DEFAULT_STORE, description="The results store: a directory (SQLite and artifacts) or "
                        "postgresql://user@host:5432/db for a store a team shares.")
     artifacts: str | None = Field(None, description="Where trial artifacts go: a directory every worker and reader "
@@ -61,7 +64,7 @@ class StudyConfig(_Strict):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     costs: CostConfig = Field(default_factory=CostConfig)
-    cv: int | None = Field(None, ge=2, description="k-fold cross-validation over train + dev (stratified): each "
+    cv: int | None = Field(None, ge=2, le=100, description="k-fold cross-validation over train + dev (stratified): each "
                            "trial also reports mean ± std over k folds; test is still scored once per final model.")
 
     @field_validator("model", mode="before")
@@ -91,12 +94,18 @@ class StudyConfig(_Strict):
                 out.append(item)
         return out
 
-    @field_validator("train_sizes")
+    @field_validator("train_sizes", mode="before")
     @classmethod
-    def _sizes(cls, v: list) -> list:
-        if any(isinstance(s, int) and s < 1 for s in v):
-            raise ValueError("train sizes must be positive integers or 'all'")
+    def _sizes(cls, v: Any) -> Any:
+        for s in v if isinstance(v, list) else []:
+            if s != "all" and not (isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= INT_MAX):
+                raise ValueError(f"train sizes are whole numbers from 1 to {INT_MAX:,} or 'all'; got {clip(s, 40)}")
         return v
+
+    @field_validator("store", "artifacts")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        return v if v is None or "://" in v else path_field(v)  # type: ignore[return-value]
 
     @field_validator("models", mode="before")
     @classmethod

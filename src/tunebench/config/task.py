@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..textfmt import placeholders
-from .base import _Strict
+from .base import SEED_MAX, _Strict
+from .files import path_field
 
 
 class LabelSpec(_Strict):
@@ -25,13 +26,18 @@ class DataFiles(_Strict):
     dev: str | None = None
     test: str | None = None
 
+    @field_validator("train", "dev", "test")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return path_field(v)  # type: ignore[return-value]
+
 
 class SplitConfig(_Strict):
     """How to carve missing splits out of the train file: fractions, stratified by label, seeded."""
 
     dev: float = Field(0.1, gt=0, lt=1, description="Fraction of train used as dev when no dev file is given.")
     test: float = Field(0.2, gt=0, lt=1, description="Fraction of train used as test when no test file is given.")
-    seed: int = Field(0, description="Seed of the split (independent of the trial seeds).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the split (independent of the trial seeds).")
 
 
 class TaskConfig(_Strict):
@@ -55,6 +61,8 @@ class TaskConfig(_Strict):
     @field_validator("data", mode="before")
     @classmethod
     def _one_file(cls, v: Any) -> Any:
+        if v is None or v == {}:
+            raise ValueError("give the data files: data: train.csv, or data: {train: ..., dev: ..., test: ...}")
         return {"train": v} if isinstance(v, str) else v
 
     @field_validator("text", mode="before")
@@ -62,11 +70,15 @@ class TaskConfig(_Strict):
     def _text_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+
     @field_validator("labels", mode="before")
     @classmethod
     def _labels(cls, v: Any) -> Any:
         if v is None:
             return None
+        if not isinstance(v, (dict, list)):
+            raise ValueError("give a list of label values ([neg, pos]) or a mapping of value to name or "
+                             "{name, description}")
         items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
         out = []
         for value, spec in items:

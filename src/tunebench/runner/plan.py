@@ -18,7 +18,7 @@ from ..store import Store
 from ..store.prompts import PromptRegistry, backfill
 from ..strategies import StrategyConfig, registry
 from ..strategies.base import PromptConfig
-from ..strategies.resolve import resolve_entries, shared_params
+from ..strategies.resolve import check_templates, resolve_entries, shared_params
 from .spec import TrialSpec, describe_params, trial_key
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
         for model in targets:
             for written in cls.expand(config):
                 cfg = prompts.resolve(f"strategies[{i}].{name}", written)
+                check_templates(f"strategies[{i}].{name}", cfg, data)
                 label = describe_params(name, written, baseline, entry.search) + (f" @{model.name}" if several else "")
                 params = cfg.to_dict()
                 if params.get("prompt") is None:  # keys of trials without a registry reference stay as before

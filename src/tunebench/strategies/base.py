@@ -13,6 +13,8 @@ from typing import Any, Callable, ClassVar, Optional, Union
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from ..config.base import INT_MAX
+from ..config.files import clip
 from ..errors import CapabilityError, ConfigError, StoreError
 from ..progress import NULL_REPORTER, Reporter
 from ..prompts import PromptTemplate, parse_ref
@@ -31,7 +33,15 @@ def doc(text: str, **kw: Any) -> Any:
 class StrategyConfig:
     """Base of every ``<Name>Config``: unknown keys are rejected, values are type-checked by pydantic."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    def check_numbers(self) -> None:
+        """Every count a strategy takes fits in 32 bits: a huge value is a mistake, not a request."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            values = v if isinstance(v, list) else [v]
+            if any(isinstance(x, int) and not isinstance(x, bool) and abs(x) > INT_MAX for x in values):
+                raise ValueError(f"{f.name}: {clip(v, 40)} is out of range (at most {INT_MAX:,})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,8 +75,8 @@ class PromptConfig(StrategyConfig):
                 raise ValueError(str(exc)) from None
         if self.predict not in ("score", "generate"):
             raise ValueError(f"predict must be 'score' or 'generate', not {self.predict!r}")
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+        if not 1 <= self.max_new_tokens <= 100_000 or not 0 <= self.temperature <= 100 or not 0 < self.top_p <= 1:
+            raise ValueError("need 1 <= max_new_tokens <= 100000, 0 <= temperature <= 100 and 0 < top_p <= 1")
         if self.template is not None:  # syntax errors surface at load time, with the template's line
             for i, t in enumerate(self.template if isinstance(self.template, list) else [self.template]):
                 try:
@@ -94,10 +104,10 @@ class TrainConfig(PromptConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks = {
-            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
-            "weight_decay": self.weight_decay >= 0, "dropout": 0 <= self.dropout < 1,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_length": self.max_length >= 8,
-            "early_stopping": self.early_stopping >= 0, "metric": self.metric in ("accuracy", "macro_f1"),
+            "lr": 0 < self.lr <= 10, "batch_size": 1 <= self.batch_size <= 65_536, "epochs": 1 <= self.epochs <= 10_000,
+            "weight_decay": 0 <= self.weight_decay <= 100, "dropout": 0 <= self.dropout < 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_length": 8 <= self.max_length <= 1_000_000,
+            "early_stopping": 0 <= self.early_stopping <= 10_000, "metric": self.metric in ("accuracy", "macro_f1"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -247,6 +257,8 @@ class Strategy(ABC):
     uses_train: ClassVar[bool] = True  # False: the result does not depend on train data or seed
     backends: ClassVar[tuple[str, ...]] = ("encoder", "causal")  # backend kinds it can run on
     predictor_cls: ClassVar[type[Predictor]]
+    # keys renamed in the past: old name -> (new name, how an old value reads as a new one)
+    renamed_params: ClassVar[dict[str, tuple[str, Callable[[Any], Any]]]] = {}
 
     def __init__(self, config: StrategyConfig, *, seed: int = 0, reporter: Reporter = NULL_REPORTER):
         self.config = config
@@ -254,11 +266,33 @@ class Strategy(ABC):
         self.reporter = reporter
 
     @classmethod
+    def renamed(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with keys renamed in the past (:attr:`renamed_params`) turned into today's, with a warning
+        that names the new key, so old study files keep working."""
+        old = [k for k in cls.renamed_params if isinstance(params, dict) and k in params]
+        if not old:
+            return params
+        params = dict(params)
+        for key in old:
+            new, convert = cls.renamed_params[key]
+            if new in params:
+                raise ConfigError(f"give {new} only: {key} is its old name")
+            params[new] = convert(params.pop(key))
+            log.warning("%s: '%s' is deprecated; write '%s' instead (read as %s: %s)", cls.name, key, new, new,
+                        clip(params[new], 200))
+        return params
+
+    @classmethod
     def config_from_dict(cls, params: dict[str, Any]) -> StrategyConfig:
         """Validate YAML parameters into this strategy's config; errors name the field."""
+        params = cls.renamed(params)
         try:
-            return TypeAdapter(cls.config_cls).validate_python(params or {})
-        except ValidationError as exc:
+            config = TypeAdapter(cls.config_cls).validate_python(params or {})
+            config.check_numbers()
+            return config
+        except ValueError as exc:
+            if not isinstance(exc, ValidationError):
+                raise ConfigError(str(exc)) from None
             msgs = []
             for e in exc.errors():
                 loc = ".".join(str(p) for p in e["loc"])
@@ -266,8 +300,8 @@ class Strategy(ABC):
                     valid = ", ".join(f.name for f in dataclasses.fields(cls.config_cls))
                     msgs.append(f"unknown parameter '{loc}' (valid: {valid})")
                 else:
-                    msgs.append(f"{loc + ': ' if loc else ''}{e['msg']}")
-            raise ConfigError("; ".join(msgs)) from None
+                    msgs.append(f"{loc + ': ' if loc else ''}{clip(e['msg'].removeprefix('Value error, '), 300)}")
+            raise ConfigError("; ".join(msgs[:8]) + (f"; … and {len(msgs) - 8} more" if len(msgs) > 8 else "")) from None
 
     @classmethod
     def weights_kind(cls, params: dict[str, Any]) -> str:

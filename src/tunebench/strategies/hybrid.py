@@ -76,7 +76,7 @@ class Hybrid(Strategy):
     def merge_shared(cls, shared, params):
         params = dict(params or {})
         tune = registry.get(params.get("tune", "lora")) if params.get("tune", "lora") in _tuning_names() else None
-        if tune is not None:
+        if tune is not None and isinstance(params.get("tune_params") or {}, dict):  # else the config names it
             params["tune_params"] = tune.merge_shared(shared, params.get("tune_params") or {})
         return params
 

@@ -13,8 +13,11 @@ from typing import Any
 from ..config import SearchConfig, StudyConfig
 from ..config.metrics import metric_names
 from ..config.search import SEARCH_KEYS, check_range
+from ..data import TaskData
 from ..errors import ConfigError
-from .base import registry
+from ..prompts import PromptTemplate, demo_record
+from .base import PromptConfig, registry
+from .causal import answers, make_builder
 
 
 def shared_params(study: StudyConfig, strategy_cls) -> dict[str, Any]:
@@ -112,3 +115,28 @@ def check_search(search: SearchConfig, strategy_cls, base: dict[str, Any], where
                 strategy_cls.config_from_dict({**base, key: value})
             except ConfigError as exc:
                 raise ConfigError(f"{at}: value {value!r} is not valid: {exc}") from None
+
+
+def check_templates(where: str, config: Any, task: TaskData) -> None:
+    """Render every template of a strategy config once, on the first training example, so that a template that
+    cannot render (a missing variable, a division by zero, a bound of the sandbox) fails before any trial runs.
+
+    The error names the strategy entry and the template."""
+    if not len(task.train):
+        return
+    record = task.train.records()[0]
+    demo = demo_record(record, answers(task, task.train)[0])
+    configs = [("", config)]
+    prompt_params = getattr(config, "prompt_params", None)
+    if isinstance(prompt_params, dict) and isinstance(prompt_params.get("template"), str):
+        configs.append((".prompt_params", PromptConfig(template=prompt_params["template"])))
+    for part, cfg in configs:
+        try:
+            if isinstance(cfg, PromptConfig) and isinstance(cfg.template, str):
+                make_builder(cfg, task, demos=[demo]).render(record)
+            for t in getattr(cfg, "label_templates", None) or []:
+                lab = task.labels[0] if task.labels else None
+                PromptTemplate(t, "label_templates").render(
+                    {"label": lab.name if lab else "", "description": (lab.description or "") if lab else ""})
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{part}: {exc} (rendered on the first training example)") from None
