@@ -268,3 +268,11 @@ def assert_verdicts_follow_intervals(report_json: Path, html: str | None = None)
             if label in by_label:
                 assert bool(tied) == by_label[label]["tied_with_best"], label
     return checked
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
+    """The studies the serving tests serve (tests/serving.py), built once per session."""
+    from tests.serving import build_stores
+
+    return build_stores(tmp_path_factory.mktemp("serve"), tiny_model_dir, tiny_llama_dir)

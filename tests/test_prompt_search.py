@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import toy_rows, write_csv
 from tests.test_causal import colour_rows
 from tunebench.analysis.selection import load_trial
 from tunebench.cli import app
-from tunebench.config import ModelConfig, TaskConfig, parse_study
+from tunebench.config import TaskConfig, parse_study
 from tunebench.data import load_task
 from tunebench.errors import ConfigError
 from tunebench.strategies import registry

@@ -8,69 +8,16 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from tests.conftest import toy_rows, write_csv
+from tests.conftest import toy_rows
 from tests.test_causal import colour_rows
 from tunebench.analysis.selection import load_trial
 from tunebench.cli import app as cli
-from tunebench.serve import Limits, api_keys, create_app, trial_engine
+from tunebench.serve import Limits, api_keys
 from tunebench.serve.batcher import MicroBatcher
 from tunebench.serve.engine import Job, Result
 
-runner = CliRunner()
-KEY = "test-key-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def run_study(root, study: dict) -> None:
-    path = root / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
-    result = runner.invoke(cli, ["run", str(path), "--json"])
-    assert result.exit_code == 0, result.output
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
-    """Three studies: a trained encoder classifier, a causal prompt classifier, a causal generation prompt."""
-    root = tmp_path_factory.mktemp("serve")
-    files = {k: str(write_csv(root / f"{k}.csv", toy_rows(n, s))) for k, n, s in
-             (("train", 96, 1), ("dev", 24, 2), ("test", 24, 3))}
-    run_study(root, {"name": "enc", "task": {"data": files, "text": "text", "label": "label"},
-                     "model": {"path": str(tiny_model_dir), "precision": "fp32"},
-                     "strategies": [{"full": {"epochs": 2, "batch_size": 16, "max_length": 32}}, "zero_shot"],
-                     "store": "runs"})
-    colours = {k: str(write_csv(root / f"c{k}.csv", colour_rows(n, s))) for k, n, s in
-               (("train", 32, 1), ("dev", 8, 2), ("test", 8, 3))}
-    run_study(root, {"name": "llm", "task": {"data": colours, "text": "text", "label": "label"},
-                     "model": {"backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
-                     "strategies": [{"few_shot": {"shots": 1}}, {"full": {"epochs": 1, "batch_size": 16,
-                                                                          "max_length": 64}}],
-                     "store": "runs"})
-    gen = str(write_csv(root / "gen.csv", [(w, f"the {c}") for w, c in colour_rows(40, 4)], header=("word", "phrase")))
-    run_study(root, {"name": "gen", "task": {"type": "generation", "data": gen, "text": "word", "target": "phrase"},
-                     "model": {"backend": "causal", "path": str(tiny_llama_dir), "precision": "fp32"},
-                     "strategies": [{"zero_shot": {"max_new_tokens": 4}}], "store": "runs"})
-    return root / "runs"
-
-
-def trial_id(store, study: str, strategy: str) -> str:
-    from tunebench.store import Store
-
-    return next(t["key"] for t in Store(store).trials(study) if t["strategy"] == strategy)
-
-
-def client_for(store, study, *, keys=frozenset({KEY}), limits=None, trial=None, raw=False, **kw) -> TestClient:
-    engine = trial_engine(store, study, trial, best=trial is None, raw=raw)
-    return TestClient(create_app(engine, api_keys=set(keys) if keys is not None else None, limits=limits, **kw))
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
-    return body["error"]
+from tests.serving import AUTH, KEY, client_for, error_of, runner, trial_id
 
 
 def test_every_route_but_health_needs_the_right_key(stores):
@@ -184,7 +131,7 @@ def test_malformed_requests_name_the_field(stores):
         r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user"}], "temperature": 5})
         assert r.status_code == 422
         err = error_of(r)
-        assert "temperature" in err["message"] and err["param"] in ("temperature", "messages.0.content")
+        assert "temperature" in err["message"] and err["param"] in ("temperature", "messages[0].content")
         r = c.post("/v1/chat/completions", headers=AUTH, json={"model": "gpt-4o", "messages": [
             {"role": "user", "content": "hi"}]})
         assert r.status_code == 404 and error_of(r)["code"] == "model_not_found" and "enc:" in error_of(r)["message"]
@@ -275,3 +222,7 @@ def test_raw_serving_of_a_tuned_causal_trial_scores_like_the_trial(stores):
         means.append(sum(vals) / len(vals))
     assert np.allclose(means, pred.run([word]).scores[0], atol=1e-4)
     assert bad.status_code == 400
+
+
+# ---- reliability: hostile text, poisoned batches, fairness, auth headers, counting off the loop, slow clients,
+# ---- draining on SIGTERM -------------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           max_input_tokens: int = field_option(Limits, "max_input_tokens", "--max-input-tokens"),
           max_tokens: int = field_option(Limits, "max_tokens", "--max-tokens-limit"),
           max_inputs: int = field_option(Limits, "max_batch_inputs", "--max-inputs"),
+          max_batch_tokens: int = field_option(Limits, "max_batch_tokens", "--max-batch-tokens"),
+          max_queue: int = field_option(Limits, "max_queue", "--max-queue"),
+          max_queue_per_caller: int = field_option(Limits, "max_queue_per_caller", "--max-queue-per-caller"),
+          body_timeout: float = field_option(Limits, "body_timeout_s", "--body-timeout"),
+          header_timeout: float = field_option(Limits, "header_timeout_s", "--header-timeout"),
+          max_connections: int = field_option(Limits, "max_connections", "--max-connections"),
           threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: "
                                                 "PyTorch's, one per core); leave cores free for whatever shares the "
                                                 "machine."),
@@ -41,14 +47,13 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
     """Serve a trial (or a causal LM) with the OpenAI API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /v1/classify and /health, micro-batched, behind bearer API keys."""
     setup_logging(verbose)
-    import uvicorn  # heavy: the ASGI server, only needed to serve
-
     from ..serve import (  # heavy: the engines load torch models
         api_keys,
         create_app,
         lm_engine,
         trial_engine,
     )
+    from ..serve.server import run_server  # heavy: the ASGI server, only needed to serve
 
     try:
         if (model_path is None) == (study is None):
@@ -65,7 +70,9 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
     except TunebenchError as exc:
         fail(exc)
     limits = Limits(max_body_bytes=max_body, max_input_tokens=max_input_tokens, max_tokens=max_tokens,
-                    max_batch_inputs=max_inputs, max_batch=max_batch, batch_window_ms=window_ms)
+                    max_batch_inputs=max_inputs, max_queue=max_queue, max_queue_per_caller=max_queue_per_caller,
+                    max_batch=max_batch, max_batch_tokens=max_batch_tokens, batch_window_ms=window_ms,
+                    body_timeout_s=body_timeout, header_timeout_s=header_timeout, max_connections=max_connections)
     app_ = create_app(engine, api_keys=keys, limits=limits, max_batch=limits.max_batch,
                       window_ms=limits.batch_window_ms, threads=threads)
     info = engine.describe()
@@ -75,5 +82,4 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
     err.print(f"  http://{shown}:{port}/v1  (chat/completions, completions, classify, models; /health)", highlight=False)
     err.print("  auth: " + ("[yellow]off (loopback only)[/]" if keys is None else f"{len(keys)} API key(s)"),
               highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level="info" if verbose else "warning",
-                timeout_graceful_shutdown=30)
+    run_server(app_, host=host, port=port, limits=limits, log_level="info" if verbose else "warning")

@@ -6,12 +6,13 @@ and batch sizes are bounded; errors use OpenAI's shape ``{"error": {"message", "
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -19,11 +20,22 @@ from typing import Any, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Busy, MicroBatcher
 from .engine import Decode, Engine, Job, RequestError, Result
+from .guards import (
+    BODY_CHECKS,
+    BearerAuth,
+    BodyLimit,
+    CloseWhenDraining,
+    Drain,
+    SafeJSONResponse,
+    caller_of,
+    check_texts,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +51,23 @@ class Limits:
     max_tokens: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for.", "min": 1})
     max_batch_inputs: int = field(default=64, metadata={"help": "Most inputs (prompts) in one request.", "min": 1})
     max_queue: int = field(default=1024, metadata={"help": "Most requests waiting for the model.", "min": 1})
+    max_queue_per_caller: int = field(default=256, metadata={
+        "help": "Most requests waiting for the model from one caller (API key, or address without auth).", "min": 1})
     max_batch: int = field(default=32, metadata={"help": "Most inputs run together in a micro-batch.", "min": 1})
+    max_batch_tokens: int = field(default=8192, metadata={
+        "help": "Most input tokens run together in a micro-batch (a larger request runs alone).", "min": 1})
     batch_window_ms: float = field(default=5.0, metadata={
         "help": "How long the first request of a batch waits for others (ms).", "min": 0})
+    body_timeout_s: float = field(default=30.0, metadata={
+        "help": "Seconds a client has to send a whole request body (then 408).", "min": 0.001})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "Seconds a client has to send a request's headers (then the connection closes).", "min": 0.001})
+    max_connections: int = field(default=1024, metadata={
+        "help": "Most open connections and requests in progress (beyond: 503).", "min": 1})
+
+
+MAX_CHARS_PER_TOKEN = 32  # an input longer than this many characters per allowed token is refused uncounted
+GREEDY_BELOW = 1e-4  # a temperature this low samples greedily in effect, and dividing logits by it can overflow
 
 
 class ApiError(Exception):
@@ -52,18 +78,20 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
            code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+    return SafeJSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (user, metadata ...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_texts(data)  # every string and key of the body, before any field is read
+        return data
 
 
 class TextPart(BaseModel):
@@ -95,7 +123,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
 class ChatRequest(_Generation):
@@ -116,96 +144,94 @@ class ClassifyRequest(_Body):
 
 
 # ---- the app -------------------------------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: refuse a body over ``limit`` bytes (by Content-Length, or while it streams in)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen, rejected = 0, False
-
-        async def counted():
-            nonlocal seen, rejected
-            message = await receive()
-            if message["type"] == "http.request" and not rejected:
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # answer now; the app sees a disconnect and its reply is dropped
-                    rejected = True
-                    await self._reject(send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded(message):
-            if not rejected:
-                await send(message)
-
-        await self.app(scope, counted, guarded)
-
-    async def _reject(self, send):
-        body = json.dumps(error_body(f"request body over {self.limit} bytes", "invalid_request_error", None,
-                                     "request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class BearerAuth:
-    """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer KEY`` with a known key.
-
-    It runs before anything reads the body, so a caller without a key learns nothing (not even field names)."""
-
-    def __init__(self, app, keys: set[str]):
-        self.app, self.keys = app, [k.encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/health":
-            return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        ok = scheme.lower() == b"bearer" and bool(token) and any(hmac.compare_digest(token, k) for k in self.keys)
-        if ok:
-            return await self.app(scope, receive, send)
-        message = "missing API key (Authorization: Bearer KEY)" if not header else "invalid API key"
-        body = json.dumps(error_body(message, "authentication_error", None, "invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
-
-
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
+    """A pydantic location as a field path: ``messages[0].content``."""
+    out = ""
+    for p in loc:
+        if p == "body" and not out:
+            continue
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
 
 
-def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | None = None, max_batch: int = 32,
-               window_ms: float = 5.0, threads: int | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``. ``api_keys=None`` turns auth off (the CLI allows that on loopback only)."""
-    limits = limits or Limits()
-    batcher = MicroBatcher(engine.run_batch, max_batch=max_batch, window_ms=window_ms, max_queue=limits.max_queue,
-                           threads=threads)
-    started = int(time.time())
+class _Service:
+    """What the routes share: the engine, its batcher and counting thread, and the checks on a request's size."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        log.info("serving %s (max batch %d, window %.1f ms)", engine.id, max_batch, window_ms)
-        yield
-        await batcher.close()  # after the server stopped taking connections: queued work still finishes
+    def __init__(self, engine: Engine, limits: Limits, batcher: MicroBatcher):
+        self.engine, self.limits, self.batcher = engine, limits, batcher
+        self.counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunebench-count")
 
-    app = FastAPI(title="tunebench", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    if api_keys is not None:
-        app.add_middleware(BearerAuth, keys=api_keys)  # added last: runs first
-    app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` in the counting thread: tokenizing a long input must not stall the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.counter, fn, *args)
 
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.engine.id:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise ApiError(404, f"model '{shown}' is not served here; this server serves '{self.engine.id}'",
+                           param="model", code="model_not_found")
+
+    async def measure(self, texts: list[str], param: str) -> list[int]:
+        """Each input's tokens (refused over the bounds): characters first, then tokens in the counting thread."""
+        lim = self.limits
+        if len(texts) > lim.max_batch_inputs:
+            raise ApiError(400, f"{param}: {len(texts)} inputs in one request; the limit is {lim.max_batch_inputs}",
+                           param=param, code="too_many_inputs")
+        cap = lim.max_input_tokens * MAX_CHARS_PER_TOKEN
+
+        def where(i: int) -> str:
+            return param if len(texts) == 1 else f"{param}[{i}]"
+
+        for i, t in enumerate(texts):
+            if len(t) > cap:  # too long to be within the bound, whatever the tokenizer: refused without counting
+                raise ApiError(400, f"{where(i)}: {len(t)} characters; the limit is {lim.max_input_tokens} tokens "
+                               f"(at most {cap} characters) per input", param=where(i), code="context_length_exceeded")
+        counts = await self.off_loop(lambda: [self.engine.count_tokens(t) for t in texts])
+        for i, n in enumerate(counts):
+            if n > lim.max_input_tokens:
+                raise ApiError(400, f"{where(i)}: {n} tokens; the limit is {lim.max_input_tokens} per input",
+                               param=where(i), code="context_length_exceeded")
+        return counts
+
+    def decode_for(self, req: _Generation, max_tokens: Optional[int], counts: list[int]) -> Decode:
+        engine = self.engine
+        mt = (16 if engine.kind == "lm" else 0) if max_tokens is None else max_tokens
+        if mt > self.limits.max_tokens:
+            raise ApiError(400, f"max_tokens: {mt} is over this server's limit of {self.limits.max_tokens}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        if engine.kind == "lm" and engine.max_positions and max(counts) + mt > engine.max_positions:
+            raise ApiError(400, f"prompt ({max(counts)} tokens) + max_tokens ({mt}) exceed the model's "
+                           f"{engine.max_positions} positions", param="max_tokens", code="context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4:
+            raise ApiError(400, "stop: at most 4 sequences", param="stop")
+        temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+        return Decode(max_tokens=mt, temperature=temperature, top_p=req.top_p, stop=tuple(stop), seed=req.seed or 0)
+
+    async def submit(self, job: Job, request: Request) -> list[Result]:
+        try:
+            return await self.batcher.submit(job, caller_of(request.scope))
+        except Busy as exc:
+            raise ApiError(503, f"server busy: {exc}", "server_error", code="overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except RequestError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
+        except Exception:
+            raise ApiError(500, "the model failed on this request (see the server log)", "server_error") from None
+
+    def as_input(self, x: Any, where: str) -> Any:
+        if self.engine.kind == "trial":
+            try:
+                return self.engine.record(x, where)  # type: ignore[attr-defined]
+            except RequestError as exc:
+                raise ApiError(400, str(exc), param=exc.param) from None
+        return x
+
+    def close(self) -> None:
+        self.counter.shutdown(wait=False, cancel_futures=True)
+
+
+def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
@@ -216,6 +242,8 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        if first.get("type") in BODY_CHECKS:  # from check_texts: the field is in the context
+            return _error(400, first["msg"], param=first.get("ctx", {}).get("param"), code=first["type"])
         msgs = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:5])
         return _error(422, msgs, param=_field(first["loc"]), code="invalid_value")
 
@@ -224,66 +252,52 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
         return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
                       "server_error")
 
-    def check_model(name: Optional[str]) -> None:
-        if name is not None and name != engine.id:
-            raise ApiError(404, f"model '{name}' is not served here; this server serves '{engine.id}'",
-                           param="model", code="model_not_found")
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # logged by the server; the client learns nothing
+        return _error(500, "the server failed on this request (see the server log)", "server_error")
 
-    def bound_inputs(texts: list[str], param: str) -> None:
-        if len(texts) > limits.max_batch_inputs:
-            raise ApiError(400, f"{param}: {len(texts)} inputs in one request; the limit is {limits.max_batch_inputs}",
-                           param=param, code="too_many_inputs")
-        for i, t in enumerate(texts):
-            n = engine.count_tokens(t)
-            if n > limits.max_input_tokens:
-                where = param if len(texts) == 1 else f"{param}[{i}]"
-                raise ApiError(400, f"{where}: {n} tokens; the limit is {limits.max_input_tokens} per input",
-                               param=where, code="context_length_exceeded")
 
-    def decode_for(req: _Generation, max_tokens: Optional[int], prompts: list[str]) -> Decode:
-        default = 16 if engine.kind == "lm" else 0
-        mt = default if max_tokens is None else max_tokens
-        if mt > limits.max_tokens:
-            raise ApiError(400, f"max_tokens: {mt} is over this server's limit of {limits.max_tokens}",
-                           param="max_tokens", code="max_tokens_exceeded")
-        if engine.kind == "lm" and engine.max_positions:
-            longest = max(engine.count_tokens(p) for p in prompts)
-            if longest + mt > engine.max_positions:
-                raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({mt}) exceed the model's "
-                               f"{engine.max_positions} positions", param="max_tokens", code="context_length_exceeded")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            raise ApiError(400, "stop: at most 4 sequences", param="stop")
-        return Decode(max_tokens=mt, temperature=req.temperature, top_p=req.top_p, stop=tuple(stop),
-                      seed=req.seed or 0)
+def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | None = None, max_batch: int = 32,
+               window_ms: float = 5.0, threads: int | None = None, drain: Drain | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``. ``api_keys=None`` turns auth off (the CLI allows that on loopback only).
 
-    async def submit(job: Job) -> list[Result]:
-        try:
-            return await batcher.submit(job)
-        except Busy as exc:
-            raise ApiError(503, f"server busy: {exc}", "server_error", code="overloaded",
-                           headers={"Retry-After": "1"}) from None
-        except RequestError as exc:
-            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
-        except Exception:
-            raise ApiError(500, "the model failed on this request (see the server log)", "server_error") from None
+    ``drain`` (default: a fresh one, in ``app.state.drain``) is set when the server starts shutting down: from
+    then on responses say ``Connection: close`` and ``/health`` answers 503."""
+    limits = limits or Limits()
+    drain = drain or Drain()
+    batcher = MicroBatcher(engine.run_batch, max_batch=max_batch, max_batch_tokens=limits.max_batch_tokens,
+                           window_ms=window_ms, max_queue=limits.max_queue,
+                           max_queue_per_caller=limits.max_queue_per_caller, threads=threads)
+    svc = _Service(engine, limits, batcher)
+    started = int(time.time())
 
-    def usage(results: list[Result]) -> dict:
-        p = sum(r.prompt_tokens for r in results)
-        c = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        log.info("serving %s (max batch %d, window %.1f ms)", engine.id, max_batch, window_ms)
+        yield
+        await batcher.close()  # after the server stopped taking connections: queued work still finishes
+        svc.close()
 
-    def as_input(x: Any, where: str) -> Any:
-        if engine.kind == "trial":
-            try:
-                return engine.record(x, where)  # type: ignore[attr-defined]
-            except RequestError as exc:
-                raise ApiError(400, str(exc), param=exc.param) from None
-        return x
+    app = FastAPI(title="tunebench", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=SafeJSONResponse)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.body_timeout_s)
+    if api_keys is not None:
+        app.add_middleware(BearerAuth, keys=api_keys)  # added after BodyLimit: runs before it
+    app.add_middleware(CloseWhenDraining, drain=drain)
+    app.state.engine, app.state.batcher, app.state.limits, app.state.drain = engine, batcher, limits, drain
+    _install_handlers(app)
+    _add_routes(app, svc, drain, started)
+    return app
+
+
+def _add_routes(app: FastAPI, svc: _Service, drain: Drain, started: int) -> None:
+    engine = svc.engine
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.id, "queue": batcher._queue.qsize() if batcher._queue else 0}
+        body = {"status": "draining" if drain.on else "ok", "model": engine.id, "queue": svc.batcher.waiting}
+        return SafeJSONResponse(body, status_code=503 if drain.on else 200)
 
     @app.get("/v1/models")
     async def models():
@@ -291,58 +305,63 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
                                             "owned_by": "tunebench", "tunebench": engine.describe()}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        check_model(req.model)
+    async def chat(req: ChatRequest, request: Request):
+        svc.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = engine.chat_prompt(messages)
+            prompt = await svc.off_loop(engine.chat_prompt, messages)
         except RequestError as exc:
             raise ApiError(400, str(exc), param=exc.param) from None
         text = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        bound_inputs([text], "messages")
+        counts = await svc.measure([text], "messages")
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = Job("complete", [as_input(prompt, "messages")], decode_for(req, mt, [text]))
+        decode = svc.decode_for(req, mt, counts)
+        _check_generates(engine, decode, "max_completion_tokens" if req.max_completion_tokens is not None
+                         else "max_tokens")
+        job = Job("complete", [svc.as_input(prompt, "messages")], decode, sum(counts))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        res = (await submit(job))[0]
+        res = (await svc.submit(job, request))[0]
         if req.stream:
             return _stream(res, rid, created, engine.id, chat=True,
                            include_usage=bool(req.stream_options and req.stream_options.include_usage))
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "finish_reason": res.finish_reason, "logprobs": None, **_extras(res)}],
-                "usage": usage([res])}
+                "usage": _usage([res])}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
+    async def completions(req: CompletionRequest, request: Request):
+        svc.check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(400, "prompt: give a prompt or a non-empty list", param="prompt")
-        bound_inputs(prompts, "prompt")
-        decode = decode_for(req, req.max_tokens, prompts)
+        if req.stream and len(prompts) > 1:
+            raise ApiError(400, "stream: one prompt per streamed request", param="stream")
+        counts = await svc.measure(prompts, "prompt")
+        decode = svc.decode_for(req, req.max_tokens, counts)
         if req.logprobs is not None or req.echo:
             if not (req.echo and req.logprobs is not None and decode.max_tokens == 0):
                 raise ApiError(400, "logprobs: this server returns prompt log-probabilities with echo=true and "
                                "max_tokens=0 (scoring), not for generated tokens", param="logprobs")
-            job = Job("logprobs", prompts)
+            job = Job("logprobs", prompts, tokens=sum(counts))
         else:
-            job = Job("complete", [as_input(p, f"prompt[{i}]") for i, p in enumerate(prompts)], decode)
+            _check_not_empty(engine, prompts, counts)
+            _check_generates(engine, decode, "max_tokens")
+            job = Job("complete", [svc.as_input(p, f"prompt[{i}]") for i, p in enumerate(prompts)], decode,
+                      sum(counts))
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            if len(prompts) > 1:
-                raise ApiError(400, "stream: one prompt per streamed request", param="stream")
-        results = await submit(job)
+        results = await svc.submit(job, request)
         if req.stream:
             return _stream(results[0], rid, created, engine.id, chat=False,
                            include_usage=bool(req.stream_options and req.stream_options.include_usage))
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": r.logprobs,
                     **_extras(r)} for i, r in enumerate(results)]
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.id, "choices": choices,
-                "usage": usage(results)}
+                "usage": _usage(results)}
 
     @app.post("/v1/classify")
-    async def classify(req: ClassifyRequest):
-        check_model(req.model)
+    async def classify(req: ClassifyRequest, request: Request):
+        svc.check_model(req.model)
         if engine.kind != "trial" or engine.task_type != "classification":
             raise ApiError(400, "/v1/classify needs a classification trial; this server "
                            + ("runs a plain LM" if engine.kind == "lm" else "serves a generation trial"),
@@ -351,14 +370,36 @@ def create_app(engine: Engine, *, api_keys: set[str] | None, limits: Limits | No
         raw = [req.input] if single else req.input
         if not raw:
             raise ApiError(400, "input: give an input or a non-empty list", param="input")
-        bound_inputs([x if isinstance(x, str) else json.dumps(x) for x in raw], "input")
-        inputs = [as_input(x, "input" if single else f"input[{i}]") for i, x in enumerate(raw)]
-        results = await submit(Job("classify", inputs))
+        counts = await svc.measure([x if isinstance(x, str) else json.dumps(x) for x in raw], "input")
+        inputs = [svc.as_input(x, "input" if single else f"input[{i}]") for i, x in enumerate(raw)]
+        results = await svc.submit(Job("classify", inputs, tokens=sum(counts)), request)
         data = [{"index": i, "label": r.label, "label_id": r.label_id, "scores": r.scores,
                  **({"raw_answer": r.text} if r.label is None else {})} for i, r in enumerate(results)]
-        return {"object": "list", "model": engine.id, "data": data, "usage": usage(results)}
+        return {"object": "list", "model": engine.id, "data": data, "usage": _usage(results)}
 
-    return app
+
+def _check_not_empty(engine: Engine, prompts: list[str], counts: list[int]) -> None:
+    """A plain LM whose tokenizer adds no BOS cannot complete a prompt of no tokens."""
+    if engine.completes_empty:
+        return
+    for i, n in enumerate(counts):
+        if n == 0:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise ApiError(400, f"{where}: an empty prompt; this model needs at least one token to complete",
+                           param=where)
+
+
+def _check_generates(engine: Engine, decode: Decode, param: str) -> None:
+    """A plain LM generates at least one token (``max_tokens`` 0 is for scoring: with echo and logprobs)."""
+    if engine.kind == "lm" and decode.max_tokens < 1:
+        raise ApiError(400, f"{param}: at least 1 to generate text (0 scores the prompt, with echo=true and logprobs)",
+                       param=param)
+
+
+def _usage(results: list[Result]) -> dict:
+    p = sum(r.prompt_tokens for r in results)
+    c = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def _extras(r: Result) -> dict:

@@ -7,6 +7,7 @@ Engines run in one worker thread; they never see HTTP.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -43,11 +44,13 @@ class Decode:
 
 @dataclass
 class Job:
-    """One request's work: ``op`` is classify, complete or logprobs; ``inputs`` are texts, records or prompts."""
+    """One request's work: ``op`` is classify, complete or logprobs; ``inputs`` are texts, records or prompts;
+    ``tokens`` what its inputs count (the batcher's token budget)."""
 
     op: str
     inputs: list[Any]
     decode: Decode | None = None
+    tokens: int = 0
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,10 +90,13 @@ class Engine(ABC):
     task_type: str | None = None
     labels: list[str] | None = None
     max_positions: int | None = None
+    completes_empty: bool = True  # whether an empty prompt can be completed (a plain LM needs at least one token)
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:
-        """Tokens of a text as the model's tokenizer counts them."""
+        """Tokens of a text as the model's tokenizer counts them. Called from a counting thread while the model
+        runs in its own: engines count with their own copy of the tokenizer (a fast tokenizer's truncation
+        settings are state that a concurrent call would change under the model)."""
 
     @abstractmethod
     def describe(self) -> dict:
@@ -101,32 +107,39 @@ class Engine(ABC):
         raise NotImplementedError
 
     def run_batch(self, jobs: list[Job]) -> list[list[Result] | Exception]:
-        """Run jobs together: one model call per group of compatible jobs; a group's failure fails its jobs only."""
+        """Run jobs together: one model call per group of compatible jobs. A group that fails is run again one job
+        at a time, so that only the job that fails gets the error (and the others their answers)."""
         out: list[list[Result] | Exception | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(self.group_key(job), []).append(i)
         for idx in groups.values():
-            flat = [x for i in idx for x in jobs[i].inputs]
-            t0 = time.perf_counter()
-            try:
-                results = self._run(jobs[idx[0]], flat)
-            except RequestError as exc:
-                for i in idx:
-                    out[i] = exc
-                continue
-            except Exception as exc:  # logged here; the client gets a 500 without internals
-                log.exception("batch of %d inputs failed", len(flat))
-                for i in idx:
-                    out[i] = exc
-                continue
-            log.debug("ran %d inputs (%s) in %.1f ms", len(flat), jobs[idx[0]].op, 1000 * (time.perf_counter() - t0))
-            pos = 0
-            for i in idx:
-                n = len(jobs[i].inputs)
-                out[i] = results[pos : pos + n]
-                pos += n
+            self._run_group(jobs, idx, out)
         return out  # type: ignore[return-value]
+
+    def _run_group(self, jobs: list[Job], idx: list[int], out: list) -> None:
+        flat = [x for i in idx for x in jobs[i].inputs]
+        t0 = time.perf_counter()
+        try:
+            results = self._run(jobs[idx[0]], flat)
+            if len(results) != len(flat):
+                raise RuntimeError(f"{len(results)} results for {len(flat)} inputs")
+        except Exception as exc:
+            if len(idx) > 1:  # find the job that failed; the others still get their answers
+                log.warning("a batch of %d requests failed (%s); running them one by one", len(idx), exc)
+                for i in idx:
+                    self._run_group(jobs, [i], out)
+                return
+            if not isinstance(exc, RequestError):  # logged here; the client gets a 500 without internals
+                log.exception("a request of %d inputs failed", len(flat))
+            out[idx[0]] = exc
+            return
+        log.debug("ran %d inputs (%s) in %.1f ms", len(flat), jobs[idx[0]].op, 1000 * (time.perf_counter() - t0))
+        pos = 0
+        for i in idx:
+            n = len(jobs[i].inputs)
+            out[i] = results[pos : pos + n]
+            pos += n
 
     def group_key(self, job: Job) -> tuple:
         """Jobs with the same key run in one model call."""
@@ -153,12 +166,13 @@ class TrialEngine(Engine):
         self.fields: list[str] = list(loaded.task.get("text") or ["text"])
         self.text_template: str | None = loaded.task.get("text_template")
         self.tokenizer = loaded.backend.tokenizer  # None for a remote endpoint
+        self._counter = copy.deepcopy(self.tokenizer)  # the counting thread's own (see Engine.count_tokens)
         self.max_positions = getattr(loaded.backend, "max_positions", None)
 
     def count_tokens(self, text: str) -> int:
-        if self.tokenizer is None:  # a trial on a remote endpoint: estimate (about 4 characters per token)
+        if self._counter is None:  # a trial on a remote endpoint: estimate (about 4 characters per token)
             return max(1, len(text) // 4)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict:
         row = self.loaded.row
@@ -235,17 +249,19 @@ class LMEngine(Engine):
     def __init__(self, backend, model=None, model_id: str = "model", info: dict | None = None):
         self.backend, self.model, self.id = backend, model, model_id
         self.tokenizer = backend.tokenizer
+        self._counter = copy.deepcopy(self.tokenizer)  # the counting thread's own (see Engine.count_tokens)
         self.max_positions = backend.max_positions
         self.info = info or {}
+        self.completes_empty = bool(backend.prompt_ids(""))  # a BOS token, where the tokenizer adds one
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict:
         return {"kind": "lm", "base_model": self.backend.model_id, "chat_template": bool(self.backend.chat), **self.info}
 
     def chat_prompt(self, messages: list[dict]) -> Any:
-        tok = self.tokenizer
+        tok = self._counter  # called in the counting thread, like count_tokens
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
