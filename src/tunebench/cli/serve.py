@@ -24,7 +24,7 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           precision: str = typer.Option("auto", "--precision", help="--model: auto (bf16 autocast where the hardware "
                                         "has native bf16), bf16 or fp32."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-          port: int = typer.Option(8000, "--port", help="Port to listen on."),
+          port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one "
                                                       "per line (also: $TUNEBENCH_API_KEY, comma-separated)."),
           no_auth: bool = typer.Option(False, "--no-auth", help="No API key (allowed on a loopback address only)."),
