@@ -255,12 +255,68 @@ def test_fuzz_templates(parts):
             assert isinstance(out, str) and len(out) <= MAX_TEXT
 
 
+# ---- command-line flags ------------------------------------------------------------------------------------------
+COMMANDS = [["show"], ["ls"], ["report"], ["recommend"], ["store", "status"], ["store", "copy"], ["prompts", "list"],
+            ["prompts", "show"], ["prompts", "diff"], ["prompts", "log"], ["prompts", "export"], ["prompts", "import"],
+            ["export"], ["validate"], ["strategies"]]
+FLAGS = ["--store", "--metric", "--volume", "--horizon", "--latency-p95", "--min-accuracy", "--budget", "--json",
+         "--trial", "--format", "--out", "--api-price", "--concurrency", "--serve-per-hour", "--train-per-hour",
+         "--study", "--artifacts", "--all", "--force", "--name", "--ids", "--prompts", "--max-group-gap", "-v"]
+arg_text = st.one_of(hostile_text.filter(lambda s: "\x00" not in s), st.just("fuzz"),
+                     st.sampled_from(["inf", "-inf", "nan", "1e400", "-1", "0", "50k", "90d", "100ms", "$5",
+                                      "x=1/2", "x=inf/0", "fuzz", "fuzz@1", "fuzz@#zz", "a" * 5000, "/" * 3]))
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, tiny_model_dir) -> Path:
+    """A store holding one small finished study ("fuzz": zero-shot and a linear probe on the tiny encoder)."""
+    d = tmp_path_factory.mktemp("fuzz-cli")
+    write_csv(d / "train.csv", toy_rows(24, 1))
+    write_csv(d / "test.csv", toy_rows(8, 2))
+    study = {"name": "fuzz", "task": {"data": {"train": "train.csv", "test": "test.csv"}, "text": "text",
+                                      "label": "label"},
+             "model": {"path": str(tiny_model_dir), "precision": "fp32"}, "store": "runs",
+             "strategies": ["zero_shot", {"linear_probe": {"epochs": 1}}]}
+    (d / "study.yaml").write_text(yaml.safe_dump(study), encoding="utf-8")
+    cfg, base = load_study(d / "study.yaml")
+    Study(cfg, base_dir=base).run()
+    return d / "runs"
+
+
+@FUZZ
+@st.composite
+def cli_args(draw) -> list[str]:
+    """A study name (usually the real one), then flags with hostile values, sometimes a stray word."""
+    args = [draw(st.one_of(st.just("fuzz"), arg_text))] if draw(st.integers(0, 4)) else []
+    for flag, value in draw(st.lists(st.tuples(st.sampled_from(FLAGS), arg_text), max_size=3)):
+        args += [flag] if flag in ("--json", "--all", "--force", "--ids", "--prompts", "-v") else [flag, value]
+    if draw(st.integers(0, 5)) == 0:
+        args.append(draw(arg_text))
+    return args
+
+
+@FUZZ
+@given(command=st.sampled_from(COMMANDS), args=cli_args(), own_store=st.booleans())
+def test_fuzz_cli_flags(cli_store, command, args, own_store):
+    """Any flags and values to the commands that read (not ``run``/``serve``): a result or a clean error."""
+    from typer.testing import CliRunner
+
+    from tunebench.cli import app
+
+    RAN["cli"] = RAN.get("cli", 0) + 1
+    with deadline(60):
+        store = ["--store", str(cli_store)] if own_store else []
+        result = CliRunner().invoke(app, [*command, *args, *store])
+    out = result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in out and "internal error" not in out
+    assert result.exit_code in (0, 1, 2), (result.exit_code, out[-500:])
+
+
 def test_fuzz_budget_was_spent():
     """The fuzz targets above ran their whole budget (this runs after them, in file order)."""
-    ran = {k: RAN.get(k, 0) for k in ("study", "data", "templates")}
+    ran = {k: RAN.get(k, 0) for k in ("study", "data", "templates", "cli")}
     print(f"fuzz examples run: {ran} (budget {EXAMPLES} per target), failures: 0")
     if any(v == 0 for v in ran.values()):
         pytest.skip("run with the fuzz targets (a -k selection left some out)")
     assert all(v >= min(EXAMPLES, 50) for v in ran.values()), ran
-
-

@@ -342,3 +342,11 @@ def test_read_study_error_lists_are_bounded(files):
         (files / "many.yaml").write_text(study_yaml(**many), encoding="utf-8")
         read_study(files / "many.yaml")
     assert "more error(s)" in str(info.value) and len(str(info.value)) < 5000
+
+
+@pytest.mark.parametrize("argv", [["show", "x", "--store", "a" * 5000], ["ls", "--store", "/tmp/" + "b" * 300],
+                                  ["store", "status", "--store", "c" * 5000]])
+def test_long_store_paths_on_the_command_line(argv):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "results store (--store or store:)" in " ".join(result.output.split())

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..config.files import check_path
 from ..errors import StoreError
 from . import db
 from .locations import ArtifactRoot, is_url, local_copy
@@ -64,9 +65,9 @@ class Store:
             self.db_path = None
             self.engine = self._open(lambda: db.postgres_engine(self.location), create)
         else:
-            self.root = Path(location).expanduser()
+            self.root = check_path(Path(location).expanduser(), "results store (--store or store:)", StoreError)
             self.display = str(self.root)
-            self.db_path = self.root / DB_NAME
+            self.db_path = check_path(self.root / DB_NAME, "results store (--store or store:)", StoreError)
             if not self.db_path.exists() and not create:
                 raise StoreError(f"{self.root}: no results store here (no {DB_NAME}); run a study first or pass "
                                  "--store")
@@ -92,7 +93,8 @@ class Store:
     def _artifact_root(self, artifacts: str | Path | None) -> ArtifactRoot | None:
         recorded = self.meta("artifacts")
         if artifacts is not None:
-            loc = str(artifacts) if is_url(str(artifacts)) else str(Path(artifacts).expanduser().resolve())
+            loc = str(artifacts) if is_url(str(artifacts)) else str(
+                check_path(Path(artifacts).expanduser(), "artifacts (--artifacts or artifacts:)", StoreError).resolve())
             if recorded is None and self.is_postgres:
                 self.set_meta("artifacts", loc)
             return ArtifactRoot(loc)
