@@ -348,5 +348,6 @@ def test_read_study_error_lists_are_bounded(files):
                                   ["store", "status", "--store", "c" * 5000]])
 def test_long_store_paths_on_the_command_line(argv):
     result = runner.invoke(app, argv)
-    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2
     assert "results store (--store or store:)" in " ".join(result.output.split())
