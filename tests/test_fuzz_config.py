@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from tunebench.config import TaskConfig
 from tunebench.data import load_task
 from tunebench.errors import TunebenchError
-from tunebench.prompts import MAX_TEXT, PromptTemplate
+from tunebench.prompts import PromptTemplate
+from tunebench.sandbox import MAX_TEXT
 from tunebench.runner import Study, load_study
 
 from .conftest import toy_rows, write_csv
@@ -280,6 +281,7 @@ def cli_store(tmp_path_factory, tiny_model_dir) -> Path:
     (d / "study.yaml").write_text(yaml.safe_dump(study), encoding="utf-8")
     cfg, base = load_study(d / "study.yaml")
     Study(cfg, base_dir=base).run()
+    (d / "cwd").mkdir()
     return d / "runs"
 
 
@@ -304,9 +306,14 @@ def test_fuzz_cli_flags(cli_store, command, args, own_store):
     from tunebench.cli import app
 
     RAN["cli"] = RAN.get("cli", 0) + 1
-    with deadline(60):
-        store = ["--store", str(cli_store)] if own_store else []
-        result = CliRunner().invoke(app, [*command, *args, *store])
+    here = os.getcwd()
+    os.chdir(cli_store.parent / "cwd")  # whatever a command writes (stores, exports, reports) stays in there
+    try:
+        with deadline(60):
+            store = ["--store", str(cli_store)] if own_store else []
+            result = CliRunner().invoke(app, [*command, *args, *store])
+    finally:
+        os.chdir(here)
     out = result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in out and "internal error" not in out

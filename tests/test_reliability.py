@@ -280,6 +280,18 @@ HOSTILE_TEMPLATES = {
     "filter width": "{{ 'x'|center(10 ** 9) }}",
     "lipsum": "{{ lipsum(n=10 ** 6) }}",
     "internals": "{{ label.__class__.__mro__ }}",
+    # values built from a big string: refused before they are built (estimated), not after
+    "list of big strings": "{% set b = 'x' * 1000000 %}{{ [b] * 300 }}",
+    "replace empty": "{% set b = 'x' * 1000000 %}{{ ('x' * 300)|replace('', b) }}",
+    "percent tuple": "{% set b = 'x' * 1000000 %}{{ ('%s' * 300) % ((b,) * 300) }}",
+    "generator join": "{% set b = 'x' * 1000000 %}{{ [b, b, b, b, b, b, b, b, b, b, b]|select|join }}",
+    "format fields": "{% set b = 'x' * 1000000 %}{{ ('{0}' * 300).format(b) }}",
+    "literal list": "{% set b = 'x' * 1000000 %}{% set l = [" + ", ".join(["b"] * 300) + "] %}{{ l }}",
+    # time: uncounted before (a recursive loop's own calls; expensive slices)
+    "recursive loop": "{% for i in [0] recursive %}{% if loop.depth < 3 %}{{ loop(range(99000)) }}{% endif %}"
+                      "{% endfor %}",
+    "slices": "{% set b = 'x' * 1000000 %}{% for i in range(100000) %}{% set c = b[::-1] %}{% endfor %}",
+    "lipsum words": "{{ lipsum(10000, False, 9999, 10000) }}",
 }
 
 
@@ -289,6 +301,22 @@ def test_hostile_templates_are_bounded_errors(name):
         tpl = PromptTemplate(HOSTILE_TEMPLATES[name], "strategies[0].few_shot: template")
         with pytest.raises(ConfigError, match=r"strategies\[0\]\.few_shot: template"):
             tpl.render({"label": "pos", "input": "a text"})
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{{ input|truncate(20000) }}", "good"),
+    ("{{ '%d tokens'|format(32768) }}", "32768 tokens"),
+    ("{{ 'Order 12345: %s' % input }}", "Order 12345: good"),
+    ("{{ 'Year 20240: {}'.format(input) }}", "Year 20240: good"),
+    ("{{ input|center(20) }}|", "good        |"),
+    ("{% for l in label_names recursive %}{{ loop.index }}/{{ loop.length }}/{{ loop.revindex }} {% else %}none"
+     "{% endfor %}", "1/2/2 2/2/1"),
+    ("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}", "a=1"),
+    ("{% macro m(x) %}[{{ x ~ caller() }}]{% endmacro %}{% call m(input) %}!{% endcall %}", "[good!]"),
+])
+def test_templates_with_big_numbers_and_jinja_features_render(template, expected):
+    out = PromptTemplate(template).render({"input": "good", "label_names": ["neg", "pos"]})
+    assert out == expected
 
 
 def test_ordinary_templates_still_render():
@@ -351,3 +379,42 @@ def test_long_store_paths_on_the_command_line(argv):
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code == 2
     assert "results store (--store or store:)" in " ".join(result.output.split())
+
+
+def test_merge_keys_keep_their_line_numbers(files):
+    text = "defaults: &d {seed: 0, dev: 0.1}\n" + study_yaml()
+    text = text.replace("  label: label\n", "  label: label\n  split:\n    <<: *d\n    seed: -5\n", 1)
+    path = files / "merge.yaml"
+    path.write_text(text, encoding="utf-8")
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "seed: -5" in ln)
+    code, out = validate_path(path)
+    assert code == 2 and f"merge.yaml line {line}: task.split.seed" in out
+
+
+def test_long_numbers_and_deep_alias_chains(files):
+    code, out = validate_text(files, study_yaml() + "seeds: [" + "1:" * 100_000 + "1]\n")
+    assert code == 2 and "numbers in a study are at most 100 characters" in out
+    chain = "x0: &a0 " + "[" * 50 + "]" * 50 + "\n" + "".join(
+        f"x{i}: &a{i} " + "[" * 50 + f"*a{i - 1}" + "]" * 50 + "\n" for i in range(1, 30))
+    code, out = validate_text(files, study_yaml() + chain)
+    assert code == 2 and "once its aliases" in out
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-5", "0", "lots"])
+def test_a_bad_data_size_limit_is_a_clean_error(tmp_path, monkeypatch, value):
+    write_csv(tmp_path / "train.csv", toy_rows(10, 1))
+    monkeypatch.setenv("TUNEBENCH_MAX_DATA_MB", value)
+    with pytest.raises(DataError, match="TUNEBENCH_MAX_DATA_MB: expected a positive number"):
+        read_table(tmp_path / "train.csv")
+
+
+def test_a_pattern_path_is_parsed_through_one_stable_link(tmp_path):
+    from tunebench.data import _literal
+
+    write_csv(tmp_path / "tr[1].csv", toy_rows(10, 1))
+    with _literal(tmp_path / "tr[1].csv") as first, _literal(tmp_path / "tr[1].csv") as second:
+        assert first == second and Path(first).resolve() == (tmp_path / "tr[1].csv").resolve()
+    with _literal(tmp_path / "plain.csv") as plain:  # plain paths (non-ASCII included) are read directly
+        assert plain == str((tmp_path / "plain.csv").resolve())
+    with _literal(tmp_path / "données.csv") as accented:
+        assert accented.endswith("données.csv")

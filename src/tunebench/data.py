@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,16 +194,19 @@ def read_table(path: str | Path, fmt: str | None = None) -> tuple[dict[str, list
 
 
 MAX_DATA_ENV = "TUNEBENCH_MAX_DATA_MB"
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
+_PATTERN_CHARS = re.compile(r"[*?\[\]{}!]|::|://")  # what datasets/fsspec read as a glob, a chain or a URL
 
 
 def max_data_bytes() -> int:
     """The largest data file read (default 2 GiB; ``$TUNEBENCH_MAX_DATA_MB`` changes it)."""
+    text = os.environ.get(MAX_DATA_ENV, "2048")
     try:
-        return int(float(os.environ.get(MAX_DATA_ENV, "2048")) * (1 << 20))
+        mb = float(text)
     except ValueError:
-        raise DataError(f"{MAX_DATA_ENV}: expected a number of megabytes, got "
-                        f"{clip(os.environ[MAX_DATA_ENV], 40)}") from None
+        mb = -1.0
+    if not 0 < mb <= 1 << 30:  # also refuses nan and inf
+        raise DataError(f"{MAX_DATA_ENV}: expected a positive number of megabytes (at most 2^30), got {clip(text, 40)}")
+    return int(mb * (1 << 20))
 
 
 @contextmanager
@@ -211,14 +215,21 @@ def _literal(path: Path) -> Iterator[str]:
     would match ``train1.csv``, ``a*.csv`` every match) and skips hidden files, so a path with pattern characters
     or a hidden part is read through a symlink with a plain name in a temporary folder."""
     path = path.resolve()
-    parts = path.parts[1:]
-    if _PLAIN_PATH.match(str(path)) and not any(p.startswith((".", "__")) for p in parts):
+    if not _PATTERN_CHARS.search(str(path)) and not any(p.startswith((".", "__")) for p in path.parts[1:]):
         yield str(path)
         return
-    with tempfile.TemporaryDirectory(prefix="tunebench-data-") as tmp:
-        link = Path(tmp) / f"data{path.suffix if _PLAIN_PATH.match(path.suffix) else ''}"
-        link.symlink_to(path)
-        yield str(link)
+    st = path.stat()  # one stable link per file version: datasets caches what it parsed under the link's name
+    digest = hashlib.sha256(f"{path}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()[:20]
+    folder = Path(tempfile.gettempdir()) / "tunebench-data-links" / digest
+    suffix = path.suffix if path.suffix.isascii() and path.suffix[1:].isalnum() else ""
+    link = folder / f"data{suffix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (link.is_symlink() and os.readlink(link) == str(path)):
+        tmp = folder / f".{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        os.replace(tmp, link)  # atomic: two loads at once never see a half-made link
+    yield str(link)
 
 
 def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:

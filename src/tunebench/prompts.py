@@ -9,166 +9,15 @@ from __future__ import annotations
 
 import re
 import string
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
-from jinja2.visitor import NodeTransformer
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2.sandbox import SecurityError
 
 from .errors import ConfigError
-
-MAX_TEXT = 1_000_000  # characters (or items) of a rendered prompt and of any value a template builds
-MAX_STEPS = 200_000  # calls, filters and loop iterations in one rendering (its time bound)
-MAX_ARG = 10_000  # an integer passed to a string method or filter (widths, counts)
-
-
-class TemplateLimit(TemplateError):
-    """A template went over a bound on rendering (size, steps or an argument)."""
-
-
-class _Budget(threading.local):
-    steps = 0
-
-
-_BUDGET = _Budget()
-
-
-def _step(n: int = 1) -> None:
-    _BUDGET.steps += n
-    if _BUDGET.steps > MAX_STEPS:
-        raise TemplateLimit(f"more than {MAX_STEPS:,} steps (calls, filters and loop iterations) in one rendering")
-
-
-def _size(value: Any) -> Any:
-    if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > MAX_TEXT:
-        raise TemplateLimit(f"a value of {len(value):,} characters or items (the limit is {MAX_TEXT:,})")
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
-        raise TemplateLimit("an integer of more than 4096 bits")
-    return value
-
-
-def _check_args(args: tuple, kwargs: dict, names: str) -> None:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_ARG:
-            raise TemplateLimit(f"{names}: the argument {a} is over {MAX_ARG:,}")
-
-
-def _joined_length(seq: Any) -> int:
-    return sum(len(x) if isinstance(x, str) else 16 for x in seq) if isinstance(seq, (list, tuple)) else 0
-
-
-def _precheck(name: str, obj: Any, args: tuple, kwargs: dict) -> None:
-    """Refuse calls whose result would be over :data:`MAX_TEXT` before they build it (join, replace, format)."""
-    _check_args(args, kwargs, name)
-    if name == "join":
-        seq = args[0] if args and isinstance(obj, str) else obj
-        if _joined_length(seq) > MAX_TEXT:
-            raise TemplateLimit(f"join would build over {MAX_TEXT:,} characters")
-    if name == "replace" and isinstance(obj, str) and len(args) >= 2 and isinstance(args[1], str):
-        if obj.count(str(args[0]) or " ") * max(1, len(args[1])) + len(obj) > MAX_TEXT:
-            raise TemplateLimit(f"replace would build over {MAX_TEXT:,} characters")
-    if name in ("format", "format_map") and isinstance(obj, str) and re.search(r"\d{5,}", obj):
-        raise TemplateLimit("a format width or precision over 9,999")
-
-
-def _bounded_filter(name: str, func):
-    def run(*args, **kwargs):
-        _step()
-        lead = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0  # context/env/eval_ctx first
-        value = args[lead] if len(args) > lead else None
-        _precheck(name, value, args[lead + 1:], kwargs)
-        return _size(func(*args, **kwargs))
-
-    run.__dict__.update(getattr(func, "__dict__", {}))  # keeps jinja_pass_arg (pass_context etc.)
-    run.__name__ = getattr(func, "__name__", name)
-    return run
-
-
-class _Bounds(NodeTransformer):
-    """Route every loop's iterable and every ``~`` concatenation through counted, size-checked filters."""
-
-    def visit_For(self, node: nodes.For) -> nodes.Node:
-        self.generic_visit(node)
-        node.iter = nodes.Filter(node.iter, "tb_iter", [], [], None, None, lineno=node.lineno)
-        return node
-
-    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        self.generic_visit(node)
-        return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), "tb_concat", [], [], None, None,
-                            lineno=node.lineno)
-
-
-def _iter(value: Any):
-    for item in value:
-        _step()
-        yield item
-
-
-def _concat(parts: list) -> str:
-    if _joined_length([p if isinstance(p, str) else str(p)[:MAX_TEXT + 1] for p in parts]) > MAX_TEXT:
-        raise TemplateLimit(f"~ would build over {MAX_TEXT:,} characters")
-    return "".join(str(p) for p in parts)
-
-
-class BoundedSandbox(SandboxedEnvironment):
-    """Jinja2's sandbox with time and memory bounds on rendering: at most :data:`MAX_STEPS` calls, filters and
-    loop iterations, no value or output over :data:`MAX_TEXT`, no string-method or filter integer over
-    :data:`MAX_ARG`. ``*``, ``**``, ``+`` and ``%`` are checked before they run and are never folded while the
-    template compiles (``7 ** 10 ** 8`` would otherwise hang the compiler)."""
-
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-    def __init__(self, **kw: Any):
-        super().__init__(**kw)
-        self.filters = {k: _bounded_filter(k, f) for k, f in self.filters.items()}
-        self.filters["tb_iter"], self.filters["tb_concat"] = _iter, _concat
-
-    def _parse(self, source, name, filename):  # noqa: D401 - jinja's hook between parsing and code generation
-        return _Bounds().visit(super()._parse(source, name, filename))
-
-    def call_binop(self, context, operator, left, right):
-        _step()
-        _check_binop(operator, left, right)
-        return _size(super().call_binop(context, operator, left, right))
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
-        _step()
-        name = getattr(__obj, "__name__", "a function")
-        if isinstance(getattr(__obj, "__self__", None), (str, list, tuple, dict)):
-            _precheck(name, __obj.__self__, args, kwargs)
-        elif __obj is not __self.globals.get("range"):  # the sandbox bounds range() itself
-            _check_args(args, kwargs, name)
-        return _size(SandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
-
-    def wrap_str_format(self, value: Any):
-        wrapped = super().wrap_str_format(value)
-        if wrapped is not None and re.search(r"\d{5,}", value.__self__):
-            def refuse(*args: Any, **kwargs: Any) -> str:
-                raise TemplateLimit("a format width or precision over 9,999")
-            return refuse
-        return wrapped
-
-
-def _check_binop(op: str, left: Any, right: Any) -> None:
-    seq = (str, list, tuple)
-    if op == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
-        if abs(right) > 256 and abs(left) > 1:
-            raise TemplateLimit(f"an exponent of {right} (the limit is 256)")
-    if op == "*":
-        if isinstance(left, seq) and isinstance(right, int) or isinstance(right, seq) and isinstance(left, int):
-            sq, n = (left, right) if isinstance(left, seq) else (right, left)
-            if len(sq) * max(0, n) > MAX_TEXT:
-                raise TemplateLimit(f"* would build over {MAX_TEXT:,} characters or items")
-        elif isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 4096:
-            raise TemplateLimit("an integer of more than 4096 bits")
-    if op == "+" and isinstance(left, seq) and isinstance(right, seq) and len(left) + len(right) > MAX_TEXT:
-        raise TemplateLimit(f"+ would build over {MAX_TEXT:,} characters or items")
-    if op == "%" and isinstance(left, str) and re.search(r"\d{5,}", left):
-        raise TemplateLimit("a format width or precision over 9,999")
-
+from .sandbox import BoundedSandbox, TemplateLimit, render_bounded
 
 _ENV = BoundedSandbox(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
@@ -271,9 +120,8 @@ class PromptTemplate:
     def render(self, variables: dict[str, Any]) -> str:
         """The rendered prompt; any failure (including the bounds of :class:`BoundedSandbox`) is a
         ``ConfigError`` naming the template."""
-        _BUDGET.steps = 0
         try:
-            text = self._bounded(variables)
+            text = render_bounded(self._template, variables)
         except SecurityError as exc:
             raise ConfigError(f"{self.where}: the template tries to reach Python internals, which the sandbox "
                               f"forbids ({exc}); use only the prompt variables") from None
@@ -289,15 +137,6 @@ class PromptTemplate:
             raise ConfigError(f"{self.where}: rendering failed ({exc.__class__.__name__}: "
                               f"{_clip(str(exc), 200)})") from None
         return text.strip()
-
-    def _bounded(self, variables: dict[str, Any]) -> str:
-        out, size = [], 0
-        for chunk in self._template.generate(**variables):
-            size += len(chunk)
-            if size > MAX_TEXT:
-                raise TemplateLimit(f"the prompt is over {MAX_TEXT:,} characters")
-            out.append(chunk)
-        return "".join(out)
 
 
 _SINGLE_BRACES = re.compile(r"(?<!\{)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}(?!\})")

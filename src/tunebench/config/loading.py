@@ -35,6 +35,9 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
     def construct_object(self, node, deep=False):
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":int", ":float")) and len(node.value) > 100:
+            raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value):,} characters; "
+                                                    "numbers in a study are at most 100 characters", node.start_mark)
         try:
             return super().construct_object(node, deep)
         except yaml.YAMLError:
@@ -45,8 +48,9 @@ class _BoundedLoader(yaml.SafeLoader):
                 node.start_mark) from None
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
-    """How many values ``node`` stands for once every alias is expanded (linear time: shared nodes are memoised)."""
+def _expanded(node: yaml.Node, memo: dict[int, tuple[int, int]], open_: set[int]) -> tuple[int, int]:
+    """How many values ``node`` stands for, and how deep it nests, once every alias is expanded (linear time:
+    shared nodes are memoised). Over :data:`MAX_NODES` values or :data:`MAX_DEPTH` levels is an error."""
     key = id(node)
     if key in memo:
         return memo[key]
@@ -55,18 +59,22 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> in
                                           node.start_mark)
     open_.add(key)
     if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(n, memo, open_) for n in node.value)
+        children = [_expanded(n, memo, open_) for n in node.value]
     elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo, open_) + _expanded_size(v, memo, open_) for k, v in node.value)
+        children = [_expanded(n, memo, open_) for kv in node.value for n in kv]
     else:
-        size = 1
+        children = []
     open_.discard(key)
-    memo[key] = size
+    size, depth = 1 + sum(c[0] for c in children), 1 + max((c[1] for c in children), default=0)
+    memo[key] = (size, depth)
     if size > MAX_NODES:
         raise yaml.composer.ComposerError(None, None, f"the document expands to over {MAX_NODES:,} values through "
                                           "its aliases (*name); write the values out or use fewer aliases",
                                           node.start_mark)
-    return size
+    if depth > MAX_DEPTH:
+        raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep once its aliases "
+                                          "(*name) are expanded", node.start_mark)
+    return size, depth
 
 
 def load_yaml(text: str) -> tuple[object, yaml.Node | None]:
@@ -75,13 +83,18 @@ def load_yaml(text: str) -> tuple[object, yaml.Node | None]:
     Raises ``yaml.YAMLError`` (with a mark where there is one) for anything it refuses."""
     loader = _BoundedLoader(text)
     try:
-        root = loader.get_single_node()
-        if root is None:
+        node = loader.get_single_node()
+        if node is None:
             return None, None
-        _expanded_size(root, {}, set())
-        return loader.construct_document(root), root
+        _expanded(node, {}, set())
+        data = loader.construct_document(node)  # flattens merge keys (<<: *x) in place: not for line numbers
     finally:
         loader.dispose()
+    lines = _BoundedLoader(text)
+    try:
+        return data, lines.get_single_node()
+    finally:
+        lines.dispose()
 
 
 def _yaml_line(node: yaml.Node | None, loc: tuple) -> int | None:

@@ -75,6 +75,22 @@ class Result:
     logprobs: dict | None = None
 
 
+def counting_copy(tokenizer):
+    """The counting thread's own tokenizer (a fast tokenizer's truncation settings are state the model thread
+    changes; see ``Engine.count_tokens``). A tokenizer that cannot be copied (custom code) is loaded again from
+    its files, and failing that shared, with a warning."""
+    if tokenizer is None:
+        return None
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception as exc:  # noqa: BLE001 - any failure to copy: fall back, never fail to start
+        try:
+            return type(tokenizer).from_pretrained(tokenizer.name_or_path)
+        except Exception:  # noqa: BLE001
+            log.warning("could not copy the tokenizer for counting (%s); counting shares the model's", exc)
+            return tokenizer
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     z = np.asarray(x, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -166,7 +182,7 @@ class TrialEngine(Engine):
         self.fields: list[str] = list(loaded.task.get("text") or ["text"])
         self.text_template: str | None = loaded.task.get("text_template")
         self.tokenizer = loaded.backend.tokenizer  # None for a remote endpoint
-        self._counter = copy.deepcopy(self.tokenizer)  # the counting thread's own (see Engine.count_tokens)
+        self._counter = counting_copy(self.tokenizer)
         self.max_positions = getattr(loaded.backend, "max_positions", None)
 
     def count_tokens(self, text: str) -> int:
@@ -249,7 +265,7 @@ class LMEngine(Engine):
     def __init__(self, backend, model=None, model_id: str = "model", info: dict | None = None):
         self.backend, self.model, self.id = backend, model, model_id
         self.tokenizer = backend.tokenizer
-        self._counter = copy.deepcopy(self.tokenizer)  # the counting thread's own (see Engine.count_tokens)
+        self._counter = counting_copy(self.tokenizer)
         self.max_positions = backend.max_positions
         self.info = info or {}
         self.completes_empty = bool(backend.prompt_ids(""))  # a BOS token, where the tokenizer adds one
