@@ -139,21 +139,6 @@ class PromptTemplate:
         return text.strip()
 
 
-_SINGLE_BRACES = re.compile(r"(?<!\{)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}(?!\})")
-
-
-def single_braces_to_jinja(value: Any) -> Any:
-    """An old-style ``{name}`` template (or a list of them) as Jinja2 (``{{ name }}``); other values unchanged.
-
-    Example:
-        >>> single_braces_to_jinja(["This review is {label}."])
-        ['This review is {{ label }}.']
-    """
-    if isinstance(value, list):
-        return [single_braces_to_jinja(v) for v in value]
-    return _SINGLE_BRACES.sub(r"{{ \1 }}", value) if isinstance(value, str) else value
-
-
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

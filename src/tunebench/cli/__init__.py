@@ -12,6 +12,7 @@ import tempfile
 import traceback
 
 import typer
+from rich.markup import escape
 
 from ..config.files import clip
 from ..errors import TunebenchError
@@ -44,7 +45,7 @@ def main() -> None:
     try:
         app(prog_name="tunebench")
     except TunebenchError as exc:
-        err.print(f"[bold red]error:[/] {clip(str(exc), 4000)}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(clip(str(exc), 4000))}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
@@ -52,7 +53,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the last boundary: never a traceback on the terminal
         with tempfile.NamedTemporaryFile("w", prefix="tunebench-crash-", suffix=".txt", delete=False) as fh:
             traceback.print_exc(file=fh)
-        err.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {clip(str(exc), 300)}\n"
+        err.print(f"[bold red]internal error:[/] {exc.__class__.__name__}: {escape(clip(str(exc), 300))}\n"
                   f"This is a bug in tunebench, not in your input; the traceback is in {fh.name}. Please report it "
                   "with that file.", highlight=False)
         sys.exit(EXIT_INTERNAL)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import DEFAULT_STORE
@@ -57,9 +58,14 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("tunebench.data").setLevel(logging.ERROR)  # the CLI prints data warnings itself
 
 
-def fail(exc: TunebenchError) -> None:
-    """Print the error (no traceback) and exit with its code."""
-    err.print(f"[bold red]error:[/] {clip(str(exc), 4000)}", highlight=False)
+def fail(exc: TunebenchError, study: Path | str | None = None) -> None:
+    """Print the error (no traceback) and exit with its code. With ``study`` (the study file a command read), an
+    error about one of its entries found after loading (``strategies[1].few_shot: template: ...``, raised when
+    the trials are planned) is prefixed with the file, like the errors found while reading it."""
+    msg = str(exc)
+    if study is not None and msg.startswith(("strategies[", "training:", "cv:")):
+        msg = f"{study}: {msg}"
+    err.print(f"[bold red]error:[/] {escape(clip(msg, 4000))}", highlight=False)
     raise typer.Exit(exc.exit_code)
 
 

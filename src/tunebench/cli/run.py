@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -101,7 +102,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[str], 
     with RichReporter(err) as reporter:
         study = Study(cfg, base_dir=base, store=study_store, reporter=reporter, source=source)
         for w in study.data.warnings:
-            reporter.console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            reporter.console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
         try:
             rows = study.run()
         except KeyboardInterrupt:
@@ -152,7 +153,7 @@ def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[s
         cfg = with_execution(cfg, executor=executor, address=address, max_concurrent=max_concurrent)
         _run_study(cfg, base, str(study), store, as_json, artifacts=artifacts)
     except TunebenchError as exc:
-        fail(exc)
+        fail(exc, study)
 
 
 def with_execution(cfg: StudyConfig, **options) -> StudyConfig:
@@ -185,7 +186,7 @@ def demo(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt, verbose: bool
                       f"(8 intents) with all-MiniLM-L6-v2, on CPU. Study file: {demo_study_path()}")
         _run_study(cfg, base, str(demo_study_path()), store, as_json, with_report=True)
     except TunebenchError as exc:
-        fail(exc)
+        fail(exc, demo_study_path())
 
 
 class _NoStore:
@@ -207,7 +208,7 @@ def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: boo
         trials = st.plan()
         data = st.data
     except TunebenchError as exc:
-        fail(exc)
+        fail(exc, study)
     summary = {"study": cfg.name, "valid": True, "labels": data.label_names, "unchecked_prompts": st.unchecked_prompts,
                "splits": {s.name: len(s) for s in (data.train, data.dev, data.test)},
                "checks": data.checks, "warnings": data.warnings, "trials": len(trials),
@@ -216,9 +217,9 @@ def validate(study: Path = typer.Argument(..., help="Study YAML."), as_json: boo
         print_json(summary)
         return
     for w in data.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     for ref in st.unchecked_prompts:
-        err.print(f"[yellow]warning:[/] {ref}: not checked (no results store at {cfg.store_path(base)} yet)",
+        err.print(f"[yellow]warning:[/] {escape(ref)}: not checked (no results store at {cfg.store_path(base)} yet)",
                   highlight=False)
     out.print(f"[green]✓[/] {study}: valid. {len(data.label_names)} labels; train {len(data.train)}, "
               f"dev {len(data.dev)}, test {len(data.test)}; {len(trials)} trials "

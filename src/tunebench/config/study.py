@@ -8,10 +8,12 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from ..errors import ConfigError
 from .base import INT_MAX, SEED_MAX, _Strict
 from .costs import CostConfig
 from .execution import ExecutionConfig
 from .files import clip, path_field
+from .renames import renamed_params
 from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .search import SearchConfig
 from .task import TaskConfig
@@ -78,12 +80,17 @@ class StudyConfig(_Strict):
         if not isinstance(v, list) or not v:
             raise ValueError("give a non-empty list such as [zero_shot: {}, lora: {r: 8}]")
         out = []
-        for item in v:
+        for i, item in enumerate(v):
             if isinstance(item, str):
                 out.append({"name": item, "params": {}})
             elif isinstance(item, dict) and len(item) == 1:
                 (name, params), = item.items()
                 params = dict(params or {}) if isinstance(params, dict) else params
+                if isinstance(name, str):
+                    try:
+                        params = renamed_params(name, params, f"strategies[{i}].{name}")
+                    except ConfigError as exc:
+                        raise ValueError(str(exc)) from None
                 models = params.pop("models", None) if isinstance(params, dict) else None
                 search = params.pop("search", None) if isinstance(params, dict) else None
                 if isinstance(models, str):

@@ -15,6 +15,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..config.base import INT_MAX
 from ..config.files import clip
+from ..config.renames import renamed_params
 from ..errors import CapabilityError, ConfigError, StoreError
 from ..progress import NULL_REPORTER, Reporter
 from ..prompts import PromptTemplate, parse_ref
@@ -257,8 +258,6 @@ class Strategy(ABC):
     uses_train: ClassVar[bool] = True  # False: the result does not depend on train data or seed
     backends: ClassVar[tuple[str, ...]] = ("encoder", "causal")  # backend kinds it can run on
     predictor_cls: ClassVar[type[Predictor]]
-    # keys renamed in the past: old name -> (new name, how an old value reads as a new one)
-    renamed_params: ClassVar[dict[str, tuple[str, Callable[[Any], Any]]]] = {}
 
     def __init__(self, config: StrategyConfig, *, seed: int = 0, reporter: Reporter = NULL_REPORTER):
         self.config = config
@@ -266,26 +265,9 @@ class Strategy(ABC):
         self.reporter = reporter
 
     @classmethod
-    def renamed(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """``params`` with keys renamed in the past (:attr:`renamed_params`) turned into today's, with a warning
-        that names the new key, so old study files keep working."""
-        old = [k for k in cls.renamed_params if isinstance(params, dict) and k in params]
-        if not old:
-            return params
-        params = dict(params)
-        for key in old:
-            new, convert = cls.renamed_params[key]
-            if new in params:
-                raise ConfigError(f"give {new} only: {key} is its old name")
-            params[new] = convert(params.pop(key))
-            log.warning("%s: '%s' is deprecated; write '%s' instead (read as %s: %s)", cls.name, key, new, new,
-                        clip(params[new], 200))
-        return params
-
-    @classmethod
     def config_from_dict(cls, params: dict[str, Any]) -> StrategyConfig:
         """Validate YAML parameters into this strategy's config; errors name the field."""
-        params = cls.renamed(params)
+        params = renamed_params(cls.name, params)  # keys renamed in the past (a study file warns when parsed)
         try:
             config = TypeAdapter(cls.config_cls).validate_python(params or {})
             config.check_numbers()

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CapabilityError, ConfigError
-from ..prompts import PromptTemplate, select_demonstrations, single_braces_to_jinja
+from ..prompts import PromptTemplate, select_demonstrations
 from .base import ExportParts, Predictor, PromptConfig, Strategy, as_texts, doc, register
 from .causal import CausalPredictor, Retrieval, demo_pool, make_builder, select_demos
 
@@ -183,7 +183,6 @@ class ZeroShot(PromptingStrategy):
 
     name = "zero_shot"
     config_cls = ZeroShotConfig
-    renamed_params = {"templates": ("label_templates", single_braces_to_jinja)}
     requires = ("embed",)
     uses_train = False
     predictor_cls = EmbeddingPredictor
