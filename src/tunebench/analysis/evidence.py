@@ -20,7 +20,7 @@ from ..errors import StoreError
 from ..evaluation.consistency import agreement
 from ..evaluation.cost import Pricing, break_even, price
 from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
-from .leaderboard import SECONDARY, cv_summary, default_metric
+from .leaderboard import SECONDARY, cv_summary, default_metric, group_flags
 from ..store.results import Store
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ class Evidence:
             "prompt": g.rows[0]["record"].get("prompt"), "params": g.rows[0]["params"],
             "format_failure_rate": float(np.mean([r["metrics"].get("format_failure_rate", 0.0) for r in g.rows])),
             "cv": cv_summary(g.rows, self.metric) or None,
+            "flags": group_flags(g.rows),
         }
 
     def to_dict(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -61,6 +62,7 @@ def leaderboard(rows: list[dict], metric: str = "accuracy") -> list[dict]:
             "trainable_params": int(max(r["cost"]["trainable_params"] for r in rs)),
             "tokens_per_request": _mean_std([r["cost"].get("tokens_per_request") for r in rs])[0],
             **cv_summary(rs, metric),
+            "flags": group_flags(rs),
         })
     out.sort(key=lambda e: (-e["train_size"], -(e["quality_mean"] if e["quality_mean"] == e["quality_mean"] else -1)))
     return out
@@ -73,3 +75,79 @@ def trial_json(row: dict) -> dict:
             "history": row["history"], "artifact": row["artifact"], "key": row["key"],
             "prompt": row["record"].get("prompt"), "model": row["record"].get("model"),
             "search": row["record"].get("search")}
+
+
+EDGE = 0.02  # a searched value within 2% of its range's end (in log space for log ranges) sits at the edge
+
+
+def tuning_flags(row: dict) -> list[str]:
+    """Why a tuning trial's score may not be its strategy's best: its dev curve was still improving at the last
+    epoch, or its search chose a value at the edge of a range it was given. Empty when neither.
+
+    Example:
+        >>> tuning_flags({"history": [{"dev_accuracy": 0.70}, {"dev_accuracy": 0.80}], "params": {},
+        ...               "record": {"best_epoch": 2}})
+        ['dev accuracy still improving at the last epoch (0.700 → 0.800): may improve with more epochs']
+    """
+    flags = []
+    rising = _still_improving(row.get("history") or [], row.get("params") or {}, (row.get("record") or {}))
+    if rising:
+        flags.append(rising)
+    search = (row.get("record") or {}).get("search") or {}
+    for name, spec in (search.get("space") or {}).items():
+        edge = _edge(spec, (search.get("best_params") or {}).get(name))
+        if edge:
+            flags.append(f"search: {name}={search['best_params'][name]:g} at the {edge} edge of its range "
+                         f"{_range_text(spec)}: widen the range")
+    return flags
+
+
+def _still_improving(history: list[dict], params: dict, record: dict) -> str | None:
+    if len(history) < 2 or record.get("best_epoch") != len(history):
+        return None
+    key = "dev_loss" if "dev_loss" in history[-1] else f"dev_{params.get('metric') or 'accuracy'}"
+    prev, last = history[-2].get(key), history[-1].get(key)
+    if not isinstance(prev, (int, float)) or not isinstance(last, (int, float)):
+        return None
+    lower_is_better = key == "dev_loss"
+    gain = (prev - last) / max(abs(prev), 1e-12) if lower_is_better else last - prev
+    if gain <= (0.01 if lower_is_better else 0.001):
+        return None
+    what = "dev loss still falling" if lower_is_better else f"dev {key[4:]} still improving"
+    return f"{what} at the last epoch ({prev:.3f} → {last:.3f}): may improve with more epochs"
+
+
+def _edge(spec, best) -> str | None:
+    if not isinstance(best, (int, float)) or isinstance(best, bool):
+        return None
+    if isinstance(spec, dict) and isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float)):
+        low, high = float(spec["low"]), float(spec["high"])
+        if spec.get("log") and low > 0 and best > 0:
+            low, high, best = np.log(low), np.log(high), np.log(best)
+        if high <= low:
+            return None
+        where = (best - low) / (high - low)
+    elif isinstance(spec, list) and sum(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec) >= 3:
+        nums = sorted(v for v in spec if isinstance(v, (int, float)) and not isinstance(v, bool))
+        where = 0.0 if best == nums[0] else 1.0 if best == nums[-1] else 0.5
+    else:
+        return None
+    return "lower" if where <= EDGE else "upper" if where >= 1 - EDGE else None
+
+
+def _range_text(spec) -> str:
+    if isinstance(spec, dict):
+        return f"[{spec['low']:g}, {spec['high']:g}]{' (log)' if spec.get('log') else ''}"
+    return "[" + ", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in spec) + "]"
+
+
+def group_flags(rows: list[dict]) -> list[str]:
+    """The flags of a group of trials (one strategy over seeds), each with the seeds it applies to."""
+    seen: dict[str, list[int]] = {}
+    for r in rows:
+        for f in tuning_flags(r):
+            key = re.sub(r" \([^)]*→[^)]*\)", "", f)  # the same reason with other numbers is one flag
+            seen.setdefault(key, []).append(r["seed"])
+    n = len(rows)
+    return [k if len(s) == n else f"{k} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))})"
+            for k, s in seen.items()]

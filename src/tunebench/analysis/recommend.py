@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .evidence import PROMPTING, Evidence, Group
+from .leaderboard import group_flags
 from ..config import CostConfig
 from ..config.costs import parse_amount  # noqa: F401  (it lived here; callers still import it from here)
 
@@ -128,6 +129,9 @@ class Recommender:
                 data += f"; the learning curve reaches this level from {need}"
             out.append(data + ("; each task change means relabelling and retraining" if self.c.changes_often
                                else ""))
+        flags = group_flags(g.rows)
+        if flags:
+            out.append("may be under-tuned, so its score is not final: " + "; ".join(flags))
         return out
 
     def recommend(self) -> dict:
@@ -186,8 +190,12 @@ class Recommender:
                     summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} ({_level(cmp)} CI "
                                 f"{-cmp.ci[1]:.3f} to {-cmp.ci[0]:.3f})")
             summary += f"; {_money(pick['total'], cur)} over {costs.horizon_days:g} days at your volume"
+        under = {a["group"].label: group_flags(a["group"].rows) for a in assessed if group_flags(a["group"].rows)}
+        if under:
+            summary += (f". Not final for {', '.join(under)}: "
+                        + ("its" if len(under) == 1 else "their") + " tuning may not have converged (see the reasons)")
         return {**out, "verdict": verdict, "recommended": g.label, "tied": [a["group"].label for a in tied],
-                "summary": summary, "ranking": ranking, "missing_items": missing}
+                "summary": summary, "ranking": ranking, "missing_items": missing, "undertuned": under}
 
     def _rank(self, assessed: list[dict], top: Group | None, tied: list[Group]) -> list[dict]:
         def key(a: dict):

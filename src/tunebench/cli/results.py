@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.leaderboard import default_metric, leaderboard, trial_json
@@ -40,10 +41,14 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
         f1 = f"{e['secondary_mean']:.3f}"
         tokens = e.get("tokens_per_request")
         cv_cell = [f"{e['cv_mean']:.3f} ± {e['cv_std']:.3f}" if "cv_mean" in e else "-"] if cv else []
-        table.add_row(e["label"], e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1, *cv_cell,
+        label = f"{e['label']} ⚑" if e.get("flags") else e["label"]
+        table.add_row(label, e["family"], str(e["train_size"] or "-"), str(len(e["seeds"])), q, f1, *cv_cell,
                       f"{e['train_seconds']:.1f}", f"{e['latency_ms_p50']:.1f}",
                       "-" if tokens is None or tokens != tokens else f"{tokens:.0f}", _fmt_params(e["trainable_params"]))
     console.print(table)
+    for e in board:
+        for flag in e.get("flags") or []:
+            console.print(f"⚑ {escape(e['label'])} (train n {e['train_size'] or '-'}): {escape(flag)}", highlight=False)
 
 
 def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
