@@ -26,6 +26,9 @@ psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qtA -c \
 export TUNEBENCH_TEST_POSTGRES="postgresql://tunebench:tunebench@127.0.0.1:$PG_PORT/postgres"
 
 RAY_PORT=${TUNEBENCH_RAY_PORT:-6390}
+# The test cluster and the tests' drivers agree on no token auth: Ray turns token auth on for a cluster started
+# where ~/.ray/auth_token exists (any earlier local `ray.init` writes one), and its drivers then cannot connect.
+export RAY_AUTH_MODE=disabled
 if ! ray status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 ray start --head --port "$RAY_PORT" \
     --num-cpus 2 --include-dashboard=false --object-store-memory 500000000 --disable-usage-stats >/dev/null
