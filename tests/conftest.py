@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,14 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label"))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT and a WordPiece tokenizer trained here: no download."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-bert")
@@ -276,3 +285,18 @@ def stores(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
     from tests.serving import build_stores
 
     return build_stores(tmp_path_factory.mktemp("serve"), tiny_model_dir, tiny_llama_dir)
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds`` (SIGALRM: main thread)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,10 +24,10 @@ from tunebench.config import TaskConfig
 from tunebench.data import load_task
 from tunebench.errors import TunebenchError
 from tunebench.prompts import PromptTemplate
-from tunebench.sandbox import MAX_TEXT
 from tunebench.runner import Study, load_study
+from tunebench.sandbox import MAX_TEXT
 
-from .conftest import toy_rows, write_csv
+from .conftest import deadline, toy_rows, write_csv
 
 EXAMPLES = int(os.environ.get("TUNEBENCH_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("TUNEBENCH_FUZZ_RANDOM"),
@@ -38,20 +36,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ
                 database=None, print_blob=True)
 MAX_MESSAGE = 20_000
 RAN: dict[str, int] = {}
-
-
-@contextmanager
-def deadline(seconds: int):
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def check_error(exc: TunebenchError, *names: str) -> None:

@@ -213,37 +213,21 @@ def test_fuzz_any_json_to_any_route(clients, record_property):
     fuzz(record_property, "any JSON", seen, run, some_answered=False)
 
 
-def test_fuzz_chat_completions(clients, record_property):
+@pytest.mark.parametrize("what, path, body_strategy, names", [
+    ("chat completions", "/v1/chat/completions", chat_body, None),
+    ("completions", "/v1/completions", completion_body, None),
+    ("classify", "/v1/classify", classify_body, ["enc", "enc", "lm"]),  # mostly the classifier; the LM refuses
+], ids=["chat", "completions", "classify"])
+def test_fuzz_route(clients, record_property, what, path, body_strategy, names):
+    """Near-valid bodies for one route: the right structure with hostile values, mangled now and then."""
     seen: list[tuple[int, str]] = []  # each example's status, and its error's code
 
     @FUZZ
-    @given(name=st.sampled_from(sorted(clients)), body=chat_body, data=st.data())
+    @given(name=st.sampled_from(names or sorted(clients)), body=body_strategy, data=st.data())
     def run(name, body, data):
-        post(seen, clients[name], "/v1/chat/completions", data.draw(mangled(body)), data.draw(headers()))
+        post(seen, clients[name], path, data.draw(mangled(body)), data.draw(headers()))
 
-    fuzz(record_property, "chat completions", seen, run)
-
-
-def test_fuzz_completions(clients, record_property):
-    seen: list[tuple[int, str]] = []  # each example's status, and its error's code
-
-    @FUZZ
-    @given(name=st.sampled_from(sorted(clients)), body=completion_body, data=st.data())
-    def run(name, body, data):
-        post(seen, clients[name], "/v1/completions", data.draw(mangled(body)), data.draw(headers()))
-
-    fuzz(record_property, "completions", seen, run)
-
-
-def test_fuzz_classify(clients, record_property):
-    seen: list[tuple[int, str]] = []  # each example's status, and its error's code
-
-    @FUZZ
-    @given(name=st.sampled_from(["enc", "enc", "lm"]), body=classify_body, data=st.data())
-    def run(name, body, data):
-        post(seen, clients[name], "/v1/classify", data.draw(mangled(body)), data.draw(headers()))
-
-    fuzz(record_property, "classify", seen, run)
+    fuzz(record_property, what, seen, run)
 
 
 def test_fuzz_headers_methods_and_paths(clients, record_property):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,24 +18,9 @@ from tunebench.errors import ConfigError, DataError
 from tunebench.prompts import PromptTemplate
 from tunebench.runner import load_study
 
-from .conftest import toy_rows, write_csv
+from .conftest import deadline, toy_rows, write_csv
 
 runner = CliRunner()
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def validate_text(tmp_path: Path, text: str, name: str = "study.yaml") -> tuple[int, str]:
