@@ -190,7 +190,8 @@ class Recommender:
                     summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} ({_level(cmp)} CI "
                                 f"{-cmp.ci[1]:.3f} to {-cmp.ci[0]:.3f})")
             summary += f"; {_money(pick['total'], cur)} over {costs.horizon_days:g} days at your volume"
-        under = {a["group"].label: group_flags(a["group"].rows) for a in assessed if group_flags(a["group"].rows)}
+        flagged = {a["group"].label: group_flags(a["group"].rows) for a in assessed}
+        under = {label: flags for label, flags in flagged.items() if flags}
         if under:
             summary += (f". Not final for {', '.join(under)}: "
                         + ("its" if len(under) == 1 else "their") + " tuning may not have converged (see the reasons)")
