@@ -90,6 +90,9 @@ def tuning_flags(row: dict) -> list[str]:
         ['dev accuracy still improving at the last epoch (0.700 → 0.800): may improve with more epochs']
     """
     flags = []
+    stuck = _not_learned(row.get("history") or [], row.get("record") or {}, row.get("strategy"))
+    if stuck:
+        return [stuck]  # more epochs or a wider search is not the first thing to try
     rising = _still_improving(row.get("history") or [], row.get("params") or {}, (row.get("record") or {}))
     if rising:
         flags.append(rising)
@@ -100,6 +103,18 @@ def tuning_flags(row: dict) -> list[str]:
             flags.append(f"search: {name}={search['best_params'][name]:g} at the {edge} edge of its range "
                          f"{_range_text(spec)}: widen the range")
     return flags
+
+
+def _not_learned(history: list[dict], record: dict, strategy: str | None) -> str | None:
+    """A classification trial whose dev accuracy never beat a constant answer (the most frequent dev class)."""
+    base = record.get("dev_majority")
+    accs = [h["dev_accuracy"] for h in history if isinstance(h.get("dev_accuracy"), (int, float))]
+    if not isinstance(base, (int, float)) or not accs or max(accs) > base + 0.01:
+        return None
+    hint = ("check the learning rate and what the strategy trains"
+            + (" (on a causal LM: embeddings: true, target_modules: all-linear)" if strategy == "lora" else ""))
+    return (f"did not learn: best dev accuracy {max(accs):.3f} is no better than always answering the most frequent "
+            f"class ({base:.3f}); {hint}")
 
 
 def _still_improving(history: list[dict], params: dict, record: dict) -> str | None:

@@ -159,6 +159,7 @@ def _record(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backen
     record = {"config": study.model_dump(), "backend": backend.describe(), "versions": versions(),
               "fingerprints": data.fingerprints(), "data_checks": data.checks, "data_warnings": data.warnings,
               "best_epoch": result.best_epoch if result else None, "n_test": len(records),
+              "dev_majority": getattr(result, "dev_majority", None),
               "prompt": predictor.prompt_info(records[0]) if records else None,
               "model": spec.model, "consistency": m.consistency}
     if searched is not None:

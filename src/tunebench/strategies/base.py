@@ -292,6 +292,13 @@ class Strategy(ABC):
         return "prompt" if cls.family == "prompting" else "full"
 
     @classmethod
+    def key_params(cls, params: dict[str, Any], backend: str) -> dict[str, Any]:
+        """The parameters that enter a trial's key on a ``backend`` model: a parameter added after stores were
+        written is left out where it changes nothing (its value reproduces the old behaviour, or the backend
+        ignores it), so the keys of those stores stay valid exactly when their trials would run the same."""
+        return params
+
+    @classmethod
     def expand(cls, config: StrategyConfig) -> list[StrategyConfig]:
         """Configs to run as separate trials: one per prompt template when ``template`` lists several."""
         templates = getattr(config, "template", None)

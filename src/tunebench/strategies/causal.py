@@ -291,6 +291,7 @@ class CausalLMObjective:
         self.dev_prompt_ids = [self.backend.prompt_ids(p, max_len) for p in predictor.prompts(dev.records())]
         self.dev, self.classification = dev, task.type == "classification"
         self.dev_answers = answers(task, dev)
+        self.dev_labels = dev.labels if self.classification else None
         self.score_key = cfg.metric if self.classification else "loss"
 
     def setup(self, trainable) -> None:

@@ -1,7 +1,17 @@
-"""LoRA through PEFT: low-rank updates on the encoder's linear layers; the head trains fully."""
+"""LoRA through PEFT: low-rank updates on the encoder's linear layers; the head trains fully.
+
+On a causal LM the input token embeddings get a low-rank update too (``embeddings``). Why: a task whose answer
+depends on which tokens the input holds (a keyword, a product name) needs token identity at the answer position.
+A pretrained LM's hidden states carry it, but where they do not (a small or random model, tokens the model has
+barely seen) frozen embeddings leave the linear adapters nothing to read: on a 2-layer random Llama, a keyword ->
+colour task stays at chance with all-linear LoRA (its loss flat) while full fine-tuning, which trains the
+embeddings, reaches 1.0; adapting the embeddings (rank r, a few thousand parameters) brings LoRA to 1.0 as well.
+``embeddings: false`` restores plain all-linear LoRA (what adapter-only servers expect).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -21,6 +31,10 @@ class LoraConfig(TrainConfig):
     lora_dropout: float = doc("Dropout on the LoRA branch.", default=0.1)
     target_modules: Union[list[str], str] = doc(
         "Module names (suffixes) to adapt, or 'all-linear'.", default="all-linear")
+    embeddings: bool = doc(
+        "causal: also adapt the input token embeddings (a low-rank update of the embedding table); without it a "
+        "task that hinges on which tokens the input holds may not be learnable when the LM's frozen features do "
+        "not already separate them.", default=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,11 +53,17 @@ class Lora(TuningStrategy):
     def weights_kind(cls, params: dict) -> str:
         return "lora"
 
-    def _peft_config(self, **kw):
+    @classmethod
+    def key_params(cls, params: dict, backend: str) -> dict:
+        if backend != "causal" or not params.get("embeddings", True):  # what trials ran before the option existed
+            params = {k: v for k, v in params.items() if k != "embeddings"}
+        return params
+
+    def _peft_config(self, targets=None, **kw):
         import peft  # heavy (imports transformers): only when a model is prepared
 
         return peft.LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.lora_dropout,
-                               target_modules=self.config.target_modules, bias="none", **kw)
+                               target_modules=targets or self.config.target_modules, bias="none", **kw)
 
     def prepare(self, model: nn.Module) -> None:
         import peft  # heavy (imports transformers): only when a model is prepared
@@ -54,4 +74,22 @@ class Lora(TuningStrategy):
         import peft  # heavy (imports transformers): only when a model is prepared
 
         # 'all-linear' on a causal LM adapts every linear layer except the output head
-        return peft.get_peft_model(lm, self._peft_config(task_type=peft.TaskType.CAUSAL_LM))
+        targets = lm_targets(lm, self.config.target_modules, self.config.embeddings)
+        return peft.get_peft_model(lm, self._peft_config(targets, task_type=peft.TaskType.CAUSAL_LM))
+
+
+def lm_targets(lm: nn.Module, targets: Union[list[str], str], embeddings: bool) -> Union[list[str], str]:
+    """What LoRA adapts in a causal LM: ``targets`` ('all-linear': every linear layer, GPT-2's Conv1D included, but
+    the output head), plus the input embedding module when ``embeddings``."""
+    if not embeddings:
+        return targets
+    from transformers.pytorch_utils import Conv1D  # heavy: only when a model is prepared
+
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    names = {m: n for n, m in lm.named_modules()}
+    if targets == "all-linear":
+        targets = sorted({n.rsplit(".", 1)[-1] for m, n in names.items()
+                          if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
+    elif isinstance(targets, str):  # a regular expression: PEFT matches it against full module names
+        return f"(?:{targets})|(?:{re.escape(names[emb])})"
+    return sorted({*targets, names[emb].rsplit(".", 1)[-1]})

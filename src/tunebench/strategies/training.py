@@ -61,6 +61,7 @@ class TrainResult:
     train_seconds: float = 0.0
     examples_seen: int = 0
     trainable_params: int = 0
+    dev_majority: float | None = None  # dev accuracy of always answering the most frequent class (classification)
 
     @property
     def examples_per_s(self) -> float:
@@ -128,6 +129,13 @@ def frozen_features(model: nn.Module, backend, ids: list[list[int]], batch_size:
     model.encoder.eval()
     width = model.head.in_features
     return _batched(lambda b: model.features(**b), backend, ids, width, batch_size).to(backend.device)
+
+
+def majority_share(labels) -> float | None:
+    """The share of the most frequent label (the accuracy of a constant answer); None without labels."""
+    if labels is None or len(labels) == 0:
+        return None
+    return float(np.bincount(np.asarray(labels, dtype=np.int64)).max() / len(labels))
 
 
 class Objective:
@@ -325,6 +333,7 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
                 break
     _restore(trainable, best_state)
     result.trainable_params = max_trainable
+    result.dev_majority = majority_share(getattr(objective, "dev_labels", None))
     model.eval()
     accelerator.free_memory()
     return result
