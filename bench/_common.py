@@ -20,3 +20,10 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
                 texts.append(row[si])
                 labels.append(int(row[li]))
     return texts, labels
+
+
+def task_config(kind: str = "classification"):
+    """A ``TaskConfig`` for a ``TaskData`` built in memory (no files: its data field is never read)."""
+    from tunebench.config import TaskConfig
+
+    return TaskConfig.model_construct(type=kind, instruction=None, text=["text"], label="label", target=None)

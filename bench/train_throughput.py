@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, read_tsv  # noqa: E402
+from _common import DATA, read_tsv, task_config  # noqa: E402
 
 TARGET_RATIO = 2.5
 TARGET_ACC_POINTS = 1.0
@@ -75,7 +75,7 @@ def run_tunebench(args, train, select, dev, *, score: bool = True):
     transformers.utils.logging.disable_progress_bar()
     backend = load_backend(ModelConfig(path="default", precision=args.precision))
     labels = [LabelSpec(value="0", name="negative"), LabelSpec(value="1", name="positive")]
-    task = TaskData(config=None, labels=labels, train=train, dev=select, test=dev)
+    task = TaskData(config=task_config(), labels=labels, train=train, dev=select, test=dev)
     cfg = FullConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length)
     torch.manual_seed(args.seed)  # the head's initialisation happens before fit seeds itself
     t0 = time.perf_counter()

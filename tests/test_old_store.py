@@ -1,6 +1,7 @@
 """A store written by tunebench before the layered rewrite (``tests/fixtures/old_store``, made by
 ``tests/fixtures/make_old_store.py`` on the old code) still works: a rerun plans the same trial keys and runs
-nothing, and ``show``, ``report``, ``serve`` and ``export`` read it."""
+nothing (with the options that reproduce what its trials ran: ``tuning_defaults: fixed``, and ``embeddings: false``
+for LoRA on a causal LM), and ``show``, ``report``, ``serve`` and ``export`` read it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -38,10 +40,22 @@ def finished(work: Path) -> dict[str, float]:
         return dict(con.execute("SELECT key, finished_at FROM trials").fetchall())
 
 
+def pinned(study: str) -> str:
+    """The study as the old code ran it: fixed tuning defaults, LoRA without adapted embeddings."""
+    doc = yaml.safe_load(Path(study).read_text())
+    doc["tuning_defaults"] = "fixed"
+    for entry in doc["strategies"]:
+        if "lora" in entry:
+            entry["lora"] = {**(entry["lora"] or {}), "embeddings": False}
+    out = f"pinned-{study}"
+    Path(out).write_text(yaml.safe_dump(doc))
+    return out
+
+
 def test_rerun_plans_the_stored_keys_and_runs_nothing(old):
     before = finished(old)
     assert len(before) == 8
-    for study in ("study.yaml", "causal.yaml"):
+    for study in (pinned("study.yaml"), pinned("causal.yaml")):
         cfg, base = load_study(study)
         keys = {t.key for t in Study(cfg, base_dir=base, store=Store("tunebench-runs")).plan()}
         assert keys <= set(before), f"{study}: the new code plans keys the old store does not have"
@@ -50,6 +64,18 @@ def test_rerun_plans_the_stored_keys_and_runs_nothing(old):
         doc = json.loads(result.stdout)
         assert {t["key"] for t in doc["trials"]} == keys
     assert finished(old) == before  # nothing rerun, nothing rewritten
+
+
+def test_new_defaults_replan_only_the_trials_they_change(old):
+    """As written, the old studies get size-scaled tuning defaults and causal LoRA adapts the embeddings. The encoder
+    study writes its epochs and batch size, and the scaled learning rates and patience equal the fixed ones there:
+    its keys stay. The causal LoRA trial now trains differently: it gets a new key, so a rerun trains it again."""
+    before = set(finished(old))
+    for study, tuned in (("study.yaml", set()), ("causal.yaml", {"lora"})):
+        cfg, base = load_study(study)
+        trials = Study(cfg, base_dir=base, store=Store("tunebench-runs")).plan()
+        assert {t.strategy for t in trials if t.key not in before} == tuned
+        assert all(t.key in before for t in trials if t.strategy not in tuned)
 
 
 def test_show_and_report_read_the_old_store(old):

@@ -158,9 +158,13 @@ def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> No
 def strategies() -> None:
     """List the registered strategies and their parameters."""
     from ..strategies import registry  # heavy: strategies load torch
+    from ..strategies.defaults import RULES, SCALED_KEYS  # heavy: the strategies package loads torch
 
     for name, cls in registry.all().items():
         out.print(f"[bold]{name}[/] ({cls.family}): {(cls.config_cls.__doc__ or '').strip()}")
         defaults = cls.config_cls()
         for f in dataclasses.fields(cls.config_cls):
-            out.print(f"    {f.name} = {getattr(defaults, f.name)!r}  {f.metadata.get('help', '')}", highlight=False)
+            scaled = "  [dim](encoder: scaled with the training-set size)[/]" if (
+                name in RULES and f.name in SCALED_KEYS) else ""
+            out.print(f"    {f.name} = {getattr(defaults, f.name)!r}{scaled}  {escape(f.metadata.get('help', ''))}",
+                      highlight=False)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
 from .base import _Strict
 
-SEARCH_KEYS = ("trials", "seconds", "metric", "pruning", "startup")
+SEARCH_KEYS = ("trials", "seconds", "metric", "pruning", "startup", "auto")
 
 
 class SearchConfig(_Strict):
@@ -19,9 +19,14 @@ class SearchConfig(_Strict):
 
     In the YAML every key other than the budget and options below is a parameter of the strategy: a list is a
     set of choices, ``{low, high, log, step}`` a range (integers when ``low`` and ``high`` are integers).
+    ``search: auto`` (or ``{auto: true, trials: N}``) searches a predefined space for the strategy, with a budget
+    that shrinks as the training set grows (``tunebench.strategies.defaults.auto_search``).
     """
 
-    trials: int = Field(10, ge=1, le=100_000, description="Configurations tried (the budget; also bounded by seconds).")
+    auto: bool = Field(False, description="Search the strategy's predefined space (learning rate, epochs, LoRA rank "
+                       "and alpha, virtual tokens) instead of a given one; explicit keys add to or replace it.")
+    trials: int = Field(10, ge=1, le=100_000, description="Configurations tried (the budget; also bounded by seconds). "
+                        "With auto and no trials given: from the training-set size.")
     seconds: float | None = Field(None, gt=0, le=30 * 86400, description="Wall-clock budget of the search in seconds.")
     metric: str | None = Field(None, description="Dev metric maximised (default: accuracy for classification, "
                                "token_f1 for generation).")
@@ -33,21 +38,27 @@ class SearchConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
+        if v == "auto":
+            return {"auto": True, "space": {}}
         if not isinstance(v, dict):
-            raise ValueError("give a mapping of parameters to search, e.g. {lr: {low: 1.0e-5, high: 5.0e-4, log: true}, "
-                             "r: [4, 8, 16], trials: 12}")
+            raise ValueError("give auto, or a mapping of parameters to search, e.g. {lr: {low: 1.0e-5, high: 5.0e-4, "
+                             "log: true}, r: [4, 8, 16], trials: 12}")
         if isinstance(v.get("space"), dict):  # the stored (dumped) form
             return v
         out = {k: v[k] for k in SEARCH_KEYS if k in v}
         out["space"] = {k: x for k, x in v.items() if k not in SEARCH_KEYS}
         return out
 
-    @field_validator("space")
-    @classmethod
-    def _nonempty(cls, v: dict) -> dict:
-        if not v:
-            raise ValueError("name at least one parameter to search, e.g. lr: {low: 1.0e-5, high: 5.0e-4, log: true}")
-        return v
+    @model_validator(mode="after")
+    def _nonempty(self) -> SearchConfig:
+        if not self.space and not self.auto:
+            raise ValueError("name at least one parameter to search, e.g. lr: {low: 1.0e-5, high: 5.0e-4, log: true}, "
+                             "or use search: auto")
+        return self
+
+    def key_dump(self) -> dict[str, Any]:
+        """What enters a trial's key (without ``auto`` when off: keys of stores written before it stay valid)."""
+        return self.model_dump(exclude=None if self.auto else {"auto"})
 
     def names(self) -> list[str]:
         return list(self.space)

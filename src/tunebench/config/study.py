@@ -54,6 +54,10 @@ class StudyConfig(_Strict):
     models: list[AnyModelConfig] | None = Field(None, description="Several models compared in one study (instead of model).")
     strategies: list[StrategyEntry]
     training: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters shared by every strategy.")
+    tuning_defaults: Literal["scaled", "fixed"] = Field(
+        "scaled", description="scaled: tuning strategies' unset learning rate, epochs, batch size and early stopping "
+        "follow each trial's training-set size and number of classes (calibrated on SST-2 and BANKING77, "
+        "docs/architecture.md); fixed: the strategies' fixed defaults (what stores written before scaled defaults ran: their trial keys).")
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=1000, description="Trial seeds (0 … 2^32 - 1).")
     train_sizes: list[Union[Annotated[int, Field(ge=1, le=INT_MAX)], Literal["all"]]] = Field(

@@ -11,13 +11,14 @@ import logging
 
 import numpy as np
 
-from ..config import StudyConfig
+from ..config import SearchConfig, StudyConfig
 from ..data import TaskData
 from ..errors import ConfigError, TunebenchError
 from ..store import Store
 from ..store.prompts import PromptRegistry, backfill
 from ..strategies import StrategyConfig, registry
 from ..strategies.base import PromptConfig
+from ..strategies.defaults import auto_search, patience, scaled_defaults
 from ..strategies.resolve import check_templates, resolve_entries, shared_params
 from .spec import TrialSpec, describe_params, trial_key
 
@@ -45,32 +46,65 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
         cls = registry.get(name)
         baseline = cls.config_from_dict(shared_params(study, cls)).to_dict()
         targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
+        written_keys = set(cls.merge_shared(study.training, entry.params))
+        explicit = written_keys | set(entry.search.space if entry.search else ())
         for model in targets:
             for written in cls.expand(config):
                 cfg = prompts.resolve(f"strategies[{i}].{name}", written)
                 check_templates(f"strategies[{i}].{name}", cfg, data)
                 label = describe_params(name, written, baseline, entry.search) + (f" @{model.name}" if several else "")
-                params = cfg.to_dict()
-                if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
-                    params.pop("prompt", None)
                 combos = ([(seed, spec) for spec in study.train_sizes for seed in study.seeds] if cls.uses_train
                           else [(study.seeds[0], "none")])
                 for seed, spec in combos:
                     n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
+                    sized = _sized(study, name, cfg, n, data, model.backend, explicit)
+                    params = cls.key_params(sized.to_dict(), model.backend)
+                    search = _auto(entry.search, name, n, data, model.backend, sized, written_keys, f"strategies[{i}]")
+                    if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
+                        params.pop("prompt", None)
                     ident = {"study": study.name, "strategy": name, "params": params, "seed": seed,
                              "train_size": n, "model": model.identity(), "data": fingerprints,
                              "labels": [lab.model_dump() for lab in data.labels]}
                     if entry.search is not None:  # only when set: keys of existing stores stay valid
-                        ident["search"] = entry.search.model_dump()
+                        ident["search"] = search.key_dump()
                     if study.cv is not None:
                         ident["cv"] = study.cv
                     key = trial_key(ident)
                     if key in seen:
                         continue
                     seen.add(key)
-                    trials.append(TrialSpec(study.name, name, cfg, seed, str(spec), n, key, label, model.name,
-                                            entry.search, study.cv))
+                    trials.append(TrialSpec(study.name, name, sized, seed, str(spec), n, key, label, model.name,
+                                            search, study.cv))
     return Plan(trials, prompts.unchecked)
+
+
+def _sized(study: StudyConfig, name: str, cfg: StrategyConfig, n: int, data: TaskData, backend: str,
+           explicit: set[str]) -> StrategyConfig:
+    """``cfg`` with the size-scaled defaults of a trial on ``n`` training examples where the study set no value
+    (``tuning_defaults: scaled``); unchanged for strategies with nothing calibrated."""
+    if study.tuning_defaults != "scaled" or not n:
+        return cfg
+    n_classes = len(data.labels) if data.type == "classification" else 0
+    scaled = {k: v for k, v in scaled_defaults(name, n, n_classes, backend).items() if k not in explicit}
+    if "early_stopping" in scaled and "epochs" in explicit:  # patience follows the epochs the study asked for
+        scaled["early_stopping"] = patience(getattr(cfg, "epochs", 0))
+    return dataclasses.replace(cfg, **scaled) if scaled else cfg
+
+
+def _auto(search: SearchConfig | None, name: str, n: int, data: TaskData, backend: str, cfg: StrategyConfig,
+          written: set[str], where: str) -> SearchConfig | None:
+    """A trial's search: ``search: auto`` made concrete for its strategy and training-set size (the study's own
+    keys: its parameters are not searched, its searched ranges and budget replace auto's)."""
+    if search is None or not search.auto:
+        return search
+    n_classes = len(data.labels) if data.type == "classification" else 0
+    space, trials = auto_search(name, n, n_classes, backend, cfg.to_dict(), written - set(search.space))
+    space = {**space, **search.space}
+    if not space:
+        raise ConfigError(f"{where}.{name}.search: auto has nothing left to search (every parameter it would "
+                          "search is set in the study); drop search or give the parameters to search")
+    budget = search.trials if "trials" in search.model_fields_set else trials
+    return search.model_copy(update={"space": space, "trials": budget})
 
 
 def _check_cv(study: StudyConfig, data: TaskData) -> None:

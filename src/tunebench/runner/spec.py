@@ -78,7 +78,10 @@ def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None
             v = v[0]
         text = v if isinstance(v, str) else json.dumps(v)
         parts.append(f"{k}={text}")
-    if search is not None:
+    if search is not None and search.auto:
+        parts.append("search=auto" + (f"+{','.join(search.space)}" if search.space else "")
+                     + (f", trials={search.trials}" if "trials" in search.model_fields_set else ""))
+    elif search is not None:
         parts.append(f"search={','.join(search.space)}, trials={search.trials}")
         if search.seconds is not None:
             parts.append(f"seconds={search.seconds:g}")

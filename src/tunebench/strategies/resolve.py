@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..prompts import PromptTemplate, demo_record
 from .base import PromptConfig, registry
 from .causal import answers, make_builder
+from .defaults import AUTO_SEARCHED as AUTO_STRATEGIES
 
 
 def shared_params(study: StudyConfig, strategy_cls) -> dict[str, Any]:
@@ -87,6 +88,9 @@ def _all_config_keys() -> set[str]:
 def check_search(search: SearchConfig, strategy_cls, base: dict[str, Any], where: str, task_type: str) -> None:
     """Raise :class:`ConfigError` naming ``<where>.search.<key>`` for unknown parameters, bad ranges, or values
     the strategy rejects (every choice and both ends of every range are validated as its config)."""
+    if search.auto and strategy_cls.name not in AUTO_STRATEGIES:
+        raise ConfigError(f"{where}.search: auto is defined for the tuning strategies ({', '.join(AUTO_STRATEGIES)}); "
+                          f"for {strategy_cls.name} give the parameters to search, e.g. search: {{trials: 8, ...}}")
     valid = [f.name for f in dataclasses.fields(strategy_cls.config_cls)]
     hints = typing.get_type_hints(strategy_cls.config_cls)
     metrics = metric_names(task_type, searchable=True)
