@@ -59,6 +59,8 @@ def test_explicit_values_win_over_scaled_defaults(tmp_path, toy_files, tiny_mode
     assert lora.lr == 5e-4 and lora.epochs == 20 and lora.batch_size == 16  # lr written; the rest scaled
     assert full.epochs == 2 and full.early_stopping == 0 and full.lr == 1e-4  # patience follows the written epochs
     assert by[("linear_probe", 32)] == registry.get("linear_probe").config_from_dict({"max_length": 32})
+    labels = [t.name for t in plan(tmp_path, toy_files, tiny_model_dir, ["full", {"full": {"epochs": 4, "lr": 1e-4}}])]
+    assert labels == ["full", "full(lr=0.0001, epochs=4)"]  # written values that override scaling are shown
     fixed = plan(tmp_path, toy_files, tiny_model_dir, ["lora"], tuning_defaults="fixed")
     assert fixed[0].config == registry.get("lora").config_from_dict({"max_length": 32})
     assert {t.key for t in fixed}.isdisjoint(t.key for t in trials)

@@ -18,7 +18,7 @@ from ..store import Store
 from ..store.prompts import PromptRegistry, backfill
 from ..strategies import StrategyConfig, registry
 from ..strategies.base import PromptConfig
-from ..strategies.defaults import auto_search, patience, scaled_defaults
+from ..strategies.defaults import SCALED_KEYS, auto_search, patience, scaled_defaults
 from ..strategies.resolve import check_templates, resolve_entries, shared_params
 from .spec import TrialSpec, describe_params, trial_key
 
@@ -52,7 +52,8 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
             for written in cls.expand(config):
                 cfg = prompts.resolve(f"strategies[{i}].{name}", written)
                 check_templates(f"strategies[{i}].{name}", cfg, data)
-                label = describe_params(name, written, baseline, entry.search) + (f" @{model.name}" if several else "")
+                shown = _label_baseline(baseline, set(entry.params), name, model.backend, study)
+                label = describe_params(name, written, shown, entry.search) + (f" @{model.name}" if several else "")
                 combos = ([(seed, spec) for spec in study.train_sizes for seed in study.seeds] if cls.uses_train
                           else [(study.seeds[0], "none")])
                 for seed, spec in combos:
@@ -76,6 +77,15 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
                     trials.append(TrialSpec(study.name, name, sized, seed, str(spec), n, key, label, model.name,
                                             search, study.cv))
     return Plan(trials, prompts.unchecked)
+
+
+def _label_baseline(baseline: dict, written: set[str], name: str, backend: str, study: StudyConfig) -> dict:
+    """What a trial's label is compared with: a key the entry itself wrote that would otherwise be size-scaled is
+    always shown (``full(epochs=4)`` is not the scaled ``full`` even where 4 is the fixed default; keys of
+    ``training:`` are shared by every entry, so they tell no two apart)."""
+    if study.tuning_defaults != "scaled" or not scaled_defaults(name, 1000, 2, backend):
+        return baseline
+    return {k: v for k, v in baseline.items() if not (k in written and k in SCALED_KEYS)}
 
 
 def _sized(study: StudyConfig, name: str, cfg: StrategyConfig, n: int, data: TaskData, backend: str,
