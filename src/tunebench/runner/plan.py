@@ -52,7 +52,7 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
             for written in cls.expand(config):
                 cfg = prompts.resolve(f"strategies[{i}].{name}", written)
                 check_templates(f"strategies[{i}].{name}", cfg, data)
-                shown = _label_baseline(baseline, set(entry.params), name, model.backend, study)
+                shown = _label_baseline(baseline, set(entry.params) - set(study.training), name, model.backend, study)
                 label = describe_params(name, written, shown, entry.search) + (f" @{model.name}" if several else "")
                 combos = ([(seed, spec) for spec in study.train_sizes for seed in study.seeds] if cls.uses_train
                           else [(study.seeds[0], "none")])
