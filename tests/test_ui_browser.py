@@ -82,7 +82,9 @@ def test_every_page_opens_without_errors(site, ui_store):  # noqa: F811
     page.goto(base + "/study/toy-ui")
     for img in page.locator("figure img").all():
         img.scroll_into_view_if_needed()
-        assert img.evaluate("i => i.complete && i.naturalWidth > 100")
+        # lazy images load after the scroll, and a figure is drawn on its first request (seconds on a busy CI
+        # machine): wait for it, and fail when it never decodes to a real picture
+        page.wait_for_function("i => i.complete && i.naturalWidth > 100", arg=img.element_handle(), timeout=90_000)
 
 
 def test_explorer_filters_baseline_and_a_copied_link(site, ui_store):  # noqa: F811
