@@ -183,6 +183,7 @@ def main(argv=None) -> int:
           f"lr {args.lr:g}, max_length {args.max_length}; scoring on the {dev_desc}", flush=True)
 
     tb_eps, ref_eps = [], []
+    tb = ref = {}  # the first repeat's results (scored); later repeats add only their speed
     for r in range(max(1, args.repeats)):
         first = r == 0
         res = run_tunebench(args, train, select, dev, score=first)

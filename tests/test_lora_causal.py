@@ -96,3 +96,18 @@ def test_lora_targets_on_causal_models(tiny_gpt2, tiny_llama):
     assert lm_targets(llama, ["q_proj"], True) == ["embed_tokens", "q_proj"]
     assert lm_targets(llama, "all-linear", False) == "all-linear"
     assert lm_targets(llama, r".*\.q_proj", True) == r"(?:.*\.q_proj)|(?:model\.embed_tokens)"
+
+
+def test_a_hybrid_keys_its_lora_embeddings_like_a_plain_lora():
+    """A hybrid's LoRA adapts the embeddings too: its trial key says so (a hybrid that ran before the option
+    trained without them and must rerun), and ``embeddings: false`` keeps the key such a trial had."""
+    from tunebench.strategies import registry
+
+    hybrid = registry.get("hybrid")
+    plain = {"tune": "lora", "prompt": "few_shot", "tune_params": {"r": 4}, "prompt_params": {}}
+    assert hybrid.key_params(plain, "causal")["tune_params"] == {"r": 4, "embeddings": True}
+    off = {**plain, "tune_params": {"r": 4, "embeddings": False}}
+    assert hybrid.key_params(off, "causal") == plain
+    full = {**plain, "tune": "full", "tune_params": {"epochs": 2}}
+    assert hybrid.key_params(full, "causal") == full
+    assert registry.get("lora").key_params({"r": 4, "embeddings": True}, "causal") == {"r": 4, "embeddings": True}

@@ -136,6 +136,35 @@ def test_same_seed_same_numbers(tiny_backend, toy_task):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_a_probe_reuses_frozen_features_across_configs(tiny_backend, toy_task, monkeypatch):
+    """A search's probe trials share their inputs: the frozen encoder runs once per input set, and each trial
+    scores exactly as it would with features computed afresh, its training time counting the features."""
+    from tunebench.strategies import training
+
+    tiny_backend.__dict__.pop("_frozen_feature_cache", None)
+    calls = []
+    real = training.frozen_features
+    monkeypatch.setattr(training, "frozen_features", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    cls = registry.get("linear_probe")
+
+    def run(lr):
+        cfg = dataclasses.replace(quick_config("linear_probe"), lr=lr)
+        return cls(cfg, seed=0).adapt(tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
+
+    run(1e-2)
+    assert calls == [len(toy_task.train), len(toy_task.dev)]
+    second = run(3e-3)
+    assert len(calls) == 2  # no new forward pass over train or dev
+    feature_s = sum(sec for _, sec in tiny_backend.__dict__.pop("_frozen_feature_cache").values())
+    assert feature_s > 0 and second.train_result.train_seconds >= feature_s
+    fresh = run(3e-3)
+    assert len(calls) == 4
+    np.testing.assert_allclose(second.predict_scores(toy_task.test.texts), fresh.predict_scores(toy_task.test.texts),
+                               rtol=1e-5, atol=1e-6)
+    assert [h["dev_accuracy"] for h in second.train_result.history] == \
+        [h["dev_accuracy"] for h in fresh.train_result.history]
+
+
 def test_zero_shot_expands_one_trial_per_template():
     cls = registry.get("zero_shot")
     cfg = cls.config_from_dict({"label_templates": ["{{ label }}", "It is {{ label }}."]})

@@ -18,7 +18,7 @@ from ..store import Store
 from ..store.prompts import PromptRegistry, backfill
 from ..strategies import StrategyConfig, registry
 from ..strategies.base import PromptConfig
-from ..strategies.defaults import SCALED_KEYS, auto_search, patience, scaled_defaults
+from ..strategies.defaults import SCALED_KEYS, auto_search, is_scaled, patience, scaled_defaults
 from ..strategies.resolve import check_templates, resolve_entries, shared_params
 from .spec import TrialSpec, describe_params, trial_key
 
@@ -83,7 +83,7 @@ def _label_baseline(baseline: dict, written: set[str], name: str, backend: str, 
     """What a trial's label is compared with: a key the entry itself wrote that would otherwise be size-scaled is
     always shown (``full(epochs=4)`` is not the scaled ``full`` even where 4 is the fixed default; keys of
     ``training:`` are shared by every entry, so they tell no two apart)."""
-    if study.tuning_defaults != "scaled" or not scaled_defaults(name, 1000, 2, backend):
+    if study.tuning_defaults != "scaled" or not is_scaled(name, backend):
         return baseline
     return {k: v for k, v in baseline.items() if not (k in written and k in SCALED_KEYS)}
 

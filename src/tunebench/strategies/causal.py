@@ -294,8 +294,8 @@ class CausalLMObjective:
         self.dev_labels = dev.labels if self.classification else None
         self.score_key = cfg.metric if self.classification else "loss"
 
-    def setup(self, trainable) -> None:
-        pass
+    def setup(self, trainable) -> float:
+        return 0.0
 
     def train_mode(self) -> None:
         self.model.train()

@@ -42,9 +42,9 @@ AUTO_SEARCHED = ("full", "gradual_unfreeze", "lora", "linear_probe", "soft_promp
 def scaled_defaults(strategy: str, n_train: int, n_classes: int, backend: str = "encoder") -> dict[str, float | int]:
     """The size-scaled values of :data:`SCALED_KEYS` for ``strategy`` trained on ``n_train`` examples of
     ``n_classes`` classes (0 for generation); ``{}`` where nothing is calibrated (causal LMs, prompting)."""
-    rule = RULES.get(strategy)
-    if rule is None or backend != "encoder" or n_train < 1:
+    if not is_scaled(strategy, backend) or n_train < 1:
         return {}
+    rule = RULES[strategy]
     batch = 16 if n_train < 1000 else 32
     steps_per_epoch = math.ceil(n_train / batch)
     # many classes with few examples each (BANKING77 at 100 examples): a head over many classes learns from few
@@ -54,6 +54,11 @@ def scaled_defaults(strategy: str, n_train: int, n_classes: int, backend: str = 
     lr = rule.lrs[0] if n_train < 1000 else rule.lrs[1] if n_train < 10_000 else rule.lrs[2]
     lr = float(f"{lr * 3:.3g}") if many else lr
     return {"lr": lr, "epochs": epochs, "batch_size": batch, "early_stopping": patience(epochs)}
+
+
+def is_scaled(strategy: str, backend: str = "encoder") -> bool:
+    """Whether ``strategy`` on ``backend`` has size-scaled defaults at all."""
+    return strategy in RULES and backend == "encoder"
 
 
 def patience(epochs: int) -> int:

@@ -81,6 +81,22 @@ class Hybrid(Strategy):
         return params
 
     @classmethod
+    def key_params(cls, params: dict, backend: str) -> dict:
+        """The tuning strategy's key rules apply inside ``tune_params``: a hybrid's LoRA adapts the input
+        embeddings too, so its key carries ``embeddings`` as a plain LoRA's does (trials that ran before
+        the option trained without it, and rerun)."""
+        tune = params.get("tune", "lora")
+        if tune not in _tuning_names() or not isinstance(params.get("tune_params"), dict):
+            return params
+        tune_cls = registry.get(tune)
+        full = tune_cls.config_from_dict(params["tune_params"]).to_dict()
+        keyed = tune_cls.key_params(full, backend)
+        tune_params = {k: v for k, v in params["tune_params"].items() if k != "embeddings"}
+        if "embeddings" in keyed:
+            tune_params["embeddings"] = keyed["embeddings"]
+        return {**params, "tune_params": tune_params}
+
+    @classmethod
     def expand(cls, config: HybridConfig) -> list[HybridConfig]:
         return [config]
 

@@ -6,9 +6,11 @@ groups (e.g. discriminative learning rates) and in a per-epoch trainable-paramet
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -131,6 +133,32 @@ def frozen_features(model: nn.Module, backend, ids: list[list[int]], batch_size:
     return _batched(lambda b: model.features(**b), backend, ids, width, batch_size).to(backend.device)
 
 
+_FEATURE_CACHE_SIZE = 4  # feature sets kept per backend (a search reuses one train and one dev set)
+
+
+def cached_features(model: nn.Module, backend, ids: list[list[int]]) -> tuple[torch.Tensor, float]:
+    """:func:`frozen_features`, computed once per backend for the same token ids and pooling: the trials of a
+    search (and seeds) over a frozen encoder share their inputs, so only the first pays the forward passes.
+    Also returns the seconds the features took when first computed (a trial's training time counts them, hit
+    or miss, so it reads the same as when the trial runs alone). The pretrained weights behind ``backend``
+    never change (every strategy trains a copy), which is what makes the features reusable."""
+    digest = hashlib.blake2b(digest_size=16)
+    for row in ids:
+        digest.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
+    key = (getattr(model, "pool", None), model.head.in_features, len(ids), digest.hexdigest())
+    cache = backend.__dict__.setdefault("_frozen_feature_cache", OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        log.debug("frozen features reused for %d inputs", len(ids))
+        return cache[key]
+    t0 = time.perf_counter()
+    feats = frozen_features(model, backend, ids)
+    cache[key] = (feats, time.perf_counter() - t0)
+    while len(cache) > _FEATURE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return cache[key]
+
+
 def majority_share(labels) -> float | None:
     """The share of the most frequent label (the accuracy of a constant answer); None without labels."""
     if labels is None or len(labels) == 0:
@@ -149,9 +177,11 @@ class Objective:
     lengths: list[int]
     score_key: str
 
-    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> float:
         """One-off work before training (e.g. features of a frozen encoder); ``trainable``: every parameter
-        that may train in some epoch."""
+        that may train in some epoch. Returns the seconds of earlier work it reused from a cache (counted as
+        this run's training time too, so a trial's cost does not depend on what ran before it)."""
+        return 0.0
 
     def train_mode(self) -> None:
         self.model.train()
@@ -179,12 +209,16 @@ class ClassifierObjective(Objective):
         self.frozen = False
         self.train_feats = self.dev_feats = None
 
-    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+    def setup(self, trainable: dict[str, torch.nn.Parameter]) -> float:
         encoder_params = {id(p) for p in self.model.encoder.parameters()}
         self.frozen = not any(id(p) in encoder_params for p in trainable.values())
-        if self.frozen:  # e.g. linear probe: encode once, then only the head's epochs repeat
-            self.train_feats = frozen_features(self.model, self.backend, self.train_ids)
-            self.dev_feats = frozen_features(self.model, self.backend, self.dev_ids)
+        if not self.frozen:
+            return 0.0
+        # e.g. linear probe: encode once (once per backend across a search's trials), then only the head trains
+        t0 = time.perf_counter()
+        self.train_feats, train_s = cached_features(self.model, self.backend, self.train_ids)
+        self.dev_feats, dev_s = cached_features(self.model, self.backend, self.dev_ids)
+        return max(0.0, train_s + dev_s - (time.perf_counter() - t0))
 
     def train_mode(self) -> None:
         self.model.train()
@@ -300,8 +334,8 @@ def fit(objective: Objective, backend, cfg: TrainConfig, *, seed: int, param_gro
     step = _Step(wrapped, optim, sched, accelerator)
     result = TrainResult()
     t0 = time.perf_counter()
-    objective.setup(trainable)
-    result.train_seconds += time.perf_counter() - t0
+    reused = objective.setup(trainable) or 0.0
+    result.train_seconds += time.perf_counter() - t0 + reused
     best_score, best_state, stale = -math.inf, None, 0
     max_trainable = 0
     for epoch in range(cfg.epochs):
