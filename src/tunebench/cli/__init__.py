@@ -2,7 +2,7 @@
 
 The commands parse options and render; the work is the library's. One module per command group: ``run``
 (run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``serve``, ``export``
-``prompts`` and ``store`` (sub-apps); ``common`` holds the consoles, shared options and helpers.
+``track`` (MLflow), ``prompts`` and ``store`` (sub-apps); ``common`` holds the consoles, shared options and helpers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from ..config.files import clip
 from ..errors import TunebenchError
-from . import decide, export, prompts, results, run, serve, store, ui
+from . import decide, export, prompts, results, run, serve, store, track, ui
 from .common import EXIT_INTERNAL, EXIT_INTERRUPTED, err
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
@@ -34,6 +34,7 @@ app.command("validate")(run.validate)
 app.command("ls")(results.list_studies)
 app.command("strategies")(results.strategies)
 app.command("export")(export.export_cmd)
+app.command("track")(track.track)
 app.add_typer(prompts.prompts_app, name="prompts")
 app.add_typer(store.store_app, name="store")
 

@@ -25,6 +25,7 @@ from .common import (EXIT_INTERRUPTED, EXIT_TRIALS_FAILED, JsonOpt, StoreOpt, Ve
                      print_json, setup_logging)
 from .decide import write_report
 from .results import print_leaderboard
+from .track import ExperimentOpt, MlflowOpt, report_tracking, with_tracking
 
 
 class RichReporter(StudyReporter):
@@ -116,6 +117,8 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[str], 
         data = {"checks": study.data.checks, "warnings": study.data.warnings, "labels": study.data.label_names}
         doc = {"study": cfg.name, "store": study_store.display, "data": data,
                "trials": [trial_json(r) for r in rows]}
+        if study.tracking is not None:
+            doc["tracking"] = study.tracking.to_dict()
         if report is not None:
             doc["report"] = {k: str(v) for k, v in report["paths"].items()}
             doc["recommendation"] = report["recommendation"]
@@ -124,6 +127,7 @@ def _run_study(cfg: StudyConfig, base: Path, source: str, store: Optional[str], 
         print_leaderboard(cfg.name, rows, default_metric(rows), out)
         out.print(f"Results: {study_store.db_path or study_store.display} (artifacts in {study_store.artifacts.location}); "
                   f"`tunebench show {cfg.name}` shows them again.")
+        report_tracking(study.tracking)
         if report is not None:
             rec = report["recommendation"]
             out.print(f"[bold]{rec['verdict']}[/]: {rec['summary']}", highlight=False)
@@ -142,6 +146,7 @@ def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[s
                                               "the study's execution.address, else a private local cluster)."),
         max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
                                                      help="Ray: trials in flight at once."),
+        mlflow: Optional[str] = MlflowOpt, mlflow_experiment: Optional[str] = ExperimentOpt,
         as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
     """Run every pending trial of a study (finished trials are skipped: a rerun resumes). Several runs may share
     one store: they split the trials between them."""
@@ -151,6 +156,7 @@ def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[s
     try:
         cfg, base = load_study(study)
         cfg = with_execution(cfg, executor=executor, address=address, max_concurrent=max_concurrent)
+        cfg = with_tracking(cfg, mlflow, mlflow_experiment)
         _run_study(cfg, base, str(study), store, as_json, artifacts=artifacts)
     except TunebenchError as exc:
         fail(exc, study)

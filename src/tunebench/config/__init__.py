@@ -14,7 +14,8 @@ from .models import AnyModelConfig, CausalModel, EncoderModel, ModelConfig, Open
 from .search import SearchConfig
 from .study import DEFAULT_STORE, PERTURBATION_KINDS, ConsistencyConfig, StrategyEntry, StudyConfig
 from .task import DataFiles, LabelSpec, SplitConfig, TaskConfig
+from .tracking import MlflowTracking, TrackingConfig
 
-__all__ = ["AnyModelConfig", "ApiPrice", "CausalModel", "EncoderModel", "OpenAIModel", "ConsistencyConfig", "CostConfig", "DEFAULT_STORE", "ExecutionConfig", "Resources", "DataFiles", "LabelSpec", "ModelConfig",
+__all__ = ["AnyModelConfig", "ApiPrice", "CausalModel", "EncoderModel", "OpenAIModel", "ConsistencyConfig", "CostConfig", "DEFAULT_STORE", "ExecutionConfig", "Resources", "DataFiles", "LabelSpec", "ModelConfig", "MlflowTracking", "TrackingConfig",
            "PERTURBATION_KINDS", "SearchConfig", "SplitConfig", "StrategyEntry", "StudyConfig", "TaskConfig",
            "_Strict", "error_at", "parse_study", "read_study"]

@@ -17,6 +17,7 @@ from .renames import renamed_params
 from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .search import SearchConfig
 from .task import TaskConfig
+from .tracking import TrackingConfig
 
 DEFAULT_STORE = "tunebench-runs"
 
@@ -72,6 +73,9 @@ class StudyConfig(_Strict):
     costs: CostConfig = Field(default_factory=CostConfig)
     cv: int | None = Field(None, ge=2, le=100, description="k-fold cross-validation over train + dev (stratified): each "
                            "trial also reports mean ± std over k folds; test is still scored once per final model.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking besides the "
+                                     "results store: mlflow: {uri: ./mlruns | http://HOST:5000, experiment: NAME} "
+                                     "makes each finished trial an MLflow run.")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from ..config import StudyConfig
 from ..data import TaskData, load_task
 from ..progress import StudyReporter
 from ..store import Store
+from ..tracking import MlflowTracker, SyncSummary, tracker_for
 from .claims import Claims
 from .commit import commit
 from .execute import Staging, is_main_process
@@ -37,7 +38,8 @@ class Study:
     """
 
     def __init__(self, config: StudyConfig, *, base_dir: str | Path = ".", store: Store | None = None,
-                 reporter: StudyReporter | None = None, source: str | None = None):
+                 reporter: StudyReporter | None = None, source: str | None = None,
+                 tracker: MlflowTracker | None = None):
         self.config = config
         self.base_dir = Path(base_dir)
         self.store = store if store is not None else Store(config.store_path(self.base_dir),
@@ -47,6 +49,10 @@ class Study:
         self._data: TaskData | None = None
         self.failures: list[tuple[str, BaseException]] = []
         self.unchecked_prompts: list[str] = []  # prompt references planned without a store (validate)
+        # experiment tracking (``tracking:``): each committed trial is reported; None when the study asks for none
+        self.tracker = tracker if tracker is not None else (
+            tracker_for(config, self.store, base_dir=self.base_dir) if isinstance(self.store, Store) else None)
+        self.tracking: SyncSummary | None = None  # what tracking did in this run
 
     @property
     def data(self) -> TaskData:
@@ -90,7 +96,17 @@ class Study:
         if pending:
             with Claims(self.store, self.config.name, ttl=self.config.execution.claim_ttl) as claims:
                 self._run_claimed(trials, pending, executor, claims)
-        return self.store.trials(self.config.name, {t.key for t in trials})
+        rows = self.store.trials(self.config.name, {t.key for t in trials})
+        if self.tracker is not None:  # trials finished earlier, by other drivers, or while the server was down
+            handled = set() if self.tracking is None else self.tracking.keys()
+            self._tracked(self.tracker.sync([r for r in rows if r["key"] not in handled], verify=False))
+        return rows
+
+    def _tracked(self, summary: SyncSummary) -> None:
+        if self.tracking is None:
+            self.tracking = summary
+        else:
+            self.tracking.add(summary)
 
     def _run_claimed(self, trials: list[TrialSpec], pending: list[TrialSpec], executor: Executor,
                      claims: Claims) -> None:
@@ -118,6 +134,9 @@ class Study:
             self.reporter.trial_failed(outcome.spec.name, outcome.error)
         elif commit(self.store, outcome.result, claims.owner):
             self.reporter.trial_finished(outcome.result.row)
+            if self.tracker is not None:  # after the commit: tracking never holds up or loses a stored trial
+                row = self.store.trial(outcome.spec.key)
+                self._tracked(self.tracker.sync([row] if row is not None else []))
         else:
             log.warning("trial %s was stored by another driver meanwhile; this run's result is dropped",
                         outcome.spec.name)

@@ -62,6 +62,11 @@ failures = Table(  # the last failure of a trial not (yet) finished: what `show`
     "failures", metadata,
     Column("key", Text, primary_key=True), Column("study", Text, nullable=False), Column("label", Text, nullable=False),
     Column("reason", Text, nullable=False), Column("owner", Text, nullable=False), Column("at", Float, nullable=False))
+tracked = Table(  # a trial reported to an experiment tracker: which run holds it there (reruns reuse it)
+    "tracked", metadata,
+    Column("key", Text, nullable=False), Column("target", Text, nullable=False), Column("study", Text, nullable=False),
+    Column("run_id", Text, nullable=False), Column("experiment_id", Text), Column("at", Float, nullable=False),
+    PrimaryKeyConstraint("key", "target"), Index("tracked_study", "study", "target"))
 meta = Table("meta", metadata, Column("name", Text, primary_key=True), Column("value", Text, nullable=False))
 
 _PG = re.compile(r"^postgres(ql)?(\+\w+)?://")

@@ -319,6 +319,16 @@ class Store:
         rows = self._read("SELECT data FROM test_sets WHERE fingerprint = :f", f=fingerprint)
         return json.loads(rows[0]["data"]) if rows else None
 
+    def trial(self, key: str) -> dict | None:
+        """One stored trial row by its full key (None when it is not stored)."""
+        rows = self._read("SELECT * FROM trials WHERE key = :k", k=key)
+        if not rows:
+            return None
+        d = dict(rows[0])
+        for c in _JSON_COLS:
+            d[c] = json.loads(d[c])
+        return d
+
     def trials(self, study: str, keys: set[str] | None = None) -> list[dict]:
         out = []
         for r in self._read("SELECT * FROM trials WHERE study = :s ORDER BY finished_at, key", s=study):
@@ -328,6 +338,22 @@ class Store:
             if keys is None or d["key"] in keys:
                 out.append(d)
         return out
+
+    # -- experiment tracking ----------------------------------------------------------------------------------
+    def tracked_runs(self, study: str, target: str) -> dict[str, str]:
+        """``{trial key: run id}`` of the study's trials reported to ``target`` (a tracker, its URI and
+        experiment: ``mlflow|http://host:5000|name``)."""
+        rows = self._read("SELECT key, run_id FROM tracked WHERE study = :s AND target = :t", s=study, t=target)
+        return {r["key"]: r["run_id"] for r in rows}
+
+    def set_tracked_run(self, study: str, key: str, target: str, run_id: str, experiment_id: str | None) -> None:
+        """Remember that trial ``key`` is run ``run_id`` at ``target`` (replacing a run deleted there)."""
+        self._write(lambda con: con.execute(text(
+            "INSERT INTO tracked(key, target, study, run_id, experiment_id, at) VALUES (:k, :t, :s, :r, :e, :at) "
+            "ON CONFLICT(key, target) DO UPDATE SET run_id = excluded.run_id, experiment_id = excluded.experiment_id, "
+            "at = excluded.at"),
+            {"k": key, "t": target, "s": study, "r": run_id, "e": experiment_id, "at": time.time()}),
+            "record a tracked run")
 
 
 def _reason(exc: SQLAlchemyError) -> str:
