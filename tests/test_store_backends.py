@@ -153,3 +153,16 @@ def test_unreachable_postgres_is_a_clear_error():
     result = runner.invoke(app, ["ls", "--store", "postgresql://nobody:secret@127.0.0.1:9/none"])
     assert result.exit_code != 0
     assert "cannot open the results store" in result.output and "secret" not in result.output
+
+
+def test_tracked_runs_are_kept_per_trial_and_target(store):
+    store.save_study("s", {"name": "s"}, "study.yaml", ["k1", "k2"])
+    assert store.add_trial(_row("k1"), None)
+    assert store.trial("k1")["metrics"] == {"accuracy": 0.5} and store.trial("nope") is None
+    assert store.tracked_runs("s", "mlflow|a|s") == {}
+    store.set_tracked_run("s", "k1", "mlflow|a|s", "run1", "7")
+    store.set_tracked_run("s", "k1", "mlflow|b|s", "run9", "1")  # another server: its own run
+    store.set_tracked_run("s", "k1", "mlflow|a|s", "run2", "7")  # the run was deleted there and made again
+    assert store.tracked_runs("s", "mlflow|a|s") == {"k1": "run2"}
+    assert store.tracked_runs("s", "mlflow|b|s") == {"k1": "run9"}
+    assert store.tracked_runs("other", "mlflow|a|s") == {}

@@ -15,6 +15,8 @@ and stops for the rest of the process; the trials stay in the store, and ``tuneb
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -335,7 +337,11 @@ class MlflowTracker:
         client.log_dict(run_id, _summary(row), "tunebench/trial.json")
         if self.log_artifacts and artifact and not is_url(artifact) and Path(artifact).is_dir():
             client.log_artifacts(run_id, artifact, "artifact")
-        client.set_terminated(run_id, "FINISHED", end_time=content.end_ms)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # MLflow prints run links to stdout (where --json goes)
+            client.set_terminated(run_id, "FINISHED", end_time=content.end_ms)
+        if printed.getvalue().strip():
+            log.info("%s", printed.getvalue().strip())
         return run_id
 
     def _intervals(self, row: dict) -> dict[str, tuple[float, float]]:
