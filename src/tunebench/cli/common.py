@@ -56,6 +56,10 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("tunebench.data").setLevel(logging.ERROR)  # the CLI prints data warnings itself
+    # Python warnings (a library's FutureWarning or DeprecationWarning: the user can do nothing about them) go
+    # through logging: shown with --verbose, silent otherwise. tunebench itself reports through logging.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def fail(exc: TunebenchError, study: Path | str | None = None) -> None:
