@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from tests.test_search import run_study, study_dict
 from tunebench.config import parse_study
@@ -102,3 +103,21 @@ def test_search_auto_runs_within_budget_and_records_its_trials(tmp_path, toy_fil
     assert set(search["space"]) == {"lr", "weight_decay"} and set(search["best_params"]) == {"lr", "weight_decay"}
     assert row["cost"]["search_trials"] == search["n_trials"] and row["cost"]["search_seconds"] > 0
     assert row["params"]["lr"] == search["best_params"]["lr"]  # the refit ran the best configuration
+
+
+def test_a_rerun_gives_stored_trials_their_current_label(tmp_path, toy_files, tiny_model_dir):
+    """Labels follow the code: a trial stored under an older label ('full' for what is now
+    'full(lr=0.0001, epochs=2)') takes the current one on the next run, without training again, so `show` no
+    longer groups two configs under one name."""
+    from tunebench.store import Store
+
+    doc = study_dict(tmp_path, toy_files, tiny_model_dir, [{"linear_probe": {"epochs": 2}}])
+    _, rows = run_study(doc, tmp_path)
+    (row,) = rows
+    store = Store(str(tmp_path / "runs"))
+    store._write(lambda con: con.execute(text("UPDATE trials SET label = 'stale' WHERE key = :k"),
+                                         {"k": row["key"]}), "age the label")
+    assert store.trials("toy-search")[0]["label"] == "stale"
+    _, again = run_study(doc, tmp_path)
+    assert [(r["key"], r["label"], r["finished_at"]) for r in again] == [(row["key"], row["label"],
+                                                                         row["finished_at"])]

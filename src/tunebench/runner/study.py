@@ -84,6 +84,9 @@ class Study:
         trials = self.plan()
         self.store.save_study(self.config.name, self.config.model_dump(), self.source, [t.key for t in trials])
         done = self.store.done_keys(self.config.name)
+        relabelled = self.store.relabel(self.config.name, {t.key: t.name for t in trials if t.key in done})
+        if relabelled:
+            log.info("study %s: %d stored trials take their current label", self.config.name, relabelled)
         pending = [t for t in trials if t.key not in done]
         log.info("study %s: %d trials, %d already finished, %d to run", self.config.name, len(trials),
                  len(trials) - len(pending), len(pending))

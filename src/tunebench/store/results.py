@@ -174,6 +174,19 @@ class Store:
             "ON CONFLICT(name) DO UPDATE SET config=excluded.config, source=excluded.source, "
             "updated_at=excluded.updated_at"), doc), "record the study")
 
+    def relabel(self, study: str, labels: dict[str, str]) -> int:
+        """Give stored trials the display label their current plan gives them (``{key: label}``), where it
+        changed: labels are derived from the config, and a newer version may show the same trial differently
+        (two configs that once shared a label would otherwise still be grouped as one). Only the label column
+        changes; the number of trials relabelled."""
+        stored = {r["key"]: r["label"] for r in self._read("SELECT key, label FROM trials WHERE study = :s", s=study)}
+        changed = {k: v for k, v in labels.items() if k in stored and stored[k] != v}
+        if changed:
+            self._write(lambda con: [con.execute(text("UPDATE trials SET label = :l WHERE key = :k AND study = :s"),
+                                                 {"l": v, "k": k, "s": study}) for k, v in changed.items()],
+                        "relabel trials")
+        return len(changed)
+
     def current_keys(self, name: str) -> set[str]:
         """Trial keys of the study's latest plan: trials of an earlier config stay stored but are not current."""
         return set(self.study_config(name)["keys"])
