@@ -58,7 +58,8 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("tunebench.data").setLevel(logging.ERROR)  # the CLI prints data warnings itself
     # Python warnings (a library's FutureWarning or DeprecationWarning: the user can do nothing about them) go
     # through logging: shown with --verbose, silent otherwise. tunebench itself reports through logging.
-    logging.captureWarnings(True)
+    logging.captureWarnings(False)  # install afresh: something since an earlier call (a test harness, an embedding
+    logging.captureWarnings(True)   # app) may have put its own warnings.showwarning back
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
