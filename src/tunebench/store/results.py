@@ -335,22 +335,11 @@ class Store:
     def trial(self, key: str) -> dict | None:
         """One stored trial row by its full key (None when it is not stored)."""
         rows = self._read("SELECT * FROM trials WHERE key = :k", k=key)
-        if not rows:
-            return None
-        d = dict(rows[0])
-        for c in _JSON_COLS:
-            d[c] = json.loads(d[c])
-        return d
+        return _decoded(rows[0]) if rows else None
 
     def trials(self, study: str, keys: set[str] | None = None) -> list[dict]:
-        out = []
-        for r in self._read("SELECT * FROM trials WHERE study = :s ORDER BY finished_at, key", s=study):
-            d = dict(r)
-            for c in _JSON_COLS:
-                d[c] = json.loads(d[c])
-            if keys is None or d["key"] in keys:
-                out.append(d)
-        return out
+        rows = self._read("SELECT * FROM trials WHERE study = :s ORDER BY finished_at, key", s=study)
+        return [_decoded(r) for r in rows if keys is None or r["key"] in keys]
 
     # -- experiment tracking ----------------------------------------------------------------------------------
     def tracked_runs(self, study: str, target: str) -> dict[str, str]:
@@ -367,6 +356,14 @@ class Store:
             "at = excluded.at"),
             {"k": key, "t": target, "s": study, "r": run_id, "e": experiment_id, "at": time.time()}),
             "record a tracked run")
+
+
+def _decoded(row) -> dict:
+    """A stored trial row as a dict, its JSON columns parsed."""
+    d = dict(row)
+    for c in _JSON_COLS:
+        d[c] = json.loads(d[c])
+    return d
 
 
 def _reason(exc: SQLAlchemyError) -> str:
