@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Load on `tunebench serve`: N concurrent clients for a bounded time, two server settings side by side.
 
-1. Trains (once, into a temporary store) the served trial: an encoder classifier (``linear_probe`` on the
-   default all-MiniLM-L6-v2, ``--train`` SST-2 train sentences; toy data when ../shared is absent). Serving
-   cost is the same as for a fully fine-tuned one: the whole encoder runs on every request.
+1. Trains (once, into a temporary store) the served trial: an encoder classifier on the default
+   all-MiniLM-L6-v2 from ``--train`` SST-2 train sentences (toy data when ../shared is absent): ``linear_probe``
+   for ``--compare batching`` (serving cost is the same as a fully fine-tuned one's: the whole encoder runs on
+   every request), ``full`` fine-tuning (1 epoch) for ``--compare runtime``, whose int8 agreement is what a user
+   shipping a fine-tuned classifier meets (a frozen encoder's probe has small logit margins that int8 flips more).
 2. Starts ``tunebench serve STUDY --best`` on loopback twice, one after the other, with the same trial:
    * ``--compare batching`` (default): micro-batching on (``--max-batch 32 --batch-window-ms 5``) and off
      (``--max-batch 1 --batch-window-ms 0``);
@@ -50,7 +52,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_trial(root: Path, n_train: int) -> tuple[str, list[str]]:
+def train_trial(root: Path, n_train: int, strategy: str = "linear_probe") -> tuple[str, list[str]]:
     """A finished study with one encoder classifier; returns its name and the texts clients send."""
     import yaml
 
@@ -83,11 +85,12 @@ def train_trial(root: Path, n_train: int) -> tuple[str, list[str]]:
             "dev": write(root / "dev.tsv", dev_texts[:200], dev_labels[:200]),
             "test": write(root / "test.tsv", dev_texts[200:600], dev_labels[200:600])}
     study = {"name": "serve-load", "task": {"data": data, "text": "text", "label": "label"},
-             "model": {"path": "default"}, "strategies": [{"linear_probe": {"epochs": 3, "batch_size": 32}}],
+             "model": {"path": "default"},
+             "strategies": [{strategy: {"epochs": 3 if strategy == "linear_probe" else 1, "batch_size": 32}}],
              "consistency": {"perturbations": []}, "store": "runs"}
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study), encoding="utf-8")
-    print(f"training the served trial (linear probe, {len(pick)} {source} sentences) ...", flush=True)
+    print(f"training the served trial ({strategy}, {len(pick)} {source} sentences) ...", flush=True)
     subprocess.run([sys.executable, "-m", "tunebench", "run", str(path)], check=True, stdout=subprocess.DEVNULL)
     return str(path), dev_texts
 
@@ -167,7 +170,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunebench-load-") as tmp:
-        study, texts = train_trial(Path(tmp), args.train)
+        study, texts = train_trial(Path(tmp), args.train, "full" if args.compare == "runtime" else "linear_probe")
         if args.compare == "runtime":
             modes = {"pytorch fp32": (True, ("--runtime", "torch")),
                      "onnx int8": (True, ("--runtime", "onnx", "--onnx-dir", str(Path(tmp) / "onnx")))}
