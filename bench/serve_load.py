@@ -4,7 +4,7 @@
 1. Trains (once, into a temporary store) the served trial: an encoder classifier on the default
    all-MiniLM-L6-v2 from ``--train`` SST-2 train sentences (toy data when ../shared is absent): ``linear_probe``
    for ``--compare batching`` (serving cost is the same as a fully fine-tuned one's: the whole encoder runs on
-   every request), ``full`` fine-tuning (1 epoch) for ``--compare runtime``, whose int8 agreement is what a user
+   every request), ``full`` fine-tuning (3 epochs) for ``--compare runtime``, whose int8 agreement is what a user
    shipping a fine-tuned classifier meets (a frozen encoder's probe has small logit margins that int8 flips more).
 2. Starts ``tunebench serve STUDY --best`` on loopback twice, one after the other, with the same trial:
    * ``--compare batching`` (default): micro-batching on (``--max-batch 32 --batch-window-ms 5``) and off
@@ -86,7 +86,7 @@ def train_trial(root: Path, n_train: int, strategy: str = "linear_probe") -> tup
             "test": write(root / "test.tsv", dev_texts[200:600], dev_labels[200:600])}
     study = {"name": "serve-load", "task": {"data": data, "text": "text", "label": "label"},
              "model": {"path": "default"},
-             "strategies": [{strategy: {"epochs": 3 if strategy == "linear_probe" else 1, "batch_size": 32}}],
+             "strategies": [{strategy: {"epochs": 3, "batch_size": 32}}],
              "consistency": {"perturbations": []}, "store": "runs"}
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study), encoding="utf-8")

@@ -63,8 +63,16 @@ def _export_graph(graph: nn.Module, sample: dict[str, torch.Tensor], path: Path)
     raise ExportError("the model could not be exported to ONNX: " + "; ".join(errors))
 
 
+INT8_OPS = ("MatMul",)  # the embedding table (Gather) stays fp32: int8 there moved 0.6% of SST-2 labels
+
+
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = True) -> None:
-    """Dynamic int8 quantization (onnxruntime): int8 weights, activations quantized on the fly."""
+    """Dynamic int8 quantization (onnxruntime) of the MatMuls: int8 weights, activations quantized on the fly.
+
+    On a fully fine-tuned all-MiniLM-L6-v2 (SST-2, 2,000 dev sentences), quantizing onnxruntime's default op set
+    (MatMul and the embedding Gather) kept 98.35% of fp32's labels; MatMul alone 98.95%, at the same speed and
+    accuracy (0.844 against fp32's 0.8435). Keeping the FFN output or attention MatMuls in fp32 changed nothing.
+    """
     import onnx  # optional dependencies, heavy to import
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -75,6 +83,7 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = True) -> None:
     try:
         with quiet():
             quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             op_types_to_quantize=list(INT8_OPS),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         plain.unlink(missing_ok=True)
@@ -149,7 +158,7 @@ def write_onnx(predictor, directory: str | Path, *, per_channel: bool = True, ma
     return {"classifier": cls, "onnx": {
         "exporter": exporter, "opset": ONNX_OPSET if exporter == "torchscript" else "torch default",
         "inputs": ["input_ids", "attention_mask"], "output": "logits", "dynamic_axes": ["batch", "sequence"],
-        "quantization": {"method": "onnxruntime quantize_dynamic", "weights": "int8",
+        "quantization": {"method": "onnxruntime quantize_dynamic", "weights": "int8", "ops": list(INT8_OPS),
                          "granularity": "per channel" if per_channel else "per tensor",
                          "onnxruntime": ort.__version__},
         "check": {"probe_inputs": int(probe["input_ids"].shape[0]), "fp32_max_abs_logit_diff": diff,
