@@ -5,6 +5,7 @@ worker."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import deadline
 from tests.serving import AUTH, KEY, client_for, error_of, served
-from tunebench.backends.streaming import RowStreamer
+from tunebench.backends.streaming import RowStreamer, cleans_spaces
 from tunebench.serve import create_app
 from tunebench.serve.engine import Decode, Engine, Job, LMEngine, RequestError, Result
 
@@ -64,6 +65,24 @@ def test_row_streamer_passes_whole_characters_and_nothing_from_a_stop_string(tin
     for p in pieces:
         sent += p
         assert not sent.endswith("riv") and "river" not in sent
+
+
+def test_row_streamer_waits_for_the_next_word_where_decoding_cleans_up_spaces(tiny_llama):
+    """A tokenizer that cleans up spaces turns "do n" into "don't" once "'t" comes: text from the last space on
+    waits. (Transformers ignores the cleanup for BPE unless forced, and then the streamer does not wait.)"""
+    tok = copy.deepcopy(tiny_llama.tokenizer)
+    tok.clean_up_tokenization_spaces = True
+    assert not cleans_spaces(tok)
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert cleans_spaces(tok)
+    ids = tok("I do n't know , really .", add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    streamer = RowStreamer(tok, [lambda t: pieces.append(t) is None], [], tok.eos_token_id, tok.decode)
+    streamer.put(torch.tensor([[5]]))
+    for t in ids:
+        streamer.put(torch.tensor([t]))
+    streamer.close(0, tok.decode(ids))
+    assert "".join(pieces) == "I don't know, really." and len(pieces) > 2
 
 
 def test_streamed_text_arrives_while_the_batch_generates_and_equals_the_plain_answer(tiny_llama):

@@ -33,6 +33,15 @@ Send = Callable[[str], bool]  # a row's new text -> whether its reader still wan
 _LAST_WORD = re.compile(r"\s\S*\Z")
 
 
+def cleans_spaces(tokenizer) -> bool:
+    """Whether decoding drops spaces before punctuation (``"do n't ."`` as ``"don't."``), which lets a later token
+    change the text before it. (Transformers 5 ignores the setting for BPE tokenizers unless forced.)"""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    ids = tokenizer("do n't , a .", add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids) != tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
 class _Row:
     __slots__ = ("send", "ids", "sent", "done", "dropped")
 
@@ -53,7 +62,7 @@ class RowStreamer(BaseStreamer):
                  finish: Callable[[list[int]], str]):
         self.tok, self.stop, self.eos, self.finish = tokenizer, list(stop), eos_id, finish
         self.rows = [None if s is None else _Row(s) for s in sends]
-        self.cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.cleans_spaces = cleans_spaces(tokenizer)
         self._prompt = True
 
     def criteria(self) -> StoppingCriteriaList:
