@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Load on `tunebench serve`: N concurrent clients for a bounded time, micro-batching on and off, side by side.
+"""Load on `tunebench serve`: N concurrent clients for a bounded time, two server settings side by side.
 
-1. Trains (once, into a temporary store) the served trial: an encoder classifier (``linear_probe`` on the
-   default all-MiniLM-L6-v2, ``--train`` SST-2 train sentences; toy data when ../shared is absent). Serving
-   cost is the same as for a fully fine-tuned one: the whole encoder runs on every request.
+1. Trains (once, into a temporary store) the served trial: an encoder classifier on the default
+   all-MiniLM-L6-v2 from ``--train`` SST-2 train sentences (toy data when ../shared is absent): ``linear_probe``
+   for ``--compare batching`` (serving cost is the same as a fully fine-tuned one's: the whole encoder runs on
+   every request), ``full`` fine-tuning (1 epoch) for ``--compare runtime``, whose int8 agreement is what a user
+   shipping a fine-tuned classifier meets (a frozen encoder's probe has small logit margins that int8 flips more).
 2. Starts ``tunebench serve STUDY --best`` on loopback twice, one after the other, with the same trial:
-   micro-batching on (``--max-batch 32 --batch-window-ms 5``) and off (``--max-batch 1 --batch-window-ms 0``).
+   * ``--compare batching`` (default): micro-batching on (``--max-batch 32 --batch-window-ms 5``) and off
+     (``--max-batch 1 --batch-window-ms 0``);
+   * ``--compare runtime``: PyTorch fp32 (``--runtime torch``) and the ONNX int8 graph (``--runtime onnx``, which
+     exports the trial on its first start), both micro-batching.
 3. Each time, ``--clients`` asyncio clients (httpx, one connection each) send ``/v1/classify`` requests (one
    SST-2 dev sentence each, bearer key) back to back for ``--seconds``; every answer is checked (HTTP 200 and
-   a label). Prints requests/s, p50/p95 latency and the error count for both, and the ratio.
+   a label). Prints requests/s, p50/p95 latency and the error count for both, and the ratio; ``runtime`` also
+   prints the label agreement of the two servers on the inputs both answered.
 
-Targets (issue 5): zero errors at 64 concurrent clients; micro-batching >= 2x the requests/s of batch-size-1.
+Targets: zero errors at 64 concurrent clients; micro-batching >= 2x the requests/s of batch-size-1 (issue 5);
+ONNX int8 >= 2x the requests/s of PyTorch fp32 with >= 99.5% label agreement (issue 20).
 
 ``--stream``: streamed generation instead. Serves a causal LM (``tunebench serve --model``; ``--stream-model
 DIR``, default a tiny random Llama built here as the tests build it, since no small causal LM is available
@@ -20,6 +27,7 @@ the first text is the whole answer). Prints p50/p95 of both, requests/s, generat
 
 Usage:
     python bench/serve_load.py                     # 64 clients, 20 s per mode
+    python bench/serve_load.py --compare runtime
     python bench/serve_load.py --clients 16 --seconds 10
     python bench/serve_load.py --stream --clients 8 --seconds 10 [--stream-model DIR] [--stream-tokens 32]
 """
@@ -51,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_trial(root: Path, n_train: int) -> tuple[str, list[str]]:
+def train_trial(root: Path, n_train: int, strategy: str = "linear_probe") -> tuple[str, list[str]]:
     """A finished study with one encoder classifier; returns its name and the texts clients send."""
     import yaml
 
@@ -84,21 +92,23 @@ def train_trial(root: Path, n_train: int) -> tuple[str, list[str]]:
             "dev": write(root / "dev.tsv", dev_texts[:200], dev_labels[:200]),
             "test": write(root / "test.tsv", dev_texts[200:600], dev_labels[200:600])}
     study = {"name": "serve-load", "task": {"data": data, "text": "text", "label": "label"},
-             "model": {"path": "default"}, "strategies": [{"linear_probe": {"epochs": 3, "batch_size": 32}}],
+             "model": {"path": "default"},
+             "strategies": [{strategy: {"epochs": 3 if strategy == "linear_probe" else 1, "batch_size": 32}}],
              "consistency": {"perturbations": []}, "store": "runs"}
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(study), encoding="utf-8")
-    print(f"training the served trial (linear probe, {len(pick)} {source} sentences) ...", flush=True)
+    print(f"training the served trial ({strategy}, {len(pick)} {source} sentences) ...", flush=True)
     subprocess.run([sys.executable, "-m", "tunebench", "run", str(path)], check=True, stdout=subprocess.DEVNULL)
     return str(path), dev_texts
 
 
-def start_server(study: str, batching: bool) -> tuple[subprocess.Popen, str]:
+def start_server(study: str, batching: bool, runtime: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     args = ["--max-batch", "32", "--batch-window-ms", "5"] if batching else ["--max-batch", "1",
                                                                               "--batch-window-ms", "0"]
+    args += list(runtime)
     # the load generator runs on the same machine: leave it a core (the same for both modes)
     threads = str(max(1, (os.cpu_count() or 2) - 1))
     proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", study, "--best", "--port", str(port),
@@ -106,7 +116,7 @@ def start_server(study: str, batching: bool) -> tuple[subprocess.Popen, str]:
                             env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(3000):  # an ONNX runtime exports the trial on its first start
         if proc.poll() is not None:
             raise SystemExit("the server exited while starting")
         try:
@@ -123,6 +133,7 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float) -> dic
 
     latencies: list[float] = []
     errors: list[str] = []
+    answers: dict[str, str] = {}  # input -> the label served for it
     stop_at = time.perf_counter() + seconds
 
     async def client(i: int) -> None:
@@ -133,9 +144,12 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float) -> dic
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post("/v1/classify", json={"input": texts[k % len(texts)]})
+                    text = texts[k % len(texts)]
+                    r = await c.post("/v1/classify", json={"input": text})
                     ok = r.status_code == 200 and r.json()["data"][0]["label"] is not None
-                    if not ok:
+                    if ok:
+                        answers[text] = r.json()["data"][0]["label"]
+                    else:
                         errors.append(f"{r.status_code}: {r.text[:120]}")
                 except httpx.HTTPError as exc:
                     errors.append(type(exc).__name__)
@@ -149,7 +163,8 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float) -> dic
     elapsed = time.perf_counter() - t0
     lat = np.asarray(latencies) * 1000 if latencies else np.asarray([float("nan")])
     return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)),
-            "p95": float(np.percentile(lat, 95)), "errors": len(errors), "first_errors": errors[:3]}
+            "p95": float(np.percentile(lat, 95)), "errors": len(errors), "first_errors": errors[:3],
+            "answers": answers}
 
 
 # ---- streamed generation: first-token latency ---------------------------------------------------------------
@@ -301,6 +316,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--train", type=int, default=2000, help="SST-2 train sentences for the served trial")
+    ap.add_argument("--compare", choices=("batching", "runtime"), default="batching",
+                    help="batching: micro-batching on/off; runtime: PyTorch fp32 against ONNX int8")
     ap.add_argument("--stream", action="store_true", help="streamed generation: first-token latency of a causal LM")
     ap.add_argument("--stream-model", help="--stream: the causal LM directory (default: a tiny random Llama)")
     ap.add_argument("--stream-tokens", type=int, default=32, help="--stream: max_tokens per request")
@@ -310,10 +327,15 @@ def main() -> None:
         stream_main(args)
         return
     with tempfile.TemporaryDirectory(prefix="tunebench-load-") as tmp:
-        study, texts = train_trial(Path(tmp), args.train)
+        study, texts = train_trial(Path(tmp), args.train, "full" if args.compare == "runtime" else "linear_probe")
+        if args.compare == "runtime":
+            modes = {"pytorch fp32": (True, ("--runtime", "torch")),
+                     "onnx int8": (True, ("--runtime", "onnx", "--onnx-dir", str(Path(tmp) / "onnx")))}
+        else:
+            modes = {"micro-batching": (True, ()), "batch size 1": (False, ())}
         results = {}
-        for name, batching in (("micro-batching", True), ("batch size 1", False)):
-            proc, url = start_server(study, batching)
+        for name, (batching, runtime) in modes.items():
+            proc, url = start_server(study, batching, runtime)
             try:
                 asyncio.run(drive(url, texts, args.clients, 2.0))  # warm-up
                 print(f"{name}: {args.clients} clients for {args.seconds:g} s ...", flush=True)
@@ -327,12 +349,19 @@ def main() -> None:
         print(f"{name:<16}{r['requests']:>10}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p95']:>10.1f}{r['errors']:>8}")
         for e in r["first_errors"]:
             print(f"    e.g. {e}")
-    on, off = results["micro-batching"], results["batch size 1"]
-    ratio = on["rps"] / off["rps"] if off["rps"] else float("inf")
-    errors = on["errors"] + off["errors"]
-    print(f"\nmicro-batching / batch size 1: {ratio:.2f}x requests/s (target >= 2x): "
-          f"{'met' if ratio >= 2 else 'NOT met'}")
+    (fast_name, fast), (base_name, base) = results.items()
+    if args.compare == "runtime":
+        fast_name, fast, base_name, base = base_name, base, fast_name, fast  # onnx against pytorch
+    ratio = fast["rps"] / base["rps"] if base["rps"] else float("inf")
+    errors = fast["errors"] + base["errors"]
+    print(f"\n{fast_name} / {base_name}: {ratio:.2f}x requests/s (target >= 2x): {'met' if ratio >= 2 else 'NOT met'}")
     print(f"errors at {args.clients} concurrent clients: {errors} (target 0): {'met' if errors == 0 else 'NOT met'}")
+    if args.compare == "runtime":
+        both = sorted(set(fast["answers"]) & set(base["answers"]))
+        same = sum(fast["answers"][t] == base["answers"][t] for t in both)
+        share = same / len(both) if both else float("nan")
+        print(f"label agreement on the {len(both)} inputs both served: {share:.2%} (target >= 99.5%): "
+              f"{'met' if share >= 0.995 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -12,4 +12,4 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 . scripts/test-services.sh
 export TUNEBENCH_REQUIRE_SERVICES=1  # the PostgreSQL and Ray tests fail instead of skipping
-HF_HUB_OFFLINE=1 python -m pytest -q "$@"
+HF_HUB_OFFLINE=1 python -m pytest -q --durations=25 "$@"

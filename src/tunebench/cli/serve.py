@@ -11,6 +11,7 @@ from ..errors import TunebenchError
 from ..serve.app import (
     Limits,  # fastapi, no model: the limit options take their help and defaults from Limits
 )
+from ..serve import RUNTIMES
 from .common import StoreOpt, TrialOpt, VerboseOpt, err, fail, field_option, resolve_study, setup_logging, spinner
 
 
@@ -23,6 +24,12 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           name: Optional[str] = typer.Option(None, "--name", help="Model id for --model (default: the directory name)."),
           precision: str = typer.Option("auto", "--precision", help="--model: auto (bf16 autocast where the hardware "
                                         "has native bf16), bf16 or fp32."),
+          runtime: str = typer.Option("torch", "--runtime", help="What runs a trial: torch (its own predictor, as "
+                                      "evaluated), onnx (the int8 ONNX graph of an encoder classifier: from --onnx-dir, "
+                                      "exported there first if absent) or auto (onnx where the trial allows it)."),
+          onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="--runtime onnx/auto: the trial's ONNX "
+                                                  "export (default exports/STUDY-ID-onnx, where `tunebench export` "
+                                                  "writes it)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one "
@@ -60,13 +67,19 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
             raise TunebenchError("give a STUDY with --trial ID or --best, or --model PATH (not both)")
         if study is not None and (trial is None) == (not best):
             raise TunebenchError("say which trial: --trial ID or --best (one of them)")
+        if runtime not in RUNTIMES:
+            raise TunebenchError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
+        if model_path is not None and runtime == "onnx":
+            raise TunebenchError("--runtime onnx serves an encoder classifier trial; --model serves a causal LM "
+                                 "(use --runtime torch)")
         keys = api_keys(api_key_file, no_auth=no_auth, host=host)
         with spinner("loading the model"):
             if model_path is not None:
                 engine = lm_engine(model_path, name, precision=precision)
             else:
                 name_, root = resolve_study(study, store)
-                engine = trial_engine(root, name_, trial, best=best, raw=raw)
+                engine = trial_engine(root, name_, trial, best=best, raw=raw, runtime=runtime, onnx_dir=onnx_dir,
+                                      threads=threads)
     except TunebenchError as exc:
         fail(exc)
     limits = Limits(max_body_bytes=max_body, max_input_tokens=max_input_tokens, max_tokens=max_tokens,
@@ -77,6 +90,8 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
                       window_ms=limits.batch_window_ms, threads=threads)
     info = engine.describe()
     what = f"{info.get('label', '')} ({info.get('strategy', '')})" if engine.kind == "trial" else info["base_model"]
+    if info.get("runtime", "torch") != "torch":
+        what += f", {info['runtime']} from {info.get('export')}"
     shown = f"[{host}]" if ":" in host else host
     err.print(f"Serving [bold]{engine.id}[/]: {what}", highlight=False)
     err.print(f"  http://{shown}:{port}/v1  (chat/completions, completions, classify, models; /health)", highlight=False)

@@ -48,7 +48,7 @@ from .writers import WRITERS, files, staging_dir, swap_into_place
 __all__ = ["ANCHORS_FILE", "CARD", "CLASSIFIER_FILE", "EMBEDDING_FILE", "FORMATS", "HEAD_FILE", "MANIFEST", "ONNX_FP32",
            "ONNX_INT8", "ONNX_OPSET", "PROMPT_FILE", "ExportError", "ExportPlan", "ExportResult", "OnnxClassifier",
            "check_format", "check_out_dir", "default_out_dir", "export_trial", "merged_encoder", "model_card",
-           "prepare_export", "quantize_int8", "run_export", "weights_kind", "write_onnx"]
+           "onnx_export_for", "prepare_export", "quantize_int8", "run_export", "weights_kind", "write_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,46 @@ def export_trial(loaded, out_dir: str | Path, fmt: str, *, force: bool = False, 
         raise
     log.info("exported trial %s as %s to %s", loaded.key[:8], fmt, out_dir)
     return ExportResult(out_dir, fmt, files(out_dir), facts)
+
+
+def export_of(path: str | Path) -> dict | None:
+    """The manifest of the tunebench export at ``path`` (None when there is none, or it cannot be read)."""
+    try:
+        doc = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def onnx_export_for(loaded, out_dir: str | Path | None = None, *,
+                    status: Callable[[str], None] | None = None) -> Path:
+    """The ONNX export of a loaded trial: the one at ``out_dir`` (default ``exports/STUDY-ID-onnx``, where
+    ``tunebench export --format onnx`` writes it) when it is this trial's, else written there now.
+
+    A directory holding anything else (another trial's export, other files) is never touched: the error says
+    which trial it holds and how to choose another directory.
+    """
+    check_format(loaded.row["strategy"], loaded.row.get("params"), loaded.model_config.backend, "onnx",
+                 f"trial {loaded.key[:8]}")
+    target = Path(out_dir) if out_dir is not None else default_out_dir(loaded.study, loaded.key, "onnx")
+    doc = export_of(target)
+    if doc is not None and doc.get("format") == "onnx" and doc.get("trial") == loaded.key \
+            and all((target / name).is_file() for name in (ONNX_INT8, CLASSIFIER_FILE)):
+        log.info("using the ONNX export of trial %s at %s", loaded.key[:8], target)
+        return target
+    if doc is not None:
+        held = f"trial {str(doc.get('trial', '?'))[:8]} in format {doc.get('format', '?')}"
+        if doc.get("trial") == loaded.key and doc.get("format") == "onnx":
+            held = "this trial's ONNX export with files missing"
+        raise ExportError(f"{target} holds {held}; give another directory for this trial's ONNX export "
+                          f"(or export it there again: tunebench export {loaded.study} --trial {loaded.key[:8]} "
+                          f"--format onnx --out {target} --force)")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(f"{target} holds files that are not a tunebench export; choose another directory for this "
+                          "trial's ONNX export")
+    log.info("exporting trial %s to ONNX at %s", loaded.key[:8], target)
+    export_trial(loaded, target, "onnx", status=status)
+    return target
 
 
 # ---- the `tunebench export` command: checks first, then the (slow) load and export -------------------------

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CapabilityError
+from ..strategies.base import Output, as_texts
 from .common import CLASSIFIER_FILE, ONNX_FP32, ONNX_INT8, ONNX_OPSET, ExportError, merged_encoder, quiet
 
 
@@ -196,7 +197,19 @@ class OnnxClassifier:
 
     def predict_scores(self, texts: list[str]) -> np.ndarray:
         """Logits, shape (n, n_labels), in input order."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return self._scores(self._ids(texts))
+
+    def run(self, inputs) -> Output:
+        """Labels, logits and token counts for texts (or prompt records, by their ``input``), like a trial's own
+        predictor: what ``tunebench serve --runtime onnx`` answers with."""
+        ids = self._ids(as_texts(inputs))
+        scores = self._scores(ids)
+        return Output(scores.argmax(1), [len(x) for x in ids], [0] * len(ids), scores=scores)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _scores(self, ids: list[list[int]]) -> np.ndarray:
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for s in range(0, len(order), self.batch_size):

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..analysis.selection import load_trial
 from ..backends import load_backend
 from ..config import ModelConfig
-from ..errors import CapabilityError, ConfigError
+from ..errors import CapabilityError, ConfigError, TunebenchError
 from .app import Limits, create_app
 from .engine import Engine, LMEngine, TrialEngine
 
@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TUNEBENCH_API_KEY"
 
-__all__ = ["API_KEY_ENV", "Engine", "LMEngine", "Limits", "TrialEngine", "api_keys", "create_app", "is_loopback",
-           "lm_engine", "trial_engine"]
+RUNTIMES = ("torch", "onnx", "auto")
+
+__all__ = ["API_KEY_ENV", "RUNTIMES", "Engine", "LMEngine", "Limits", "TrialEngine", "api_keys", "create_app",
+           "is_loopback", "lm_engine", "trial_engine"]
 
 
 def is_loopback(host: str) -> bool:
@@ -59,16 +61,46 @@ def api_keys(key_file: Path | None, *, no_auth: bool, host: str) -> set[str] | N
 
 
 def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool, raw: bool = False,
-                 metric: str | None = None) -> Engine:
-    """The engine for a stored trial: its task endpoint, or with ``raw`` its tuned LM as a plain model."""
+                 metric: str | None = None, runtime: str = "torch", onnx_dir: str | Path | None = None,
+                 threads: int | None = None, status=None) -> Engine:
+    """The engine for a stored trial: its task endpoint, or with ``raw`` its tuned LM as a plain model.
+
+    ``runtime``: ``torch`` runs the trial's own predictor; ``onnx`` runs its int8 ONNX graph (onnxruntime), from
+    the export at ``onnx_dir`` (default ``exports/STUDY-ID-onnx``) or exported there first; ``auto`` is ``onnx``
+    for an encoder classifier that can be exported, else ``torch``. ``threads`` bounds onnxruntime's threads.
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
     loaded = load_trial(store_root, study, trial, best=best, metric=metric)
-    if not raw:
+    if raw:
+        if runtime == "onnx":
+            raise CapabilityError("--raw serves a causal LM, which has no ONNX runtime here; use --runtime torch")
+        if loaded.backend.name != "causal":
+            raise CapabilityError(f"--raw serves a causal trial's tuned LM as a plain model; trial {loaded.key[:8]} "
+                                  f"runs on the {loaded.backend.name} backend")
+        info = {"study": study, "trial": loaded.key, "strategy": loaded.row["strategy"], "label": loaded.row["label"]}
+        return LMEngine(loaded.backend, getattr(loaded.predictor, "model", None), f"{loaded.name}:raw", info)
+    if runtime == "torch":
         return TrialEngine(loaded)
-    if loaded.backend.name != "causal":
-        raise CapabilityError(f"--raw serves a causal trial's tuned LM as a plain model; trial {loaded.key[:8]} "
-                              f"runs on the {loaded.backend.name} backend")
-    info = {"study": study, "trial": loaded.key, "strategy": loaded.row["strategy"], "label": loaded.row["label"]}
-    return LMEngine(loaded.backend, getattr(loaded.predictor, "model", None), f"{loaded.name}:raw", info)
+    from ..export import OnnxClassifier, check_format, onnx_export_for  # heavy: onnx and onnxruntime
+
+    try:
+        check_format(loaded.row["strategy"], loaded.row.get("params"), loaded.model_config.backend, "onnx",
+                     f"trial {loaded.key[:8]}")
+        import onnxruntime  # noqa: F401  (an optional dependency: tunebench[export])
+    except ImportError:
+        if runtime == "onnx":
+            raise CapabilityError("--runtime onnx needs onnxruntime: pip install onnxruntime onnx") from None
+        log.info("--runtime auto: onnxruntime is not installed; serving with PyTorch")
+        return TrialEngine(loaded)
+    except TunebenchError as exc:
+        if runtime == "onnx":
+            raise CapabilityError(f"--runtime onnx: {exc}") from None
+        log.info("--runtime auto: serving with PyTorch (%s)", exc)
+        return TrialEngine(loaded)
+    path = onnx_export_for(loaded, onnx_dir, status=status)
+    loaded.predictor = OnnxClassifier(path, quantized=True, threads=threads)  # the PyTorch weights are released
+    return TrialEngine(loaded, runtime="onnx-int8", export=path)
 
 
 def lm_engine(path: str, name: str | None = None, *, precision: str = "auto", device: str = "auto") -> Engine:

@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -198,8 +199,9 @@ class TrialEngine(Engine):
 
     kind = "trial"
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, *, runtime: str = "torch", export: Path | None = None):
         self.loaded = loaded
+        self.runtime, self.export = runtime, export  # what runs the model: torch, or onnx-int8 from an export
         self.predictor = loaded.predictor
         self.id = loaded.name
         self.task_type = loaded.task_type
@@ -219,7 +221,8 @@ class TrialEngine(Engine):
         row = self.loaded.row
         return {"kind": "trial", "study": self.loaded.study, "trial": row["key"], "strategy": row["strategy"],
                 "label": row["label"], "family": row["family"], "task": self.task_type, "labels": self.labels,
-                "base_model": self.loaded.backend.model_id,
+                "base_model": self.loaded.backend.model_id, "runtime": self.runtime,
+                **({"export": str(self.export)} if self.export is not None else {}),
                 "metrics": {k: v for k, v in row["metrics"].items() if isinstance(v, (int, float))}}
 
     def record(self, x: Any, where: str) -> dict:
@@ -262,7 +265,7 @@ class TrialEngine(Engine):
             raise RequestError("logprobs: a trial endpoint answers its task; prompt log-probabilities come from a "
                                "plain model (`tunebench serve --model PATH`, or --raw for a tuned causal trial)",
                                "logprobs")
-        if stream and self.predictor.streams:
+        if stream and getattr(self.predictor, "streams", False):  # (an ONNX classifier is no Predictor)
             out = self.predictor.run(inputs, stream=stream)
         else:
             out = self.predictor.run(inputs)
