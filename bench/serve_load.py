@@ -19,10 +19,17 @@
 Targets: zero errors at 64 concurrent clients; micro-batching >= 2x the requests/s of batch-size-1 (issue 5);
 ONNX int8 >= 2x the requests/s of PyTorch fp32 with >= 99.5% label agreement (issue 20).
 
+``--stream``: streamed generation instead. Serves a causal LM (``tunebench serve --model``; ``--stream-model
+DIR``, default a tiny random Llama built here as the tests build it, since no small causal LM is available
+offline) with micro-batching on; clients send ``/v1/completions`` with ``stream: true`` and time the first
+content chunk (first-token latency) and the whole answer, then the same requests unstreamed for reference (where
+the first text is the whole answer). Prints p50/p95 of both, requests/s, generated tokens/s and errors.
+
 Usage:
     python bench/serve_load.py                     # 64 clients, 20 s per mode
     python bench/serve_load.py --compare runtime
     python bench/serve_load.py --clients 16 --seconds 10
+    python bench/serve_load.py --stream --clients 8 --seconds 10 [--stream-model DIR] [--stream-tokens 32]
 """
 
 from __future__ import annotations
@@ -160,6 +167,150 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float) -> dic
             "answers": answers}
 
 
+# ---- streamed generation: first-token latency ---------------------------------------------------------------
+STREAM_PROMPTS = ["The river", "Once upon a time", "A red apple", "The weather today", "My favourite film",
+                  "In the garden", "The castle stood", "Tell me about the ocean"]
+
+
+def tiny_causal_lm(root: Path) -> Path:
+    """A random 2-layer, 64-wide Llama with a byte-level BPE tokenizer trained here (the tests' model): its
+    latencies measure the serving path (HTTP, micro-batching, streaming), not a real model's compute."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import _bpe_tokenizer
+
+    out = root / "tiny-llama"
+    out.mkdir()
+    tok = _bpe_tokenizer(out, chat=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def start_lm_server(model: Path | str) -> tuple[subprocess.Popen, str]:
+    """``tunebench serve --model`` with micro-batching on (``--max-batch 32 --batch-window-ms 5``)."""
+    import httpx
+
+    port = free_port()
+    threads = str(max(1, (os.cpu_count() or 2) - 1))
+    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", "--model", str(model), "--name", "lm",
+                             "--port", str(port), "--threads", threads, "--precision", "fp32",
+                             "--max-batch", "32", "--batch-window-ms", "5"],
+                            env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit("the server exited while starting")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+async def drive_stream(url: str, clients: int, seconds: float, max_tokens: int, stream: bool) -> dict:
+    """Clients send completions back to back; each answer's time to its first text and to its end."""
+    import json
+
+    import httpx
+
+    first: list[float] = []
+    total: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds
+    body = {"model": "lm", "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+
+    async def one(c, prompt: str) -> None:
+        nonlocal tokens
+        t0 = time.perf_counter()
+        if not stream:
+            r = await c.post("/v1/completions", json={**body, "prompt": prompt})
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {r.text[:120]}")
+            first.append(time.perf_counter() - t0)
+            total.append(first[-1])
+            tokens += r.json()["usage"]["completion_tokens"]
+            return
+        t_first = None
+        async with c.stream("POST", "/v1/completions", json={**body, "prompt": prompt}) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {(await r.aread())[:120]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                if t_first is None and event["choices"] and event["choices"][0]["text"]:
+                    t_first = time.perf_counter() - t0
+                if event.get("usage"):
+                    tokens += event["usage"]["completion_tokens"]
+        total.append(time.perf_counter() - t0)
+        first.append(t_first if t_first is not None else total[-1])  # an empty answer: its end
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=120,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as c:
+            k = i
+            while time.perf_counter() < stop_at:
+                try:
+                    await one(c, STREAM_PROMPTS[k % len(STREAM_PROMPTS)])
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                k += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+
+    def pct(xs: list[float], q: float) -> float:
+        return float(np.percentile(np.asarray(xs) * 1000, q)) if xs else float("nan")
+
+    return {"requests": len(total), "rps": len(total) / elapsed, "tps": tokens / elapsed,
+            "first_p50": pct(first, 50), "first_p95": pct(first, 95), "total_p50": pct(total, 50),
+            "total_p95": pct(total, 95), "errors": len(errors), "first_errors": errors[:3]}
+
+
+def stream_main(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="tunebench-stream-") as tmp:
+        model = args.stream_model
+        if model is None:
+            print("building a tiny random Llama (2 layers, 64 wide; no small causal LM is available offline): "
+                  "figures measure the serving path, not a real model", flush=True)
+            model = tiny_causal_lm(Path(tmp))
+        proc, url = start_lm_server(model)
+        results = {}
+        try:
+            asyncio.run(drive_stream(url, args.clients, 2.0, args.stream_tokens, True))  # warm-up
+            for name, stream in (("streamed", True), ("not streamed", False)):
+                print(f"{name}: {args.clients} clients for {args.seconds:g} s, max_tokens {args.stream_tokens} ...",
+                      flush=True)
+                results[name] = asyncio.run(drive_stream(url, args.clients, args.seconds, args.stream_tokens, stream))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    print()
+    print(f"{'mode':<14}{'requests':>9}{'req/s':>8}{'tok/s':>8}{'first p50':>11}{'first p95':>11}"
+          f"{'end p50':>9}{'end p95':>9}{'errors':>8}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['requests']:>9}{r['rps']:>8.1f}{r['tps']:>8.0f}{r['first_p50']:>11.1f}"
+              f"{r['first_p95']:>11.1f}{r['total_p50']:>9.1f}{r['total_p95']:>9.1f}{r['errors']:>8}")
+        for e in r["first_errors"]:
+            print(f"    e.g. {e}")
+    print("(ms; 'first': the first text a client receives, which unstreamed is the whole answer)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=64)
@@ -167,8 +318,14 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=2000, help="SST-2 train sentences for the served trial")
     ap.add_argument("--compare", choices=("batching", "runtime"), default="batching",
                     help="batching: micro-batching on/off; runtime: PyTorch fp32 against ONNX int8")
+    ap.add_argument("--stream", action="store_true", help="streamed generation: first-token latency of a causal LM")
+    ap.add_argument("--stream-model", help="--stream: the causal LM directory (default: a tiny random Llama)")
+    ap.add_argument("--stream-tokens", type=int, default=32, help="--stream: max_tokens per request")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stream:
+        stream_main(args)
+        return
     with tempfile.TemporaryDirectory(prefix="tunebench-load-") as tmp:
         study, texts = train_trial(Path(tmp), args.train, "full" if args.compare == "runtime" else "linear_probe")
         if args.compare == "runtime":

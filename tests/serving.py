@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -11,7 +16,8 @@ from typer.testing import CliRunner
 from tests.conftest import toy_rows, write_csv
 from tests.test_causal import colour_rows
 from tunebench.cli import app as cli
-from tunebench.serve import create_app, trial_engine
+from tunebench.serve import Limits, create_app, trial_engine
+from tunebench.serve.server import server_config
 
 runner = CliRunner()
 KEY = "test-key-0123456789abcdef"
@@ -63,3 +69,28 @@ def error_of(response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
     return body["error"]
+
+
+@contextmanager
+def served(app_, limits: Limits | None = None):
+    """``app_`` under uvicorn (with the CLI's settings) in a thread on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(server_config(app_, host="127.0.0.1", port=0, limits=limits or Limits()))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            for _ in range(600):
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    threading.Event().wait(0.1)
+            else:
+                raise AssertionError("the server did not come up")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)

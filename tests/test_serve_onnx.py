@@ -37,6 +37,8 @@ def test_onnx_runtime_serves_the_int8_export_and_reuses_it(stores, tmp_path, mon
         by_onnx = c.post("/v1/classify", headers=AUTH, json={"input": TEXTS}).json()
         chat = c.post("/v1/chat/completions", headers=AUTH,
                       json={"messages": [{"role": "user", "content": TEXTS[0]}]}).json()
+        streamed = c.post("/v1/chat/completions", headers=AUTH,  # the ONNX classifier is no Predictor: no stream
+                          json={"messages": [{"role": "user", "content": TEXTS[0]}], "stream": True})
     assert info["runtime"] == "onnx-int8" and info["export"] == str(out) and info["trial"] == key
     assert by_onnx["model"] == by_torch["model"]  # the same model id: clients need not know the runtime
     # what is served is the int8 graph's answer, scores included ...
@@ -47,6 +49,7 @@ def test_onnx_runtime_serves_the_int8_export_and_reuses_it(stores, tmp_path, mon
     np.testing.assert_allclose(served, probs, atol=1e-5)
     assert [d["label_id"] for d in by_onnx["data"]] == logits.argmax(1).tolist()
     assert chat["choices"][0]["message"]["content"] == by_onnx["data"][0]["label"]
+    assert streamed.status_code == 200 and f'"content": "{chat["choices"][0]["message"]["content"]}"' in streamed.text
     # ... counted in the same tokens as PyTorch's, and agreeing with it wherever int8's rounding cannot flip it
     assert by_onnx["usage"] == by_torch["usage"]
     torch_probs = np.asarray([[d["scores"][lab] for lab in ("neg", "pos")] for d in by_torch["data"]])

@@ -44,7 +44,7 @@ class FakeLM(Engine):
     def chat_prompt(self, messages):
         return messages[-1]["content"]
 
-    def _run(self, job, inputs):
+    def _run(self, job, inputs, stream=None):
         if self.run is not None:
             self.run(inputs)
         return [Result(f"echo {x}", 1, 1) for x in inputs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -253,10 +253,14 @@ class CausalBackend(Backend):
     @torch.inference_mode()
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: list[str] | None = None, seed: int = 0, model: nn.Module | None = None,
-                 batch_size: int = 16, max_length: int | None = None) -> list[Generation]:
+                 batch_size: int = 16, max_length: int | None = None,
+                 stream: dict[int, Callable[[str], bool]] | None = None) -> list[Generation]:
         """Complete formatted prompts: greedy when ``temperature`` is 0, sampled (seeded) otherwise.
 
         Generation stops at EOS, at any ``stop`` string (cut from the text) or after ``max_new_tokens``.
+        ``stream`` maps prompt indices to callbacks that receive that prompt's text while it is generated (in
+        this thread, in pieces that add up to the returned text; see :mod:`.streaming`); a callback that returns
+        False ends its prompt's generation early. Streaming changes no result.
         """
         model = self._model if model is None else model
         was_training = model.training
@@ -276,23 +280,37 @@ class CausalBackend(Backend):
             for s in range(0, len(order), batch_size):
                 chunk = order[s : s + batch_size]
                 batch = self.collate([ids[i] for i in chunk], left=True)
+                streamer, step_kw = None, kw
+                if stream and any(i in stream for i in chunk):
+                    from .streaming import RowStreamer  # imports transformers: only when a request streams
+
+                    streamer = RowStreamer(tok, [stream.get(i) for i in chunk], list(stop or ()), tok.eos_token_id,
+                                           lambda toks: self._completion(toks, stop)[0])
+                    step_kw = {**kw, "streamer": streamer, "stopping_criteria": streamer.criteria()}
                 torch.manual_seed(seed + s)
                 with self.autocast():
-                    seqs = model.generate(**batch, **kw)
+                    seqs = model.generate(**batch, **step_kw)
                 new = seqs[:, batch["input_ids"].shape[1]:].cpu()
                 for r, i in enumerate(chunk):
-                    toks = new[r].tolist()
-                    n_gen = len(toks)
-                    if tok.eos_token_id is not None and tok.eos_token_id in toks:
-                        n_gen = toks.index(tok.eos_token_id) + 1
-                    elif tok.pad_token_id in toks and tok.pad_token_id != tok.eos_token_id:
-                        n_gen = toks.index(tok.pad_token_id)
-                    text = tok.decode(toks[:n_gen], skip_special_tokens=True)
-                    for st in stop or ():
-                        cut = text.find(st)
-                        if cut >= 0:
-                            text = text[:cut]
+                    text, n_gen = self._completion(new[r].tolist(), stop)
                     out[i] = Generation(text, len(ids[i]), n_gen)
+                    if streamer is not None:
+                        streamer.close(r, text)
         finally:
             model.train(was_training)
         return out  # type: ignore[return-value]
+
+    def _completion(self, toks: list[int], stop: list[str] | None) -> tuple[str, int]:
+        """A row's text and generated-token count from its new ids: up to EOS (counted), without the padding that
+        follows a row that finished before the others (a stop string), and cut before the first stop string."""
+        tok = self._tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        if eos is not None and eos in toks:
+            n_gen = toks.index(eos) + 1
+        else:
+            n_gen = len(toks)
+            while n_gen and toks[n_gen - 1] == pad and pad != eos:
+                n_gen -= 1
+        text = tok.decode(toks[:n_gen], skip_special_tokens=True)
+        cuts = [i for i in (text.find(st) for st in stop or ()) if i >= 0]
+        return (text[: min(cuts)] if cuts else text), n_gen

@@ -7,9 +7,10 @@ and batch sizes are bounded; errors use OpenAI's shape ``{"error": {"message", "
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -320,10 +321,10 @@ def _add_routes(app: FastAPI, svc: _Service, drain: Drain, started: int) -> None
                          else "max_tokens")
         job = Job("complete", [svc.as_input(prompt, "messages")], decode, sum(counts))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        res = (await svc.submit(job, request))[0]
         if req.stream:
-            return _stream(res, rid, created, engine.id, chat=True,
-                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
+            return await _stream(svc, job, request, rid, created, chat=True,
+                                 include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        res = (await svc.submit(job, request))[0]
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "finish_reason": res.finish_reason, "logprobs": None, **_extras(res)}],
@@ -350,10 +351,10 @@ def _add_routes(app: FastAPI, svc: _Service, drain: Drain, started: int) -> None
             job = Job("complete", [svc.as_input(p, f"prompt[{i}]") for i, p in enumerate(prompts)], decode,
                       sum(counts))
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        results = await svc.submit(job, request)
         if req.stream:
-            return _stream(results[0], rid, created, engine.id, chat=False,
-                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
+            return await _stream(svc, job, request, rid, created, chat=False,
+                                 include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        results = await svc.submit(job, request)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": r.logprobs,
                     **_extras(r)} for i, r in enumerate(results)]
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.id, "choices": choices,
@@ -409,14 +410,62 @@ def _extras(r: Result) -> dict:
     return {"tunebench": {"label": r.label, "label_id": r.label_id, "scores": r.scores}}
 
 
-_PIECES = re.compile(r"\s*\S+|\s+")
+_END = object()  # the job finished (after all of its text, in a stream's queue)
 
 
-def _stream(res: Result, rid: str, created: int, model_id: str, *, chat: bool, include_usage: bool) -> StreamingResponse:
-    """Server-sent events in OpenAI's chunk format: the answer in word pieces, the finish reason, then [DONE].
+class _EventStream(StreamingResponse):
+    """Server-sent events; ``on_close`` runs when the response ends, sent in full or cut short by the client."""
 
-    The answer is computed in a micro-batch before the first event, so errors keep their HTTP status."""
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+            with contextlib.suppress(RuntimeError):  # (a generator still running is being cancelled)
+                await self.body_iterator.aclose()
+
+
+async def _stream(svc: _Service, job: Job, request: Request, rid: str, created: int, *, chat: bool,
+                  include_usage: bool) -> StreamingResponse:
+    """Server-sent events in OpenAI's chunk format: the answer's text while the model generates it, the finish
+    reason, the usage (``stream_options.include_usage``), then ``[DONE]``.
+
+    The job runs in a micro-batch like any other; its sink carries the text from the model thread to this event
+    loop. The response starts with the first text (or the finished answer), so that a request refused or failed
+    before then keeps its HTTP status; a failure after it ends the stream with an OpenAI error event (and
+    ``[DONE]``). A client that leaves ends its generation at the next step; the batch's other requests go on.
+    A classification trial (or a reasoning prompt) has its answer only at the end: it comes in one chunk."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()  # the client left (or the response ended): the model may stop generating
+
+    def sink(k: int, text: str) -> bool:  # in the model thread
+        if gone.is_set():
+            return False
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+        except RuntimeError:  # the event loop has closed
+            return False
+        return True
+
+    job.sink = sink
+    task = asyncio.ensure_future(svc.submit(job, request))
+    # the worker hands text over before its batch's results: the end is queued after the job's last text
+    task.add_done_callback(lambda t: queue.put_nowait(_END))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, whoever reads it
+    try:
+        first = await queue.get()
+    except BaseException:
+        gone.set()
+        raise
+    if first is _END:
+        task.result()  # refused or failed before any text: an HTTP error (ApiError)
     obj = "chat.completion.chunk" if chat else "text_completion"
+    model_id = svc.engine.id
 
     def event(choice: dict | None, usage: dict | None = None) -> str:
         body = {"id": rid, "object": obj, "created": created, "model": model_id,
@@ -434,12 +483,29 @@ def _stream(res: Result, rid: str, created: int, model_id: str, *, chat: bool, i
     async def events():
         if chat:
             yield piece(None, role=True)
-        for part in _PIECES.findall(res.text):
-            yield piece(part)
+        sent, item = "", first
+        while item is not _END:
+            text = item
+            while not queue.empty() and (item := queue.get_nowait()) is not _END:  # text that came meanwhile
+                text += item
+            sent += text
+            yield piece(text)
+            if item is not _END:
+                item = await queue.get()
+        try:
+            res = task.result()[0]
+        except ApiError as exc:
+            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if res.text.startswith(sent):
+            if len(res.text) > len(sent):  # what the engine did not stream (a label), or held back at the end
+                yield piece(res.text[len(sent):])
+        else:
+            log.warning("request %s: the streamed text differs from the answer", rid)
         yield piece(None, res.finish_reason)
         if include_usage:
-            yield event(None, {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                               "total_tokens": res.prompt_tokens + res.completion_tokens})
+            yield event(None, _usage([res]))
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(events(), gone.set)

@@ -8,7 +8,8 @@ Jobs queue per caller (an API key, or a client address), and a batch takes them 
 caller in turn. A caller that sends many large requests back to back fills its own queue, not everyone's wait.
 
 One worker thread runs the model; the event loop stays free to accept and answer requests. A batch that fails
-is run again one job at a time, so that one bad request never fails another's.
+is run again one job at a time, so that one bad request never fails another's. A streamed request is a job like
+any other: its text reaches its reader from the worker thread through the job's ``sink`` while the batch runs.
 """
 
 from __future__ import annotations
@@ -161,7 +162,11 @@ class MicroBatcher:
             if len(batch) > 1:
                 log.warning("a batch of %d requests failed (%s); running them one by one", len(batch), exc)
                 for item in batch:
-                    await self._execute(loop, [item])
+                    if item[0].sent:  # a streamed job that sent text: running it again would send it twice
+                        if not item[1].done():
+                            item[1].set_result(exc)
+                    else:
+                        await self._execute(loop, [item])
                 return
             log.exception("a request failed")
             results = [exc]

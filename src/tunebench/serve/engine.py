@@ -3,6 +3,11 @@
 An engine receives *jobs* (one per HTTP request, each with one or more inputs) in micro-batches and runs
 the jobs of a batch together: inputs with the same decoding options go through the model in one call.
 Engines run in one worker thread; they never see HTTP.
+
+A streamed request is a job like any other, with a ``sink``: the engine passes each of its inputs' text to it
+while the model generates (in the worker thread), in pieces that add up to the input's ``Result.text``. It
+shares its model call with the other jobs of its group. An engine that cannot stream an answer (a label, a
+reasoning prompt's final answer) sends nothing to the sink; the text is then all in the result.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,16 +52,23 @@ class Decode:
 @dataclass
 class Job:
     """One request's work: ``op`` is classify, complete or logprobs; ``inputs`` are texts, records or prompts;
-    ``tokens`` what its inputs count (the batcher's token budget)."""
+    ``tokens`` what its inputs count (the batcher's token budget). ``sink(k, text)``, for a streamed request,
+    receives input ``k``'s generated text as it comes and returns whether its reader still wants it."""
 
     op: str
     inputs: list[Any]
     decode: Decode | None = None
     tokens: int = 0
+    sink: Callable[[int, str], bool] | None = None
     size: int = field(init=False)
+    sent: bool = field(default=False, init=False)  # text went to the sink: the job cannot be run again unseen
 
     def __post_init__(self) -> None:
         self.size = max(1, len(self.inputs))
+
+    def send(self, k: int, text: str) -> bool:
+        self.sent = True
+        return self.sink(k, text)
 
     def group_key(self) -> tuple:
         d = self.decode
@@ -125,7 +138,8 @@ class Engine(ABC):
 
     def run_batch(self, jobs: list[Job]) -> list[list[Result] | Exception]:
         """Run jobs together: one model call per group of compatible jobs. A group that fails is run again one job
-        at a time, so that only the job that fails gets the error (and the others their answers)."""
+        at a time, so that only the job that fails gets the error (and the others their answers); a streamed job
+        that already sent text gets the error too (running it again would send its text twice)."""
         out: list[list[Result] | Exception | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -136,16 +150,25 @@ class Engine(ABC):
 
     def _run_group(self, jobs: list[Job], idx: list[int], out: list) -> None:
         flat = [x for i in idx for x in jobs[i].inputs]
+        stream: dict[int, Callable[[str], bool]] = {}
+        pos = 0
+        for i in idx:
+            if jobs[i].sink is not None:
+                stream.update({pos + k: partial(jobs[i].send, k) for k in range(len(jobs[i].inputs))})
+            pos += len(jobs[i].inputs)
         t0 = time.perf_counter()
         try:
-            results = self._run(jobs[idx[0]], flat)
+            results = self._run(jobs[idx[0]], flat, stream or None)
             if len(results) != len(flat):
                 raise RuntimeError(f"{len(results)} results for {len(flat)} inputs")
         except Exception as exc:
             if len(idx) > 1:  # find the job that failed; the others still get their answers
                 log.warning("a batch of %d requests failed (%s); running them one by one", len(idx), exc)
                 for i in idx:
-                    self._run_group(jobs, [i], out)
+                    if jobs[i].sent:
+                        out[i] = exc
+                    else:
+                        self._run_group(jobs, [i], out)
                 return
             if not isinstance(exc, RequestError):  # logged here; the client gets a 500 without internals
                 log.exception("a request of %d inputs failed", len(flat))
@@ -163,8 +186,10 @@ class Engine(ABC):
         return job.group_key()
 
     @abstractmethod
-    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
-        """Answer ``inputs`` (all with ``job``'s op and options)."""
+    def _run(self, job: Job, inputs: list[Any], stream: dict[int, Callable[[str], bool]] | None = None
+             ) -> list[Result]:
+        """Answer ``inputs`` (all with ``job``'s op and options). ``stream`` maps the positions of streamed inputs
+        to callbacks for their text as it is generated (an engine that cannot stream ignores it)."""
 
 
 class TrialEngine(Engine):
@@ -232,12 +257,18 @@ class TrialEngine(Engine):
     def group_key(self, job: Job) -> tuple:
         return (job.op == "logprobs",)  # classify and complete both run the predictor as evaluated
 
-    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
+    def _run(self, job: Job, inputs: list[Any], stream: dict[int, Callable[[str], bool]] | None = None
+             ) -> list[Result]:
+        """A generation trial on a local causal model streams its answers (as they are served: stripped); a
+        classification trial, or a reasoning prompt, streams nothing (its answer is known at the end)."""
         if job.op == "logprobs":
             raise RequestError("logprobs: a trial endpoint answers its task; prompt log-probabilities come from a "
                                "plain model (`tunebench serve --model PATH`, or --raw for a tuned causal trial)",
                                "logprobs")
-        out = self.predictor.run(inputs)
+        if stream and getattr(self.predictor, "streams", False):  # (an ONNX classifier is no Predictor)
+            out = self.predictor.run(inputs, stream=stream)
+        else:
+            out = self.predictor.run(inputs)
         results = []
         for i in range(len(inputs)):
             p, c = int(out.prompt_tokens[i]), int(out.completion_tokens[i])
@@ -285,14 +316,16 @@ class LMEngine(Engine):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def _run(self, job: Job, inputs: list[Any]) -> list[Result]:
+    def _run(self, job: Job, inputs: list[Any], stream: dict[int, Callable[[str], bool]] | None = None
+             ) -> list[Result]:
         if job.op == "classify":
             raise RequestError("/v1/classify needs a classification trial; this server runs a plain LM", "input")
         if job.op == "logprobs":
             return self._logprobs(inputs)
         d = job.decode
         gens = self.backend.generate(inputs, max_new_tokens=d.max_tokens, temperature=d.temperature, top_p=d.top_p,
-                                     stop=list(d.stop), seed=d.seed, model=self.model, batch_size=len(inputs))
+                                     stop=list(d.stop), seed=d.seed, model=self.model, batch_size=len(inputs),
+                                     stream=stream)
         results = []
         for g in gens:
             finish = "length" if g.completion_tokens >= d.max_tokens else "stop"

@@ -185,6 +185,7 @@ class Predictor(ABC):
     kind: ClassVar[str]
     backend: Any = None
     kinds: ClassVar[dict[str, type]] = {}
+    streams: bool = False  # whether run(inputs, stream=...) passes answers on while they are generated
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -98,6 +98,25 @@ def is_prompt_tuned(model: nn.Module | None) -> bool:
     return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
 
 
+class _Stripped:
+    """A stream of text passed on as its ``strip()``: leading whitespace dropped, whitespace held back until more
+    text follows it (so that whitespace at the end is never sent)."""
+
+    def __init__(self, send: Callable[[str], bool]):
+        self.send, self.started, self.held = send, False, ""
+
+    def __call__(self, text: str) -> bool:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return True
+            self.started = True
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return self.send(body) if body else True
+
+
 class CausalPredictor(Predictor):
     """A prompt (template + demonstrations) on the backend's LM, or on a tuned copy of it."""
 
@@ -165,7 +184,16 @@ class CausalPredictor(Predictor):
     def predict(self, inputs):
         return self.run(inputs).predictions
 
-    def run(self, inputs) -> Output:
+    @property
+    def streams(self) -> bool:
+        """A generation task's answer is the generated text (stripped), so it can be passed on while it is
+        generated, on a local model; a label or a reasoning prompt's final answer is known only at the end."""
+        return self.task_type != "classification" and self.mode != "reason" and not self.backend.remote
+
+    def run(self, inputs, stream: dict[int, Callable[[str], bool]] | None = None) -> Output:
+        """Predictions and token counts. With :attr:`streams`, ``stream`` maps input indices to callbacks that
+        receive each input's answer while it is generated (pieces that add up to its prediction; see
+        ``CausalBackend.generate``); otherwise it is ignored."""
         prompts = self.prompts(inputs)
         if self.task_type == "classification" and self.mode == "score":
             scored = self._score(prompts)
@@ -173,9 +201,10 @@ class CausalPredictor(Predictor):
                 scores, prompt_tokens, answer_tokens = scored
                 return Output(scores.argmax(1), prompt_tokens, answer_tokens, scores=scores)
         cfg = self.decode
+        extra = {"stream": {i: _Stripped(f) for i, f in stream.items()}} if stream and self.streams else {}
         gens = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, stop=cfg.stop, seed=self.seed, model=self.model,
-                                     batch_size=INFER_BATCH, max_length=self.max_length)
+                                     batch_size=INFER_BATCH, max_length=self.max_length, **extra)
         texts = [g.text for g in gens]
         answers_ = [final_answer(t) for t in texts] if self.mode == "reason" else [t.strip() for t in texts]
         if self.task_type == "classification":
