@@ -276,7 +276,7 @@ def _group_ci(s, metric: str) -> str:
 def _group_pair(b) -> str:
     """The worst group against the best, with values, sizes and the gap's paired interval."""
     lo, hi = b.group(b.worst), b.group(b.best)
-    gap = f"gap {b.gap:.3f}" + (f" (95% CI {b.gap_ci[0]:.3f}–{b.gap_ci[1]:.3f})" if b.gap_ci else " (no interval)")
+    gap = f"gap {b.gap:.3f}" + (f" (95% CI {b.gap_ci[0]:+.3f} to {b.gap_ci[1]:+.3f})" if b.gap_ci else " (no interval)")
     if b.best == b.worst:
         return f"{lo.name} {b.metric} {lo.values[b.metric]:.3f} {_group_ci(lo, b.metric)} (one group only)"
     return (f"{lo.name} {b.metric} {lo.values[b.metric]:.3f} {_group_ci(lo, b.metric)} against {hi.name} "
