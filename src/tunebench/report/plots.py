@@ -218,6 +218,6 @@ def groups(a: dict) -> bytes | None:
         ax.set_xlabel(f"{metric} on test by {col} (95% CI; black tick: overall; ringed: worst group; hollow: "
                       f"under {a.get('small_group', 30)} items)", fontsize=8)
         ax.legend(handles=[Line2D([], [], marker="o", ls="", color=cmap(k % 10), label=n) for k, n in enumerate(names)],
-                  fontsize=7, frameon=False, loc="lower left", ncol=min(4, max(1, len(names))))
+                  fontsize=7, frameon=False, loc="upper left", ncol=min(4, max(1, len(names))))
         ax.grid(alpha=0.3, axis="x")
     return _png(fig)
