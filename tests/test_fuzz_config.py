@@ -71,7 +71,7 @@ PARAMS = ["lr", "epochs", "batch_size", "r", "alpha", "shots", "template", "temp
 PATHS = [("name",), ("task",), ("task", "type"), ("task", "data"), ("task", "data", "train"), ("task", "data", "dev"),
          ("task", "data", "test"), ("task", "text"), ("task", "label"), ("task", "labels"), ("task", "target"),
          ("task", "split"), ("task", "split", "seed"), ("task", "split", "dev"), ("task", "instruction"),
-         ("task", "text_template"), ("task", "format"), ("task", "drop_leakage"), ("model",), ("model", "backend"),
+         ("task", "text_template"), ("task", "format"), ("task", "drop_leakage"), ("task", "groups"), ("model",), ("model", "backend"),
          ("model", "path"), ("model", "precision"), ("models",), ("strategies",), ("seeds",), ("train_sizes",),
          ("store",), ("artifacts",), ("training",), ("training", "lr"), ("training", "epochs"), ("costs",),
          ("costs", "volume_per_day"), ("costs", "api"), ("consistency",), ("consistency", "max_items"),

@@ -41,6 +41,7 @@ class Split:
     lines: list[str] = field(default_factory=list)
     fields: list[dict[str, str]] = field(default_factory=list)
     targets: list[str] | None = None  # generation tasks: the expected outputs (labels are then all 0)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # task.groups: column -> each row's group
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -49,7 +50,8 @@ class Split:
         idx = [int(i) for i in idx]
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return Split(self.name, pick(self.texts), self.labels[idx], pick(self.lines), pick(self.fields),
-                     pick(self.targets) if self.targets is not None else None)
+                     pick(self.targets) if self.targets is not None else None,
+                     {c: pick(v) for c, v in self.groups.items()})
 
     def records(self) -> list[dict[str, str]]:
         """Each example as prompt variables: its input fields plus ``input`` (the fields joined)."""
@@ -232,7 +234,12 @@ def _literal(path: Path) -> Iterator[str]:
     yield str(link)
 
 
-def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None) -> tuple[Split, list]:
+MISSING_GROUP = "(missing)"
+
+
+def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, int] | None,
+                groups: bool = False) -> tuple[Split, list]:
+    """One file as a split; ``groups``: this file holds the test rows, so the ``task.groups`` columns are read."""
     cols, lines = read_table(path, task.format)
     out_field = task.label if task.type == "classification" else task.target
     needed = list(task.text) + [out_field]
@@ -241,6 +248,13 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
         which = "task.label" if task.type == "classification" else "task.target"
         raise DataError(f"{path}: column(s) {missing} not found; the file has {sorted(cols)}. "
                         f"Fix task.text / {which} in the study or rename the column")
+    group_cols = list(task.groups) if groups else []
+    missing = [c for c in group_cols if c not in cols]
+    if missing:
+        raise DataError(f"{path}: group column(s) {missing} not found; the file has {sorted(cols)}. "
+                        "Fix task.groups in the study or add the column to the file that holds the test rows")
+    by_group = {c: [MISSING_GROUP if v is None or str(v).strip() == "" else str(v).strip() for v in cols[c]]
+                for c in group_cols}
     texts, fields = [], []
     for i in range(len(lines)):
         row = {f: "" if cols[f][i] is None else str(cols[f][i]) for f in task.text}
@@ -257,7 +271,7 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
                             f"in field '{out_field}'")
         raw.append(str(v) if task.type == "generation" else str(v).strip())
     if task.type == "generation":
-        return Split(name, texts, np.zeros(len(texts), dtype=np.int64), lines, fields, raw), raw
+        return Split(name, texts, np.zeros(len(texts), dtype=np.int64), lines, fields, raw, by_group), raw
     ids = []
     if value_to_id is not None:
         for i, v in enumerate(raw):
@@ -265,7 +279,7 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
                 raise DataError(f"{path} {lines[i]}: label '{v}' in field '{task.label}' is not one of "
                                 f"{sorted(value_to_id)}; add it to task.labels or fix the row")
             ids.append(value_to_id[v])
-    return Split(name, texts, np.asarray(ids, dtype=np.int64), lines, fields), raw
+    return Split(name, texts, np.asarray(ids, dtype=np.int64), lines, fields, groups=by_group), raw
 
 
 def _resolve_path(p: str, base: Path) -> Path:
@@ -326,7 +340,7 @@ def concat(a: Split, b: Split, name: str) -> Split:
     both = lambda x, y: x + y if x and y else []  # noqa: E731  (per-row lists only where both have them)
     targets = a.targets + b.targets if a.targets is not None and b.targets is not None else None
     return Split(name, a.texts + b.texts, np.concatenate([a.labels, b.labels]), both(a.lines, b.lines),
-                 both(a.fields, b.fields), targets)
+                 both(a.fields, b.fields), targets, {c: a.groups[c] + b.groups[c] for c in a.groups if c in b.groups})
 
 
 def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
@@ -340,7 +354,7 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
     paths = {k: _resolve_path(v, base) for k, v in task.data.model_dump().items() if v}
     declared = task.labels
     value_to_id = {lab.value: i for i, lab in enumerate(declared)} if declared else None
-    train, raw_train = _load_split("train", paths["train"], task, value_to_id)
+    train, raw_train = _load_split("train", paths["train"], task, value_to_id, groups="test" not in paths)
     generation = task.type == "generation"
     if generation:
         declared = []
@@ -363,7 +377,7 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
     splits = {"train": train}
     for name in ("dev", "test"):
         if name in paths:
-            split, _ = _load_split(name, paths[name], task, value_to_id)
+            split, _ = _load_split(name, paths[name], task, value_to_id, groups=name == "test")
             unknown = [] if generation else sorted({int(y) for y in split.labels} - present)
             if unknown:
                 i = next(j for j, y in enumerate(split.labels) if int(y) in unknown)
@@ -407,6 +421,12 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         lost = sorted(present - left)
         if lost:
             warnings.append(f"drop_leakage removed every training example of {[names[i] for i in lost]}")
+    for col, values in splits["test"].groups.items():
+        sizes = Counter(values)
+        checks[f"groups_{col}"] = len(sizes)
+        if len(sizes) < 2:
+            warnings.append(f"test: group column '{col}' has a single value ({next(iter(sizes))!r}); "
+                            "there is no gap between groups to measure")
     counts = Counter(splits["train"].labels.tolist())
     ratio = max(counts.values()) / max(1, min(counts.values()))
     if not generation:

@@ -19,6 +19,7 @@ from ..config import CostConfig
 from ..errors import StoreError
 from ..evaluation.consistency import agreement
 from ..evaluation.cost import Pricing, break_even, price
+from ..evaluation.groups import SMALL, Breakdown, breakdown
 from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
 from .leaderboard import SECONDARY, cv_summary, default_metric, group_flags
 from ..store.results import Store
@@ -128,6 +129,7 @@ class Evidence:
     config: dict
     truth: dict | None
     _cmp: dict = field(default_factory=dict)
+    _by_group: dict = field(default_factory=dict)
 
     # ---- the comparison set: each label at the most training data it saw -------------------------------------
     @cached_property
@@ -185,6 +187,47 @@ class Evidence:
             if c is not None and c.tied:
                 out.append(g)
         return out
+
+    # ---- groups of users (task.groups) ---------------------------------------------------------------------
+    @property
+    def group_columns(self) -> list[str]:
+        """The study's ``task.groups`` columns whose values are stored with its test set (older stores: none)."""
+        stored = (self.truth or {}).get("groups") or {}
+        return [c for c in self.config.get("task", {}).get("groups") or [] if c in stored]
+
+    @property
+    def group_metrics(self) -> list[str]:
+        """What each group reports: accuracy and macro-F1 for classification, else the study's metric; the
+        study's metric first (it judges the gap and the worst group)."""
+        if (self.truth or {}).get("labels") is not None:
+            return list(dict.fromkeys([self.metric, "accuracy", "macro_f1"]))
+        return [self.metric]
+
+    def groups_note(self) -> str | None:
+        """Why ``task.groups`` shows nothing, where it names columns."""
+        named = self.config.get("task", {}).get("groups") or []
+        missing = [c for c in named if c not in self.group_columns]
+        if not missing:
+            return None
+        if self.truth is None:
+            return "per-group results need one stored test set (these trials were scored on different test splits)"
+        return (f"no stored group values for {', '.join(missing)}: the trials were stored before task.groups named "
+                "them; `tunebench run` on the study records them (no trial is rerun)")
+
+    def by_group(self, g: Group) -> list[Breakdown]:
+        """``g``'s results by each group column (cached); empty without stored items or group values."""
+        key = (g.label, g.train_size)
+        if key not in self._by_group:
+            out = []
+            if g.has_items:
+                for col in self.group_columns:
+                    try:
+                        out.append(breakdown(col, self.truth["groups"][col], g.items, g.truth, metric=self.metric,
+                                             metrics=self.group_metrics, seeds=g.seeds))
+                    except ValueError as exc:  # a metric without a per-item form, a column of the wrong length
+                        log.warning("%s: no per-group results for %s: %s", g.label, col, exc)
+            self._by_group[key] = out
+        return self._by_group[key]
 
     # ---- prices ------------------------------------------------------------------------------------------------
     def pricing(self, g: Group, costs: CostConfig | None = None) -> Pricing:
@@ -285,6 +328,7 @@ class Evidence:
             "format_failure_rate": float(np.mean([r["metrics"].get("format_failure_rate", 0.0) for r in g.rows])),
             "cv": cv_summary(g.rows, self.metric) or None,
             "flags": group_flags(g.rows),
+            "groups": [b.to_dict() for b in self.by_group(g)],
         }
 
     def to_dict(self) -> dict:
@@ -300,6 +344,8 @@ class Evidence:
             "curves": self.curves(), "crossover": self.crossover(),
             "cost_model": self.costs.model_dump(), "break_even": self.break_evens(),
             "missing_items": sorted({g.label for g in self.groups if not g.has_items}),
+            "group_columns": self.group_columns, "group_metrics": self.group_metrics if self.group_columns else [],
+            "groups_note": self.groups_note(), "small_group": SMALL,
         }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..evaluation.groups import SMALL
 from .evidence import PROMPTING, Evidence, Group
 from .leaderboard import group_flags
 from ..config import CostConfig
@@ -31,6 +32,12 @@ class Constraints:
     changes_often: bool = field(default=False, metadata={
         "help": "The task changes often: tuned models are retrained once a month over the horizon, prompts are "
                 "edited."})
+    max_group_gap: float | None = field(default=None, metadata={
+        "help": "Largest allowed gap between the best and the worst group of any task.groups column (the study's "
+                "metric, point estimate)."})
+    min_group_accuracy: float | None = field(default=None, metadata={
+        "help": "Least accuracy every group of every task.groups column must reach (generation: the study's "
+                "metric)."})
 
 
 def _level(cmp) -> str:
@@ -90,8 +97,41 @@ class Recommender:
             if not ok:
                 problems.append(f"costs {_money(total, costs.currency)} over {costs.horizon_days:g} days, above the "
                                 f"budget of {_money(c.budget, costs.currency)}")
+        unfair = self._check_groups(g, checks, doubts)
+        problems.extend(unfair)
         return {"group": g, "pricing": pricing, "trainings": trainings, "total": total, "p95": p95,
-                "checks": checks, "problems": problems, "doubts": doubts}
+                "checks": checks, "problems": problems, "doubts": doubts, "group_problems": unfair}
+
+    def _check_groups(self, g: Group, checks: dict, doubts: list[str]) -> list[str]:
+        """``max_group_gap`` and ``min_group_accuracy``, judged on point estimates (a group's interval is wide
+        by nature: as a bar it would leave nearly every study undecided); the reasons give the intervals."""
+        ev, c = self.ev, self.c
+        problems: list[str] = []
+        if c.max_group_gap is None and c.min_group_accuracy is None:
+            return problems
+        breakdowns = ev.by_group(g)
+        if not breakdowns:
+            why = ev.groups_note() or "the study names no task.groups column"
+            if c.max_group_gap is not None:
+                checks["group_gap"] = "unknown"
+            if c.min_group_accuracy is not None:
+                checks["group_quality"] = "unknown"
+            doubts.append(f"no per-group results to check the group constraints against: {why}")
+            return problems
+        if c.max_group_gap is not None:
+            wide = [b for b in breakdowns if b.gap > c.max_group_gap]
+            checks["group_gap"] = "fail" if wide else "pass"
+            for b in wide:
+                problems.append(f"{b.metric} differs by {b.gap:.3f} between groups of {b.column}, above the allowed "
+                                f"{c.max_group_gap:g}: {_group_pair(b)}")
+        if c.min_group_accuracy is not None:
+            metric = "accuracy" if "accuracy" in ev.group_metrics else ev.metric
+            low = [(b, s) for b in breakdowns for s in b.groups if s.values[metric] < c.min_group_accuracy]
+            checks["group_quality"] = "fail" if low else "pass"
+            for b, s in low:
+                problems.append(f"{metric} on {b.column} = {s.name} is {s.values[metric]:.3f} {_group_ci(s, metric)}, "
+                                f"below the {c.min_group_accuracy:g} every group must reach")
+        return problems
 
     def _reasons(self, a: dict, top: Group | None) -> list[str]:
         ev, costs, g = self.ev, self.costs, a["group"]
@@ -129,6 +169,10 @@ class Recommender:
                 data += f"; the learning curve reaches this level from {need}"
             out.append(data + ("; each task change means relabelling and retraining" if self.c.changes_often
                                else ""))
+        for b in ev.by_group(g):
+            out.append(f"by {b.column}: worst group {_group_pair(b)}"
+                       + (f"; small groups (under {SMALL} items, wide intervals): "
+                          + ", ".join(f"{s.name} (n={s.n})" for s in b.small) if b.small else ""))
         flags = group_flags(g.rows)
         if flags:
             out.append("may be under-tuned, so its score is not final: " + "; ".join(flags))
@@ -190,6 +234,12 @@ class Recommender:
                     summary += (f", ahead of {runner['group'].label} by {-cmp.diff:.3f} ({_level(cmp)} CI "
                                 f"{-cmp.ci[1]:.3f} to {-cmp.ci[0]:.3f})")
             summary += f"; {_money(pick['total'], cur)} over {costs.horizon_days:g} days at your volume"
+        by_groups = [a for a in assessed if a["group"].mean > g.mean and a["group_problems"]]
+        if by_groups:
+            best_avg = max(by_groups, key=lambda a: a["group"].mean)
+            summary += (f". {best_avg['group'].label} scores higher on average ({ev.metric} "
+                        f"{best_avg['group'].mean:.3f}) but fails the group constraints: "
+                        f"{best_avg['group_problems'][0]}")
         flagged = {a["group"].label: group_flags(a["group"].rows) for a in assessed}
         under = {label: flags for label, flags in flagged.items() if flags}
         if under:
@@ -212,8 +262,31 @@ class Recommender:
                         "total_cost": a["total"], "upfront_cost": a["pricing"].upfront * a["trainings"],
                         "cost_per_1k": a["pricing"].per_request * 1000, "latency_p95_ms": a["p95"],
                         "checks": a["checks"], "problems": a["problems"], "doubts": a["doubts"],
+                        "groups": [_group_summary(b) for b in self.ev.by_group(g)],
                         "reasons": self._reasons(a, top)})
         return out
+
+
+def _group_ci(s, metric: str) -> str:
+    ci = s.ci.get(metric)
+    small = ", small group" if s.small else ""
+    return f"(n={s.n}{small}, 95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else f"(n={s.n}{small}, no interval)"
+
+
+def _group_pair(b) -> str:
+    """The worst group against the best, with values, sizes and the gap's paired interval."""
+    lo, hi = b.group(b.worst), b.group(b.best)
+    gap = f"gap {b.gap:.3f}" + (f" (95% CI {b.gap_ci[0]:+.3f} to {b.gap_ci[1]:+.3f})" if b.gap_ci else " (no interval)")
+    if b.best == b.worst:
+        return f"{lo.name} {b.metric} {lo.values[b.metric]:.3f} {_group_ci(lo, b.metric)} (one group only)"
+    return (f"{lo.name} {b.metric} {lo.values[b.metric]:.3f} {_group_ci(lo, b.metric)} against {hi.name} "
+            f"{hi.values[b.metric]:.3f} {_group_ci(hi, b.metric)}: {gap}")
+
+
+def _group_summary(b) -> dict:
+    return {"column": b.column, "metric": b.metric, "worst": b.worst, "worst_value": b.group(b.worst).values[b.metric],
+            "best": b.best, "best_value": b.group(b.best).values[b.metric], "gap": b.gap,
+            "gap_ci": None if b.gap_ci is None else list(b.gap_ci), "small": [s.name for s in b.small]}
 
 
 def recommend(evidence: Evidence, constraints: Constraints | None = None) -> dict:

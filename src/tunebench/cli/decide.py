@@ -30,6 +30,8 @@ LatencyOpt = field_option(Constraints, "latency_p95_ms", "--latency-p95", help="
 MinQualityOpt = field_option(Constraints, "min_quality", "--min-accuracy", "--min-quality", help="{help}, e.g. 0.9.")
 BudgetOpt = field_option(Constraints, "budget", "--budget", help="{help}, e.g. 200.")
 ChangesOpt = field_option(Constraints, "changes_often", "--changes-often")
+GroupGapOpt = field_option(Constraints, "max_group_gap", "--max-group-gap", help="{help}, e.g. 0.05.")
+GroupQualityOpt = field_option(Constraints, "min_group_accuracy", "--min-group-accuracy", help="{help}, e.g. 0.8.")
 _OVERRIDE = "Override costs.{field}: {help}" + _STUDY_DEFAULT
 TrainRateOpt = field_option(CostConfig, "train_per_hour", "--train-per-hour", default=None, help=_OVERRIDE)
 ServeRateOpt = field_option(CostConfig, "serve_per_hour", "--serve-per-hour", default=None, help=_OVERRIDE)
@@ -41,7 +43,7 @@ MetricOpt = typer.Option(None, help=f"Metric to judge by (default: {DEFAULT_METR
 
 def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optional[str], volume, horizon, latency,
                               min_quality, budget, changes_often, train_rate, serve_rate, concurrency,
-                              api_price) -> tuple[Evidence, Constraints, Store]:
+                              api_price, group_gap=None, group_quality=None) -> tuple[Evidence, Constraints, Store]:
     """Open the store, analyse the study with the (overridden) cost table, parse the constraints."""
     check_metric(metric)
     name, root = resolve_study(study, store)
@@ -54,7 +56,9 @@ def _evidence_and_constraints(study: str, store: Optional[Path], metric: Optiona
         horizon_days=parse_flag_amount("--horizon", horizon, "days", "90d"),
         latency_p95_ms=parse_flag_amount("--latency-p95", latency, "ms", "100ms"),
         min_quality=parse_flag_amount("--min-accuracy", min_quality, "money", "0.9"),
-        budget=parse_flag_amount("--budget", budget, "money", "200"), changes_often=changes_often)
+        budget=parse_flag_amount("--budget", budget, "money", "200"), changes_often=changes_often,
+        max_group_gap=parse_flag_amount("--max-group-gap", group_gap, "money", "0.05"),
+        min_group_accuracy=parse_flag_amount("--min-group-accuracy", group_quality, "money", "0.8"))
     if constraints.horizon_days == 0:
         raise TunebenchError("--horizon: give a positive number of days, e.g. 90d")
     evidence = analyze(st, name, metric=metric, costs=costs)
@@ -80,6 +84,7 @@ def report_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
                volume: Optional[str] = VolumeOpt, horizon: Optional[str] = HorizonOpt,
                latency: Optional[str] = LatencyOpt, min_quality: Optional[str] = MinQualityOpt,
                budget: Optional[str] = BudgetOpt, changes_often: bool = ChangesOpt,
+               group_gap: Optional[str] = GroupGapOpt, group_quality: Optional[str] = GroupQualityOpt,
                train_rate: Optional[float] = TrainRateOpt, serve_rate: Optional[float] = ServeRateOpt,
                concurrency: Optional[int] = ConcurrencyOpt, api_price: Optional[list[str]] = ApiPriceOpt,
                as_json: bool = JsonOpt) -> None:
@@ -88,7 +93,7 @@ def report_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
     try:
         ev, constraints, st = _evidence_and_constraints(study, store, metric, volume, horizon, latency, min_quality,
                                                         budget, changes_often, train_rate, serve_rate, concurrency,
-                                                        api_price)
+                                                        api_price, group_gap, group_quality)
         result = write_report(ev, constraints, out_dir, st.root)
     except TunebenchError as exc:
         fail(exc)
@@ -108,6 +113,7 @@ def recommend_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
                   volume: Optional[str] = VolumeOpt, horizon: Optional[str] = HorizonOpt,
                   latency: Optional[str] = LatencyOpt, min_quality: Optional[str] = MinQualityOpt,
                   budget: Optional[str] = BudgetOpt, changes_often: bool = ChangesOpt,
+                  group_gap: Optional[str] = GroupGapOpt, group_quality: Optional[str] = GroupQualityOpt,
                   train_rate: Optional[float] = TrainRateOpt, serve_rate: Optional[float] = ServeRateOpt,
                   concurrency: Optional[int] = ConcurrencyOpt, api_price: Optional[list[str]] = ApiPriceOpt,
                   as_json: bool = JsonOpt) -> None:
@@ -117,7 +123,7 @@ def recommend_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
     try:
         ev, constraints, _ = _evidence_and_constraints(study, store, metric, volume, horizon, latency, min_quality,
                                                        budget, changes_often, train_rate, serve_rate, concurrency,
-                                                       api_price)
+                                                       api_price, group_gap, group_quality)
         rec = make_recommendation(ev, constraints)
     except TunebenchError as exc:
         fail(exc)

@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..analysis.evidence import Evidence, analyze
 from ..analysis.leaderboard import default_metric, leaderboard, trial_json
 from ..config import DEFAULT_STORE
+from ..evaluation.groups import SMALL
 from ..errors import TunebenchError
 from ..store.results import Store
 from .common import (DEFAULT_METRIC_HELP, METRICS, JsonOpt, StoreOpt, StudyArg, check_metric, err, fail, json_default,
@@ -94,11 +96,70 @@ def print_prompts(rows: list[dict], console: Console) -> None:
         console.print("no trial of this study used a prompt (prompts are stored for causal-model trials)")
 
 
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(no interval)"
+
+
+def groups_json(ev: Evidence) -> dict:
+    """Each strategy of the comparison set with its results by group (``show --groups --json``)."""
+    return {"study": ev.study, "metric": ev.metric, "group_columns": ev.group_columns, "note": ev.groups_note(),
+            "strategies": [{"label": g.label, "family": g.family, "train_size": g.train_size, "seeds": g.seeds,
+                            "mean": g.mean, "ci": None if g.ci is None else list(g.ci),
+                            "groups": [b.to_dict() for b in ev.by_group(g)]} for g in ev.final]}
+
+
+def print_groups(ev: Evidence, console: Console) -> None:
+    """Per strategy and group column: each group's n and metrics with 95% intervals, the worst group and the gap
+    between the best and the worst group with its paired interval; small groups flagged."""
+    if not ev.group_columns:
+        console.print(ev.groups_note() or f"study '{ev.study}' names no task.groups: add `groups: [COLUMN, ...]` to "
+                      "its task (columns of the test data) and run it again; no trial is rerun", highlight=False)
+        return
+    metrics = ev.group_metrics
+    for col in ev.group_columns:
+        table = Table(title=f"{ev.study}: {', '.join(metrics)} on test by {col} (95% intervals: bootstrap over "
+                            f"seeds and items, within each group)", title_justify="left")
+        table.add_column("strategy", overflow="fold", min_width=12, max_width=36)
+        table.add_column(col, overflow="fold", max_width=24)
+        table.add_column("n", justify="right", no_wrap=True)
+        for m in metrics:
+            table.add_column(m, justify="right", no_wrap=True)
+        table.add_column("", no_wrap=True)
+        summary = []
+        for g in ev.final:
+            bd = next((b for b in ev.by_group(g) if b.column == col), None)
+            if bd is None:
+                table.add_row(escape(g.label), "-", "-", *["-"] * len(metrics), "no per-item results")
+                continue
+            for i, s in enumerate(bd.groups):
+                mark = "worst" if s.name == bd.worst and bd.best != bd.worst else ""
+                table.add_row(escape(g.label) if i == 0 else "", escape(s.name), f"{s.n}{' ⚠' if s.small else ''}",
+                              *[f"{s.values[m]:.3f} {_ci(s.ci[m])}" for m in metrics], mark)
+            gap = (f"{bd.gap:.3f} {_ci(bd.gap_ci)}" if bd.best != bd.worst else "one group")
+            table.add_row("", f"[italic]gap {escape(bd.best)} − {escape(bd.worst)}[/]", "", gap,
+                          *[""] * (len(metrics) - 1), "", end_section=True)
+            summary.append((g, bd))
+        console.print(table)
+        if any(b.small for _, b in summary):
+            console.print(f"⚠ small group: under {SMALL} test items, so its interval is wide (a single item gets "
+                          "none); shown, not hidden", highlight=False)
+        if summary:
+            avg = max(summary, key=lambda x: x[0].mean)
+            floor = max(summary, key=lambda x: x[1].group(x[1].worst).values[ev.metric])
+            lo = floor[1].group(floor[1].worst)
+            line = (f"best on average: {avg[0].label} ({ev.metric} {avg[0].mean:.3f}, worst group "
+                    f"{avg[1].worst} {avg[1].group(avg[1].worst).values[ev.metric]:.3f}); best worst group: "
+                    f"{floor[0].label} ({floor[1].worst} {lo.values[ev.metric]:.3f} {_ci(lo.ci[ev.metric])})")
+            console.print(escape(line), highlight=False)
+
+
 def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
          metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: "
                                               f"{DEFAULT_METRIC_HELP} for generation)."),
          prompts: bool = typer.Option(False, "--prompts", help="Print each trial's template and a rendered example."),
          ids: bool = typer.Option(False, "--ids", help="List every trial with its id (for serve and export)."),
+         groups: bool = typer.Option(False, "--groups", help="Results by the groups of task.groups: per group n, "
+                                     "metrics with 95% intervals, the worst group and the gap between groups."),
          as_json: bool = JsonOpt) -> None:
     """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
     setup_logging(False)
@@ -124,6 +185,16 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         return
     if ids and not as_json:
         print_trial_ids(rows, metric, out)
+        return
+    if groups and rows:
+        try:
+            ev = analyze(st, name, metric=metric)
+        except TunebenchError as exc:
+            fail(exc)
+        if as_json:
+            print_json(groups_json(ev), default=json_default)
+        else:
+            print_groups(ev, out)
         return
     if as_json:
         print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows],

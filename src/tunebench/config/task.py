@@ -57,6 +57,9 @@ class TaskConfig(_Strict):
     format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = Field(
         None, description="File format (default: from the file extension)."
     )
+    groups: list[str] = Field(
+        default_factory=list, description="Columns of the test data that name groups of users (channel, region, "
+        "segment): every trial is also scored per group, with the gap between the best and worst group.")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -70,6 +73,18 @@ class TaskConfig(_Strict):
     def _text_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _group_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            if any(not isinstance(c, str) or not c.strip() for c in v):
+                raise ValueError("give column names of the test data, e.g. groups: [channel, region]")
+            if len(set(v)) != len(v):
+                raise ValueError(f"a column is named twice in {v}")
+        return v
 
     @field_validator("labels", mode="before")
     @classmethod

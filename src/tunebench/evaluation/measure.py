@@ -61,14 +61,16 @@ def measure(predictor, data: TaskData, *, seed: int, consistency: ConsistencyCon
 
 def score_test(data: TaskData, predictions, class_scores: np.ndarray | None = None) -> tuple[dict, dict, dict]:
     """Test metrics, per-item predictions and scores, and the truth they were scored against (with the test
-    inputs, which the item explorer shows). ``class_scores`` (n, labels), where the predictor has them, give each
-    item's confidence: the softmax probability of the predicted label."""
+    inputs, which the item explorer shows, and each item's group under every ``task.groups`` column, which the
+    per-group analysis reads). ``class_scores`` (n, labels), where the predictor has them, give each item's
+    confidence: the softmax probability of the predicted label."""
     inputs = list(data.test.texts)
+    groups = {"groups": {c: list(v) for c, v in data.test.groups.items()}} if data.test.groups else {}
     if data.test.targets is not None:
         preds = list(predictions)
         metrics = generation_metrics(preds, data.test.targets)
         items = {"predictions": preds, "scores": generation_item_scores(preds, data.test.targets)}
-        return metrics, items, {"targets": list(data.test.targets), "inputs": inputs}
+        return metrics, items, {"targets": list(data.test.targets), "inputs": inputs, **groups}
     metrics = classification_metrics(data.test.labels, predictions, data.label_names)
     preds = [int(p) for p in predictions]
     items = {"predictions": preds,
@@ -77,7 +79,8 @@ def score_test(data: TaskData, predictions, class_scores: np.ndarray | None = No
         z = np.asarray(class_scores, dtype=np.float64)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         items["confidence"] = [round(float(c), 5) for c in z.max(axis=1) / z.sum(axis=1)]
-    return metrics, items, {"labels": data.test.labels.tolist(), "label_names": data.label_names, "inputs": inputs}
+    return metrics, items, {"labels": data.test.labels.tolist(), "label_names": data.label_names, "inputs": inputs,
+                            **groups}
 
 
 def measure_stability(predictor, records: list[dict], predictions, seed: int, cfg: ConsistencyConfig,

@@ -115,6 +115,11 @@ class Draws:
     def chunk(self) -> int:
         return max(1, _CHUNK_ITEMS // max(1, self.n_items))
 
+    @property
+    def key(self) -> tuple:
+        """What identifies these draws (a metric's distribution is cached under it)."""
+        return self.n_items, tuple(self.universe), self.n_resamples, self.seed
+
     def chunks(self):
         u = np.asarray(self.universe)
         for c, lo in enumerate(range(0, self.n_resamples, self.chunk)):
@@ -125,9 +130,45 @@ class Draws:
             yield items, picked
 
 
+@dataclass
+class StratumDraws(Draws):
+    """One stratum's part of a stratified resample (a group of test items, resampled within itself so its size
+    never changes). Every stratum of one resample draws the same seeds (``rows`` resamples per chunk, shared by
+    all strata, and the seed draw depends only on ``seed`` and the chunk), so strata are paired at the seed level;
+    items are drawn per stratum. ``n_items`` is the stratum's size, indices are within the stratum."""
+
+    stratum: int = 0
+    rows: int = 1
+
+    @property
+    def chunk(self) -> int:
+        return self.rows
+
+    @property
+    def key(self) -> tuple:
+        return (*super().key, "stratum", self.stratum, self.rows)
+
+    def chunks(self):
+        u = np.asarray(self.universe)
+        for c, lo in enumerate(range(0, self.n_resamples, self.chunk)):
+            b = min(self.chunk, self.n_resamples - lo)
+            picked = u[np.random.default_rng([self.seed, c]).integers(0, len(u), size=(b, len(u)))]
+            items = np.random.default_rng([self.seed, c, self.stratum + 1]).integers(0, self.n_items,
+                                                                                    size=(b, self.n_items))
+            yield items, picked
+
+
 def draws(n_items: int, seeds: Sequence[int], n_resamples: int, seed: int = 0) -> Draws:
     """Two-level draws over ``seeds`` (their union) and ``n_items`` test items."""
     return Draws(n_items, sorted(set(seeds)), n_resamples, seed)
+
+
+def stratified_draws(sizes: Sequence[int], seeds: Sequence[int], n_resamples: int,
+                     seed: int = 0) -> list[StratumDraws]:
+    """Two-level draws of a test set split into strata of ``sizes`` items: seeds drawn once per resample (shared
+    by every stratum), items drawn within each stratum."""
+    rows = max(1, _CHUNK_ITEMS // max(1, sum(sizes)))
+    return [StratumDraws(n, sorted(set(seeds)), n_resamples, seed, stratum=j, rows=rows) for j, n in enumerate(sizes)]
 
 
 def distribution(m: MetricFn, d: Draws) -> np.ndarray:
@@ -144,7 +185,7 @@ def distribution(m: MetricFn, d: Draws) -> np.ndarray:
 def _components(m: MetricFn, d: Draws) -> tuple[np.ndarray, np.ndarray]:
     """``(item_only, two_level)`` on each resample of ``d``: the seed mean on the drawn items, and that plus the
     scaled seed term (see :func:`distribution`). Cached per metric and draws: a family's reference is drawn once."""
-    key = (d.n_items, tuple(d.universe), d.n_resamples, d.seed)
+    key = d.key
     cache = m.__dict__.setdefault("_components", {})
     if key in cache:
         return cache[key]

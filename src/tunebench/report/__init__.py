@@ -29,6 +29,7 @@ FIGURES = {
     "pareto": "Quality versus cost",
     "latency": "Latency distribution",
     "confusion": "Confusion matrices",
+    "groups": "Results by group",
     "break_even": "Cost over the horizon by request volume",
 }
 
@@ -63,6 +64,9 @@ def figures(doc: dict) -> dict[str, bytes]:
     cm = plots.confusion(a)
     if cm is not None:
         out["confusion"] = cm
+    by_group = plots.groups(a)
+    if by_group is not None:
+        out["groups"] = by_group
     return {k: out[k] for k in FIGURES if k in out}
 
 

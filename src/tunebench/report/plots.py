@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 FAMILY_COLOURS = {"prompting": "#2a7ab0", "prompt_tuning": "#8e5ea2", "weight_tuning": "#d1652a", "hybrid": "#3a9a5b"}
@@ -183,4 +184,40 @@ def break_even(a: dict) -> bytes:
     ax.set_ylabel(f"total cost over {days:g} days ({cm.get('currency', '$')})")
     ax.legend(fontsize=7, frameon=False)
     ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
+def groups(a: dict) -> bytes | None:
+    """Per strategy (one row each), its metric in every group of each ``task.groups`` column with 95% intervals;
+    the black tick is the strategy's overall value, the worst group is ringed, small groups are hollow."""
+    cols = a.get("group_columns") or []
+    rows = [s for s in a["strategies"] if s.get("groups")]
+    if not cols or not rows:
+        return None
+    metric = a["metric"]
+    fig, axes = plt.subplots(len(cols), 1, figsize=(7.5, (0.5 * len(rows) + 1.3) * len(cols)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, col in zip(axes[:, 0], cols):
+        names = next((b["groups"] for s in rows for b in s["groups"] if b["column"] == col), [])
+        names = [g["name"] for g in names]
+        step = 0.6 / max(1, len(names))
+        for i, s in enumerate(reversed(rows)):
+            bd = next((b for b in s["groups"] if b["column"] == col), None)
+            if bd is None:
+                continue
+            ax.plot([s["mean"], s["mean"]], [i - 0.38, i + 0.38], color="black", lw=1.5)
+            for j, g in enumerate(bd["groups"]):
+                y = i - 0.3 + step * (j + 0.5)
+                v, ci, colour = g["values"][metric], g["ci"].get(metric), cmap(names.index(g["name"]) % 10)
+                if ci:
+                    ax.plot(ci, [y, y], color=colour, lw=1.2)
+                ax.scatter([v], [y], s=28, zorder=3, facecolors="none" if g["small"] else colour, edgecolors=colour)
+                if g["name"] == bd["worst"] and bd["best"] != bd["worst"]:
+                    ax.scatter([v], [y], s=90, zorder=2, facecolors="none", edgecolors="#b23b3b", lw=1.2)
+        ax.set_yticks(range(len(rows)), [s["label"] for s in reversed(rows)], fontsize=8)
+        ax.set_xlabel(f"{metric} on test by {col} (95% CI; black tick: overall; ringed: worst group; hollow: "
+                      f"under {a.get('small_group', 30)} items)", fontsize=8)
+        ax.legend(handles=[Line2D([], [], marker="o", ls="", color=cmap(k % 10), label=n) for k, n in enumerate(names)],
+                  fontsize=7, frameon=False, loc="upper left", ncol=min(4, max(1, len(names))))
+        ax.grid(alpha=0.3, axis="x")
     return _png(fig)

@@ -83,6 +83,10 @@ class Study:
         """
         trials = self.plan()
         self.store.save_study(self.config.name, self.config.model_dump(), self.source, [t.key for t in trials])
+        if self.data.test.groups and self.store.add_test_groups(self.data.fingerprints()["test"],
+                                                                self.data.test.groups):
+            log.info("study %s: test items' groups (%s) recorded with the stored test set", self.config.name,
+                     ", ".join(self.data.test.groups))
         done = self.store.done_keys(self.config.name)
         relabelled = self.store.relabel(self.config.name, {t.key: t.name for t in trials if t.key in done})
         if relabelled:

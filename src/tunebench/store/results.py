@@ -303,9 +303,7 @@ class Store:
                 con.execute(text("INSERT INTO items(key, data) VALUES (:k, :d) ON CONFLICT(key) DO UPDATE SET "
                                  "data = excluded.data"), {"k": key, "d": json.dumps(items)})
             if test_set is not None:
-                con.execute(text("INSERT INTO test_sets(fingerprint, data) VALUES (:f, :d) ON CONFLICT(fingerprint) "
-                                 "DO UPDATE SET data = excluded.data"),  # same truth; newer ones add inputs
-                            {"f": test_set[0], "d": json.dumps(test_set[1])})
+                _put_test_set(con, test_set[0], test_set[1])
             con.execute(text(f"INSERT INTO trials({', '.join(_COLS)}) VALUES ({', '.join(':' + c for c in _COLS)})"),
                         {c: values[c] for c in _COLS})
             record_trial(con, row)
@@ -328,9 +326,32 @@ class Store:
         return out
 
     def test_set(self, fingerprint: str) -> dict | None:
-        """The stored truth of a test split (labels or reference texts), by its data fingerprint."""
+        """The stored truth of a test split (labels or reference texts, with ``groups`` where a study named
+        ``task.groups``: column -> each item's group), by its data fingerprint."""
         rows = self._read("SELECT data FROM test_sets WHERE fingerprint = :f", f=fingerprint)
         return json.loads(rows[0]["data"]) if rows else None
+
+    def add_test_groups(self, fingerprint: str, groups: dict[str, list[str]]) -> bool:
+        """Record each test item's group (``{column: [group per item]}``) with a test split already stored, so
+        ``task.groups`` added to a study that has run shows per-group results without rerunning a trial. True when
+        something changed; a split not stored yet is left alone (its first trial stores it, groups included)."""
+        def go(con: Connection) -> bool:
+            row = con.execute(text("SELECT data FROM test_sets WHERE fingerprint = :f"), {"f": fingerprint}).first()
+            if row is None:
+                return False
+            doc = json.loads(row[0])
+            n = len(doc.get("labels") or doc.get("targets") or [])
+            if any(len(v) != n for v in groups.values()):
+                raise StoreError(f"test set {fingerprint[:8]}: {n} items stored, but the group columns have "
+                                 f"{sorted({len(v) for v in groups.values()})}")
+            merged = {**(doc.get("groups") or {}), **groups}
+            if merged == doc.get("groups"):
+                return False
+            con.execute(text("UPDATE test_sets SET data = :d WHERE fingerprint = :f"),
+                        {"f": fingerprint, "d": json.dumps({**doc, "groups": merged})})
+            return True
+
+        return self._write(go, "record the test items' groups")
 
     def trial(self, key: str) -> dict | None:
         """One stored trial row by its full key (None when it is not stored)."""
@@ -356,6 +377,18 @@ class Store:
             "at = excluded.at"),
             {"k": key, "t": target, "s": study, "r": run_id, "e": experiment_id, "at": time.time()}),
             "record a tracked run")
+
+
+def _put_test_set(con: Connection, fingerprint: str, truth: dict) -> None:
+    """Store a test split's truth. The same fingerprint means the same texts and labels; a newer truth may add
+    inputs or group columns, and group columns stored before (by a study that named other ``task.groups``) are
+    kept, so one study's groups never erase another's."""
+    old = con.execute(text("SELECT data FROM test_sets WHERE fingerprint = :f"), {"f": fingerprint}).first()
+    kept = (json.loads(old[0]).get("groups") or {}) if old is not None else {}
+    if kept:
+        truth = {**truth, "groups": {**kept, **(truth.get("groups") or {})}}
+    con.execute(text("INSERT INTO test_sets(fingerprint, data) VALUES (:f, :d) ON CONFLICT(fingerprint) "
+                     "DO UPDATE SET data = excluded.data"), {"f": fingerprint, "d": json.dumps(truth)})
 
 
 def _decoded(row) -> dict:
