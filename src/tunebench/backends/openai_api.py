@@ -123,6 +123,8 @@ class OpenAIBackend(Backend):
                 kw["stop"] = stops
             if temperature > 0:
                 kw["seed"] = seed + i
+            if cfg.extra_body:
+                kw["extra_body"] = dict(cfg.extra_body)
             if self.chat:
                 messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
                 messages.append({"role": "user", "content": prompt})
@@ -147,7 +149,8 @@ class OpenAIBackend(Backend):
         prompt, conts = pair
         try:
             r = self.client.completions.create(model=self.config.model, prompt=[prompt + c for c in conts], echo=True,
-                                               max_tokens=0, logprobs=1, temperature=0)
+                                               max_tokens=0, logprobs=1, temperature=0,
+                                               extra_body=dict(self.config.extra_body or {}) or None)
         except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as exc:
             raise NoLogprobs(f"the endpoint refused an echo/logprobs request ({exc.status_code}: {_message(exc)})") \
                 from None
