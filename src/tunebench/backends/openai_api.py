@@ -1,10 +1,12 @@
 """The openai backend: prompting strategies against any OpenAI-compatible endpoint.
 
-OpenAI itself, vLLM, Ollama, llama.cpp's server, or ``tunebench serve``. Requests go through the official
-``openai`` client (its retries back off exponentially on 429, 5xx, timeouts and dropped connections), at most
-``max_concurrency`` at a time. Token counts come from each response's ``usage``. Classification scores labels by
-log-probability when the endpoint returns prompt log-probabilities (``/completions`` with ``echo``); otherwise the
-model generates and the answer is parsed.
+OpenAI itself, vLLM, Ollama, llama.cpp's server, llama-cpp-python's, or ``tunebench serve``. Requests go through
+the official ``openai`` client (its retries back off exponentially on 429, 5xx, timeouts and dropped
+connections), at most ``max_concurrency`` at a time. Token counts come from each response's ``usage``.
+Classification scores labels by log-probability when the endpoint returns prompt log-probabilities
+(``/completions`` with ``echo``); otherwise the model generates and the answer is parsed. Servers differ in the
+echo requests they answer right: the first finds the form this one takes (``_ECHO_SHAPES``), and every answer
+is checked against the echoed text (``_continuation_logprob``). README: "Tested OpenAI-compatible servers".
 """
 
 from __future__ import annotations
