@@ -116,9 +116,10 @@ def word_rows(seed: int, repeats: int) -> list[tuple[str, str]]:
     return rows
 
 
-def _bpe_tokenizer(out: Path, chat: bool):
-    """A byte-level BPE tokenizer trained here on the toy vocabulary (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _bpe_tokenizer(out: Path, chat: bool, bos: bool = False):
+    """A byte-level BPE tokenizer trained here on the toy vocabulary (no download); with ``bos`` it starts every
+    input with ``<s>``, as Llama's own tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -131,6 +132,9 @@ def _bpe_tokenizer(out: Path, chat: bool):
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat:
         fast.chat_template = CHAT_TEMPLATE

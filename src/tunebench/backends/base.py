@@ -202,13 +202,15 @@ class Backend(ABC):
         arrays of shape (n_prompts, n_continuations)."""
         raise self._unsupported("score token continuations")
 
-    def score_texts(self, prompts: list[str], continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def score_texts(self, prompts: list[str],
+                    continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
         """Summed log-probability and token count of every continuation after every prompt (texts), plus the
-        prompt tokens billed per request. Raises :class:`NoLogprobs` when the endpoint cannot do it."""
+        (prompt, completion) tokens billed for each prompt's requests. Raises :class:`NoLogprobs` when the
+        endpoint cannot do it."""
         raise self._unsupported("score texts")
 
     def score_texts_paired(self, prompts: list[str],
-                           continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                           continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
         """As :meth:`score_texts` with one continuation per prompt; arrays of shape (n,)."""
         raise self._unsupported("score texts")
 

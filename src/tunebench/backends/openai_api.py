@@ -1,10 +1,12 @@
 """The openai backend: prompting strategies against any OpenAI-compatible endpoint.
 
-OpenAI itself, vLLM, Ollama, llama.cpp's server, or ``tunebench serve``. Requests go through the official
-``openai`` client (its retries back off exponentially on 429, 5xx, timeouts and dropped connections), at most
-``max_concurrency`` at a time. Token counts come from each response's ``usage``. Classification scores labels by
-log-probability when the endpoint returns prompt log-probabilities (``/completions`` with ``echo``); otherwise the
-model generates and the answer is parsed.
+OpenAI itself, vLLM, Ollama, llama.cpp's server, llama-cpp-python's, or ``tunebench serve``. Requests go through
+the official ``openai`` client (its retries back off exponentially on 429, 5xx, timeouts and dropped
+connections), at most ``max_concurrency`` at a time. Token counts come from each response's ``usage``.
+Classification scores labels by log-probability when the endpoint returns prompt log-probabilities
+(``/completions`` with ``echo``); otherwise the model generates and the answer is parsed. Servers differ in the
+echo requests they answer right: the first finds the form this one takes (``_ECHO_SHAPES``), and every answer
+is checked against the echoed text (``_continuation_logprob``). README: "Tested OpenAI-compatible servers".
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -57,6 +60,8 @@ class OpenAIBackend(Backend):
                              timeout=config.timeout_s)
         self.chat = config.api == "chat"
         self.logprobs_ok: bool | None = None if config.api == "completions" else False
+        self.no_logprobs: str | None = None  # why not, once an endpoint has refused prompt log-probabilities
+        self.echo_shape = _ECHO_SHAPES[0]  # the echo request this endpoint answers (found by the first one)
         self.usage_missing = 0
         self._pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="tunebench-openai")
 
@@ -105,6 +110,8 @@ class OpenAIBackend(Backend):
     def _usage(self, response) -> tuple[int, int]:
         u = getattr(response, "usage", None)
         if u is None:
+            if not self.usage_missing:
+                log.warning("%s: a response carried no usage; its tokens count as 0", self.config.base_url)
             self.usage_missing += 1
             return 0, 0
         return int(u.prompt_tokens or 0), int(u.completion_tokens or 0)
@@ -123,6 +130,8 @@ class OpenAIBackend(Backend):
                 kw["stop"] = stops
             if temperature > 0:
                 kw["seed"] = seed + i
+            if cfg.extra_body:
+                kw["extra_body"] = dict(cfg.extra_body)
             if self.chat:
                 messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
                 messages.append({"role": "user", "content": prompt})
@@ -140,58 +149,179 @@ class OpenAIBackend(Backend):
 
         return self._map(one, prompts)
 
-    def _echo(self, i: int, pair: tuple[str, list[str]]) -> tuple[list[float], list[int], int]:
-        """Log-probability sum and token count of each continuation after the prompt, by one echo request."""
+    def _echo(self, pair: tuple[str, list[str]], shape: _EchoShape, client=None) -> _Echoed:
+        """Log-probability sum and token count of each continuation after the prompt, by echo requests of
+        ``shape`` (one request for the list of prompts + continuations, or one per continuation)."""
         import openai  # heavy (about a second to import): only for a remote model
 
         prompt, conts = pair
-        try:
-            r = self.client.completions.create(model=self.config.model, prompt=[prompt + c for c in conts], echo=True,
-                                               max_tokens=0, logprobs=1, temperature=0)
-        except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as exc:
-            raise NoLogprobs(f"the endpoint refused an echo/logprobs request ({exc.status_code}: {_message(exc)})") \
-                from None
-        sums, counts = [0.0] * len(conts), [0] * len(conts)
-        choices = sorted(r.choices or [], key=lambda ch: ch.index)
-        if len(choices) != len(conts):
-            raise NoLogprobs(f"the endpoint answered {len(choices)} choices for {len(conts)} echoed prompts")
-        for j, ch in enumerate(choices):
-            lp = ch.logprobs
-            if lp is None or not lp.token_logprobs or lp.text_offset is None:
-                raise NoLogprobs("the endpoint returned no prompt log-probabilities")
-            text_len = len(prompt) + len(conts[j])
-            ends = list(lp.text_offset[1:]) + [text_len]
-            for value, end in zip(lp.token_logprobs, ends):
-                if end > len(prompt) and value is not None:  # tokens of (or reaching into) the continuation
-                    sums[j] += float(value)
-                    counts[j] += 1
-        p, _ = self._usage(r)
-        return sums, counts, p
+        kw: dict[str, Any] = {"model": self.config.model, "echo": True, "max_tokens": shape.max_tokens,
+                              "logprobs": 1, "temperature": 0}
+        if self.config.extra_body:
+            kw["extra_body"] = dict(self.config.extra_body)
+        client = client or self.client
+        out = _Echoed([], [], 0, 0)
+        for group in ([conts] if shape.batch else [[c] for c in conts]):  # each response is checked on arrival
+            texts = [prompt + c for c in group]
+            try:
+                r = client.completions.create(prompt=texts if shape.batch else texts[0], **kw)
+            except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as exc:
+                raise _Refused(f"the endpoint refused an echo/logprobs request ({exc.status_code}: "
+                               f"{_message(exc)})") from None
+            choices = sorted(r.choices or [], key=lambda ch: ch.index)
+            if len(choices) != len(group):
+                raise _Refused(f"the endpoint answered {len(choices)} choices for {len(group)} echoed prompts")
+            p, c = self._usage(r)
+            if shape.max_tokens == 0 and c:
+                raise NoLogprobs(f"the endpoint generated {c} tokens with max_tokens=0 (it reads 0 as no limit)")
+            for ch, cont in zip(choices, group):
+                total, count = _continuation_logprob(ch, prompt, cont, shape.max_tokens)
+                out.sums.append(total)
+                out.counts.append(count)
+            out.prompt_tokens += p
+            out.completion_tokens += c
+        return out
 
-    def score_texts(self, prompts: list[str], continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Summed log-probability and token count of every continuation after every prompt, plus the prompt tokens
-        each request was billed for. Raises ``NoLogprobs`` when the endpoint cannot do it."""
+    def _probe(self, pair: tuple[str, list[str]]) -> _Echoed:
+        """The first echo request: find the request shape this endpoint answers (see ``_ECHO_SHAPES``), or raise
+        ``NoLogprobs`` when it refuses them all or answers with log-probabilities that cannot be right (then no
+        other shape is tried). Refusals are not retried (a refused shape is not an outage); rate limits, timeouts
+        and dropped connections are, through the retrying client."""
+        import openai  # heavy (about a second to import): only for a remote model
+
+        quick = self.client.with_options(max_retries=0)
+        refused: list[str] = []
+        for shape in _ECHO_SHAPES:
+            if shape.batch and len(pair[1]) < 2:
+                continue  # a list of one prompt is the single-prompt shape
+            try:
+                try:
+                    got = self._echo(pair, shape, quick)
+                except (openai.RateLimitError, openai.APIConnectionError):
+                    got = self._echo(pair, shape)
+            except openai.AuthenticationError:
+                raise
+            except openai.APIStatusError as exc:
+                refused.append(f"{shape} - {exc.status_code}: {_message(exc) or type(exc).__name__}")
+                continue
+            except _Refused as exc:
+                refused.append(f"{shape} - {exc}")
+                continue
+            except NoLogprobs as exc:  # answered, but wrong: another shape would not make the values right
+                raise NoLogprobs(f"{exc} ({shape})") from None
+            if refused:
+                log.info("%s: prompt log-probabilities by %s (refused: %s)", self.config.base_url, shape,
+                         "; ".join(refused))
+            self.echo_shape = shape
+            return got
+        raise NoLogprobs("the endpoint returned no usable prompt log-probabilities with echo (" +
+                         "; ".join(refused) + ")")
+
+    def score_texts(self, prompts: list[str], continuations: list[str]
+                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """Summed log-probability and token count of every continuation after every prompt, plus the (prompt,
+        completion) tokens each prompt's requests were billed for. Raises ``NoLogprobs`` when the endpoint cannot."""
         return self._scores([(p, list(continuations)) for p in prompts])
 
-    def score_texts_paired(self, prompts: list[str], continuations: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def score_texts_paired(self, prompts: list[str], continuations: list[str]
+                           ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
         """As :meth:`score_texts` with one continuation per prompt; arrays of shape (n,)."""
         total, count, billed = self._scores([(p, [c]) for p, c in zip(prompts, continuations)])
         return total[:, 0], count[:, 0], billed
 
-    def _scores(self, pairs: list[tuple[str, list[str]]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def _scores(self, pairs: list[tuple[str, list[str]]]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
         if self.logprobs_ok is False:
-            raise NoLogprobs("the endpoint is used through its chat API, which returns no prompt log-probabilities"
-                             if self.chat else "the endpoint returned no prompt log-probabilities")
+            raise NoLogprobs(self.no_logprobs or "the endpoint is used through its chat API, which returns no "
+                             "prompt log-probabilities")
+        rows: list[_Echoed] = []
         if self.logprobs_ok is None and pairs:  # probe once before sending everything
             try:
-                self._map(self._echo, pairs[:1])
-            except NoLogprobs:
-                self.logprobs_ok = False
+                rows = self._map(lambda i, pair: self._probe(pair), pairs[:1])
+            except NoLogprobs as exc:
+                self.logprobs_ok, self.no_logprobs = False, str(exc)
                 raise
             self.logprobs_ok = True
-        rows = self._map(self._echo, pairs)
-        return (np.asarray([r[0] for r in rows], dtype=float), np.asarray([r[1] for r in rows], dtype=float),
-                [r[2] for r in rows])
+        rest = pairs[len(rows):]
+        shape = self.echo_shape
+        if shape.batch:
+            rows += self._map(lambda i, pair: self._echo(pair, shape), rest)
+        else:  # one request per continuation, all of them in flight together
+            flat = self._map(lambda i, pc: self._echo((pc[0], [pc[1]]), shape),
+                             [(p, c) for p, conts in rest for c in conts])
+            at = 0
+            for _, conts in rest:
+                part, at = flat[at:at + len(conts)], at + len(conts)
+                rows.append(_Echoed([r.sums[0] for r in part], [r.counts[0] for r in part],
+                                    sum(r.prompt_tokens for r in part), sum(r.completion_tokens for r in part)))
+        return (np.asarray([r.sums for r in rows], dtype=float), np.asarray([r.counts for r in rows], dtype=float),
+                [(r.prompt_tokens, r.completion_tokens) for r in rows])
+
+
+class _Refused(NoLogprobs):
+    """The endpoint refused this echo request's shape (another may do)."""
+
+
+@dataclass(frozen=True)
+class _EchoShape:
+    batch: bool  # one request carries the list of texts (else one request per text)
+    max_tokens: int  # tokens generated after the echo (0: none, where the endpoint allows it)
+
+    def __str__(self) -> str:
+        return f"{'a list of prompts' if self.batch else 'one prompt'} per request, max_tokens={self.max_tokens}"
+
+
+# Tried in this order by the first echo request. max_tokens=1 first: llama-cpp-python reads 0 as "until the context
+# is full" (and generated tokens are left out of the scores anyway); tunebench serve scores only with 0.
+# llama-cpp-python also takes one prompt per request (a list of several is a 500).
+_ECHO_SHAPES = (_EchoShape(True, 1), _EchoShape(False, 1), _EchoShape(True, 0), _EchoShape(False, 0))
+
+
+@dataclass
+class _Echoed:
+    sums: list[float]
+    counts: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _continuation_logprob(choice, prompt: str, cont: str, max_tokens: int) -> tuple[float, int]:
+    """Summed log-probability and token count of ``cont`` in one echoed choice of ``prompt + cont``.
+
+    Tokens are placed by ``text_offset``: those that start before the end of the echoed text and end after the
+    prompt are the continuation's (a token reaching from the prompt into it counts); tokens generated after the
+    echo are left out. The echo is checked first, so that a server that ignores ``echo`` or returns misplaced
+    log-probabilities is refused (``NoLogprobs``) instead of scoring the wrong tokens: the entries start at the
+    text's start, and a token generated after the echo (``max_tokens`` reached) has its entry at the echo's end.
+    """
+    lp = choice.logprobs
+    if lp is None or not lp.token_logprobs or lp.text_offset is None:
+        raise NoLogprobs("the endpoint returned no prompt log-probabilities")
+    text, offsets, values = choice.text or "", list(lp.text_offset), list(lp.token_logprobs)
+    start, end = len(prompt), len(prompt) + len(cont)
+    if not text.startswith(prompt + cont) or not offsets or offsets[0] != 0 or len(offsets) != len(values):
+        raise NoLogprobs("the endpoint did not echo the prompt with its log-probabilities (echo ignored?)")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise NoLogprobs("the endpoint's log-probability offsets (text_offset) go backwards")
+    if max_tokens == 0 and len(text) > end:
+        raise NoLogprobs("the endpoint generated text with max_tokens=0 (it reads 0 as no limit)")
+    if max_tokens > 0 and choice.finish_reason == "length" and end not in offsets:
+        # a token was generated after the echo, but no entry starts where it does: the entries do not match the
+        # text (llama-cpp-python, for a model whose tokenizer adds no BOS token, leaves the generated token out and
+        # gives every prompt token the log-probability of the position after it)
+        raise NoLogprobs("the endpoint's log-probabilities do not line up with the echoed text (no token starts "
+                         f"at the end of the echo, offset {end})")
+    total, count = 0.0, 0
+    for i, (value, at) in enumerate(zip(values, offsets)):
+        stop = offsets[i + 1] if i + 1 < len(offsets) else len(text)
+        if at < end and stop > start:
+            if value is None:
+                raise NoLogprobs("the endpoint returned no log-probability for a continuation token")
+            total += float(value)
+            count += 1
+    if count == 0:
+        raise NoLogprobs("the endpoint returned no log-probability for the continuation")
+    return total, count
+
 
 def _message(exc: Exception) -> str:
     body = getattr(exc, "body", None)

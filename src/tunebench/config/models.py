@@ -21,9 +21,11 @@ from .files import clip
 _DEFAULTS: dict[str, Any] = {
     "path": "default", "precision": "auto", "device": "auto", "chat_template": "auto", "system_prompt": None,
     "retriever": "default", "base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY", "api": "chat",
-    "max_concurrency": 8, "timeout_s": 60.0, "max_retries": 5, "tuned": None,
+    "max_concurrency": 8, "timeout_s": 60.0, "max_retries": 5, "tuned": None, "extra_body": None,
 }
-_REMOTE_KEYS = ("base_url", "model", "api_key_env", "api", "max_concurrency", "timeout_s", "max_retries", "tuned")
+_NEW_KEYS = ("extra_body",)  # options added later: in trial keys only when set, so that older keys stay valid
+_REMOTE_KEYS = ("base_url", "model", "api_key_env", "api", "max_concurrency", "timeout_s", "max_retries", "tuned",
+                "extra_body")
 _NOT_IN_KEYS = ("max_concurrency", "timeout_s", "max_retries", "api_key_env", "path")  # how a remote is reached
 
 
@@ -76,6 +78,9 @@ class ModelConfig(_Strict):
         drop = _REMOTE_KEYS if self.backend != "openai" else _NOT_IN_KEYS
         for k in drop:
             d.pop(k, None)
+        for k in _NEW_KEYS:
+            if d.get(k) == _DEFAULTS[k]:
+                d.pop(k, None)
         return d
 
 
@@ -124,6 +129,9 @@ class OpenAIModel(ModelConfig):
                              "timeouts and dropped connections.")
     tuned: str | None = Field(None, description="openai: the endpoint serves a model tuned elsewhere (e.g. a "
                               "tunebench trial id or an ft: model); prompting on it counts as a hybrid.")
+    extra_body: dict[str, Any] | None = Field(
+        None, description="openai: fields added to every request body, for a server's own sampling options, e.g. "
+        "{repeat_penalty: 1.0} for llama-cpp-python (which otherwise penalises repeats even at temperature 0).")
 
     @model_validator(mode="after")
     def _check(self) -> OpenAIModel:

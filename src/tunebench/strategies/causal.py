@@ -165,7 +165,7 @@ class CausalPredictor(Predictor):
             log.warning("%s: %s; predicting by generation and parsing instead", self.strategy, exc)
             self.mode, self.fallback = "generate", str(exc)
             return None
-        return total / np.maximum(count, 1), billed, [0] * len(prompts)
+        return total / np.maximum(count, 1), [b[0] for b in billed], [b[1] for b in billed]
 
     def predict_scores(self, inputs) -> np.ndarray:
         if self.task_type != "classification":
