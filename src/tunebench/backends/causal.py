@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Backend, Generation, load_pretrained
 from .encoder import EncoderClassifier
+from .streaming import RowStreamer
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +283,6 @@ class CausalBackend(Backend):
                 batch = self.collate([ids[i] for i in chunk], left=True)
                 streamer, step_kw = None, kw
                 if stream and any(i in stream for i in chunk):
-                    from .streaming import RowStreamer  # imports transformers: only when a request streams
-
                     streamer = RowStreamer(tok, [stream.get(i) for i in chunk], list(stop or ()), tok.eos_token_id,
                                            lambda toks: self._completion(toks, stop)[0])
                     step_kw = {**kw, "streamer": streamer, "stopping_criteria": streamer.criteria()}
