@@ -103,20 +103,24 @@ def train_trial(root: Path, n_train: int, strategy: str = "linear_probe") -> tup
 
 
 def start_server(study: str, batching: bool, runtime: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
     args = ["--max-batch", "32", "--batch-window-ms", "5"] if batching else ["--max-batch", "1",
                                                                               "--batch-window-ms", "0"]
     args += list(runtime)
-    # the load generator runs on the same machine: leave it a core (the same for both modes)
+    return launch(["serve", study, "--best", *args], tries=3000)  # an ONNX runtime exports on its first start
+
+
+def launch(serve_args: list[str], tries: int = 600) -> tuple[subprocess.Popen, str]:
+    """``tunebench SERVE_ARGS --port P --threads T`` on loopback, once ``/health`` answers (``tries`` x 0.2 s)."""
+    import httpx
+
+    port = free_port()
+    # the load generator runs on the same machine: leave it a core (the same for every mode)
     threads = str(max(1, (os.cpu_count() or 2) - 1))
-    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", study, "--best", "--port", str(port),
-                             "--threads", threads, *args],
+    proc = subprocess.Popen([sys.executable, "-m", "tunebench", *serve_args, "--port", str(port), "--threads", threads],
                             env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(3000):  # an ONNX runtime exports the trial on its first start
+    for _ in range(tries):
         if proc.poll() is not None:
             raise SystemExit("the server exited while starting")
         try:
@@ -194,26 +198,8 @@ def tiny_causal_lm(root: Path) -> Path:
 
 def start_lm_server(model: Path | str) -> tuple[subprocess.Popen, str]:
     """``tunebench serve --model`` with micro-batching on (``--max-batch 32 --batch-window-ms 5``)."""
-    import httpx
-
-    port = free_port()
-    threads = str(max(1, (os.cpu_count() or 2) - 1))
-    proc = subprocess.Popen([sys.executable, "-m", "tunebench", "serve", "--model", str(model), "--name", "lm",
-                             "--port", str(port), "--threads", threads, "--precision", "fp32",
-                             "--max-batch", "32", "--batch-window-ms", "5"],
-                            env={**os.environ, "TUNEBENCH_API_KEY": KEY, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit("the server exited while starting")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    return launch(["serve", "--model", str(model), "--name", "lm", "--precision", "fp32", "--max-batch", "32",
+                   "--batch-window-ms", "5"])
 
 
 async def drive_stream(url: str, clients: int, seconds: float, max_tokens: int, stream: bool) -> dict:
