@@ -141,7 +141,7 @@ def test_onnx_fp32_matches_torch_and_int8_agrees_on_nearly_all_inputs(store, tmp
         torch_scores = loaded.predictor.predict_scores(TEXTS)
         fp32 = OnnxClassifier(out, quantized=False, batch_size=5).predict_scores(TEXTS)  # several padded batches
         np.testing.assert_allclose(fp32, torch_scores, atol=1e-4, rtol=1e-4)
-        int8 = OnnxClassifier(out, threads=1)
+        int8 = OnnxClassifier(out, threads=1, recheck_margin=0)  # int8 alone (serving rechecks near ties)
         # This tiny random model's logits spread over about 0.1, the size of int8's own rounding error, so int8 may
         # flip inputs near a tie (which ones varies with the run's floating-point order and onnxruntime's
         # version). A flip is a defect only where fp32's margin exceeds what int8's error can move: twice its

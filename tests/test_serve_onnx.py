@@ -57,6 +57,27 @@ def test_onnx_runtime_serves_the_int8_export_and_reuses_it(stores, tmp_path, mon
     agree = np.asarray([a["label"] == b["label"] for a, b in zip(by_onnx["data"], by_torch["data"])])
     assert agree[clear].all() and agree.mean() >= 0.7, (agree, clear)
 
+    # near ties are scored again in fp32: a margin calibrated at export, counted in /v1/models
+    margin = json.loads((out / "classifier.json").read_text(encoding="utf-8"))["recheck_margin"]
+    assert 0 < margin < 100 and info["onnx_recheck"]["margin"] == margin
+    with serve(onnx_engine) as c:
+        counts = c.get("/v1/models", headers=AUTH).json()["data"][0]["tunebench"]["onnx_recheck"]
+    gaps = np.abs(np.diff(OnnxClassifier(out, threads=1, recheck_margin=0).predict_scores(TEXTS), axis=1))[:, 0]
+    near = gaps < margin  # the classify call's 24 inputs, then one chat and one streamed chat input
+    assert counts["scored"] == len(TEXTS) + 2 and 0 <= counts["rechecked"] - int(near.sum()) <= 2
+    fp32 = OnnxClassifier(out, quantized=False, threads=1).predict_scores(TEXTS)
+    every = OnnxClassifier(out, threads=1, recheck_margin=1e9)  # every input rechecked: exactly fp32's logits
+    np.testing.assert_allclose(every.predict_scores(TEXTS), fp32, atol=1e-6)
+    assert every.rechecked == every.scored == len(TEXTS)
+    plain = OnnxClassifier(out, threads=1, recheck_margin=0)  # off: int8 alone, the fp32 graph never loaded
+    int8 = plain.predict_scores(TEXTS)
+    assert plain.fp32_session is None and plain.rechecked == 0
+    mixed = OnnxClassifier(out, threads=1).predict_scores(TEXTS)
+    np.testing.assert_allclose(mixed[near], fp32[near], atol=1e-6)
+    np.testing.assert_allclose(mixed[~near], int8[~near], atol=1e-6)
+    with pytest.raises(TunebenchError, match="recheck margin"):
+        OnnxClassifier(out, recheck_margin=-1)
+
     import tunebench.export as export  # the second start finds the export: nothing is exported again
 
     monkeypatch.setattr(export, "export_trial", lambda *a, **kw: pytest.fail("exported again"))

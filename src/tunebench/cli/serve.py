@@ -30,6 +30,10 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
           onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="--runtime onnx/auto: the trial's ONNX "
                                                   "export (default exports/STUDY-ID-onnx, where `tunebench export` "
                                                   "writes it)."),
+          recheck_margin: Optional[float] = typer.Option(None, "--onnx-recheck-margin", min=0.0, help="--runtime "
+                                                         "onnx/auto: inputs whose int8 top-2 logit gap is below this "
+                                                         "are scored again in fp32 (default: the margin calibrated at "
+                                                         "export; 0: int8 alone)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
           port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File of accepted API keys, one "
@@ -79,7 +83,7 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
             else:
                 name_, root = resolve_study(study, store)
                 engine = trial_engine(root, name_, trial, best=best, raw=raw, runtime=runtime, onnx_dir=onnx_dir,
-                                      threads=threads)
+                                      threads=threads, recheck_margin=recheck_margin)
     except TunebenchError as exc:
         fail(exc)
     limits = Limits(max_body_bytes=max_body, max_input_tokens=max_input_tokens, max_tokens=max_tokens,
@@ -92,6 +96,8 @@ def serve(study: Optional[str] = typer.Argument(None, help="Study name or study 
     what = f"{info.get('label', '')} ({info.get('strategy', '')})" if engine.kind == "trial" else info["base_model"]
     if info.get("runtime", "torch") != "torch":
         what += f", {info['runtime']} from {info.get('export')}"
+        if (info.get("onnx_recheck") or {}).get("margin"):
+            what += f" (near ties rechecked in fp32 below a logit gap of {info['onnx_recheck']['margin']:g})"
     shown = f"[{host}]" if ":" in host else host
     err.print(f"Serving [bold]{engine.id}[/]: {what}", highlight=False)
     err.print(f"  http://{shown}:{port}/v1  (chat/completions, completions, classify, models; /health)", highlight=False)

@@ -62,12 +62,13 @@ def api_keys(key_file: Path | None, *, no_auth: bool, host: str) -> set[str] | N
 
 def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool, raw: bool = False,
                  metric: str | None = None, runtime: str = "torch", onnx_dir: str | Path | None = None,
-                 threads: int | None = None, status=None) -> Engine:
+                 threads: int | None = None, recheck_margin: float | None = None, status=None) -> Engine:
     """The engine for a stored trial: its task endpoint, or with ``raw`` its tuned LM as a plain model.
 
     ``runtime``: ``torch`` runs the trial's own predictor; ``onnx`` runs its int8 ONNX graph (onnxruntime), from
     the export at ``onnx_dir`` (default ``exports/STUDY-ID-onnx``) or exported there first; ``auto`` is ``onnx``
-    for an encoder classifier that can be exported, else ``torch``. ``threads`` bounds onnxruntime's threads.
+    for an encoder classifier that can be exported, else ``torch``. ``threads`` bounds onnxruntime's threads;
+    ``recheck_margin`` overrides the export's calibrated near-tie margin (0: int8 alone, no fp32 recheck).
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
@@ -99,7 +100,8 @@ def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool,
         log.info("--runtime auto: serving with PyTorch (%s)", exc)
         return TrialEngine(loaded)
     path = onnx_export_for(loaded, onnx_dir, status=status)
-    loaded.predictor = OnnxClassifier(path, quantized=True, threads=threads)  # the PyTorch weights are released
+    loaded.predictor = OnnxClassifier(path, quantized=True, threads=threads,  # the PyTorch weights are released
+                                      recheck_margin=recheck_margin)
     return TrialEngine(loaded, runtime="onnx-int8", export=path)
 
 

@@ -223,6 +223,9 @@ class TrialEngine(Engine):
                 "label": row["label"], "family": row["family"], "task": self.task_type, "labels": self.labels,
                 "base_model": self.loaded.backend.model_id, "runtime": self.runtime,
                 **({"export": str(self.export)} if self.export is not None else {}),
+                **({"onnx_recheck": {"margin": self.predictor.recheck_margin, "rechecked": self.predictor.rechecked,
+                                     "scored": self.predictor.scored}}
+                   if hasattr(self.predictor, "recheck_margin") else {}),
                 "metrics": {k: v for k, v in row["metrics"].items() if isinstance(v, (int, float))}}
 
     def record(self, x: Any, where: str) -> dict:
