@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import CostConfig
 from ..errors import StoreError
+from ..evaluation import counterfactual
 from ..evaluation.consistency import agreement
 from ..evaluation.cost import Pricing, break_even, price
 from ..evaluation.groups import SMALL, Breakdown, breakdown
@@ -95,9 +96,10 @@ class Group:
         return [x for r in self.rows for x in r["cost"].get("latency_ms_samples", [])]
 
     def consistency(self) -> dict[str, Any]:
-        """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement."""
+        """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement,
+        and the counterfactual swaps over the seeds (:func:`~tunebench.evaluation.counterfactual.summarize`)."""
         out: dict[str, Any] = {"seed_agreement": None, "perturbation": {}, "flip_rate": None, "sample_agreement": None,
-                               "n_items": None}
+                               "n_items": None, "counterfactual": {}}
         if self.has_items and len(self.items) > 1:
             out["seed_agreement"] = agreement([it["predictions"] for it in self.items])
         recs = [r["record"].get("consistency") for r in self.rows if r["record"].get("consistency")]
@@ -111,6 +113,9 @@ class Group:
             out["flip_rate"] = float(np.mean(flips)) if flips else None
             samples = [rec["sample_agreement"] for rec in recs if rec.get("sample_agreement") is not None]
             out["sample_agreement"] = float(np.mean(samples)) if samples else None
+            out["counterfactual"] = counterfactual.summarize(
+                [(r["seed"], r["record"]["consistency"]["counterfactual"]) for r in self.rows
+                 if (r["record"].get("consistency") or {}).get("counterfactual")])
         return out
 
     def confusion(self) -> list[list[int]] | None:

@@ -15,6 +15,7 @@ from .execution import ExecutionConfig
 from .files import clip, path_field
 from .renames import renamed_params
 from .models import AnyModelConfig, EncoderModel, ModelConfig
+from .pairs import checked_pairs
 from .search import SearchConfig
 from .task import TaskConfig
 from .tracking import TrackingConfig
@@ -36,14 +37,57 @@ class StrategyEntry(_Strict):
 PERTURBATION_KINDS = ("case", "punctuation", "whitespace", "typo", "synonym")
 
 
+class CounterfactualConfig(_Strict):
+    """Counterfactual checks: terms swapped that should not change the answer. Per kind, over the first
+    ``max_items`` test items the swap changes: the flip rate, accuracy before and after, McNemar's exact test."""
+
+    names: bool = Field(False, description="Swap English first names from the shipped lists: with a name of "
+                        "another gender from the same region (names_gender) and of the same gender from another "
+                        "region (names_region).")
+    pronouns: bool = Field(False, description="Swap English gendered pronouns: he/she, him/her, his/her, his/hers, "
+                           "himself/herself (case kept: He -> She).")
+    pairs_file: str | None = Field(None, description="Your own pairs: a CSV file with the columns original and "
+                                   "replacement, swapped both ways, whole words, any case (relative to the study "
+                                   "file).")
+    pairs: list[tuple[str, str]] = Field(default_factory=list, description="Your own pairs written in the study "
+                                         "([[original, replacement], ...]); filled from pairs_file when the study "
+                                         "is read.")
+
+    @field_validator("pairs_file")
+    @classmethod
+    def _pairs_file(cls, v: str | None) -> str | None:
+        return path_field(v)  # type: ignore[return-value]
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return checked_pairs((f"pairs[{i}]", a, b) for i, (a, b) in enumerate(v))
+
+    @model_validator(mode="after")
+    def _read(self) -> CounterfactualConfig:
+        if self.pairs_file is not None and not self.pairs:
+            raise ValueError("pairs_file is read when the study is read (load_study, parse_study); this config was "
+                             "built without reading it")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The swaps asked for, in the order they are measured and reported."""
+        return ((["names_gender", "names_region"] if self.names else []) + (["pronouns"] if self.pronouns else [])
+                + (["pairs"] if self.pairs else []))
+
+
 class ConsistencyConfig(_Strict):
-    """How stable each trial's predictions are: under meaning-preserving edits and across samples."""
+    """How stable each trial's predictions are: under meaning-preserving edits, counterfactual swaps and across
+    samples."""
 
     perturbations: list[Literal["case", "punctuation", "whitespace", "typo", "synonym"]] = Field(
         default_factory=lambda: list(PERTURBATION_KINDS),
         description="Edits applied to test inputs; the label-flip rate is measured for each ([] turns this off).")
     max_items: int = Field(200, ge=1, le=1_000_000, description="Test items perturbed (the first N; bounds the extra inference).")
     samples: int = Field(5, ge=2, le=1000, description="Samples per input for sampled generation (temperature > 0).")
+    counterfactual: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig, description="Swaps that should not change the answer: names: true, "
+        "pronouns: true, pairs_file: swaps.csv (off by default).")
 
 
 class StudyConfig(_Strict):
