@@ -183,9 +183,10 @@ class Recommender:
         cands = [g for g in ev.final if g.mean == g.mean]
         assessed = [self._assess(g) for g in cands]
         feasible = [a for a in assessed if not a["problems"]]
+        trust = ev.judge_trust()
         out = {"study": ev.study, "metric": ev.metric, "constraints": {**asdict(self.c),
                "volume_per_day": costs.volume_per_day, "horizon_days": costs.horizon_days},
-               "currency": costs.currency}
+               "currency": costs.currency, "judge_warnings": trust["warnings"] if trust else []}
         if not cands:
             return {**out, "verdict": "not enough evidence", "summary": "no finished trial to judge", "ranking": []}
         missing = [g.label for g in cands if g.fn is None]
