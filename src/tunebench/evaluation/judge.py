@@ -117,7 +117,8 @@ class Call:
 
 @dataclass
 class Usage:
-    """What the judge's own calls cost: requests (retries too), tokens, seconds."""
+    """What the judge's own calls cost: calls made (a retry is one more; a batch asked again one by one after a
+    failure counts once, and the failed batch's tokens are not known), the tokens the endpoint reported, seconds."""
 
     requests: int = 0
     prompt_tokens: int = 0
