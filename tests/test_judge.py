@@ -279,9 +279,12 @@ def test_a_study_judged_over_http_stores_hand_checked_figures(tmp_path, tiny_lla
     assert trust["cost"]["dollars"] == pytest.approx(0.00056)
     html = (report_json.parent / "report.html").read_text()
     assert html.index("Can the judge be trusted?") < html.index("<h3>The judge")
+    md = (report_json.parent / "report.md").read_text()
+    assert md.index("Trust first: self-agreement 80.0%") < md.index("| strategy | overall (95% CI) | correct | tone |")
+    assert "missing calls 16.7% (2 of 12, 6 retried)" in md and "tau-b 0.105" in md and "Cohen kappa (quadratic) 0.235" in md
     rec = runner.invoke(app, ["recommend", str(path)])
     assert rec.exit_code == 0, rec.output
-    assert "Judge: the judge agrees weakly with people: Kendall's tau 0.11" in " ".join(rec.output.split())
+    assert "Judge: the judge agrees weakly with people: Kendall tau-b 0.11" in " ".join(rec.output.split())
     # the rubric used is linked to the trial in the prompt registry
     uses = PromptRegistry(Store(tmp_path / "runs", create=False)).uses("support-reply")
     assert [u["key"] for u in uses] == [trials[0]["key"]]

@@ -358,7 +358,7 @@ def trust_warnings(judge: dict | None) -> list[str]:
     human = judge.get("human") or {}
     if human.get("tau") is not None and human["tau"] < WEAK_TAU:
         ci = human.get("tau_ci")
-        out.append(f"the judge agrees weakly with people: Kendall's tau {human['tau']:.2f}"
+        out.append(f"the judge agrees weakly with people: Kendall tau-b {human['tau']:.2f}"
                    + (f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else "") + f" on {human['n']} rated items, "
                    f"below {WEAK_TAU}; its scores may not rank answers as people would")
     elif human.get("rated") and human.get("tau") is None:
@@ -382,7 +382,7 @@ def check_human(cfg: JudgeConfig, data: TaskData) -> None:
     for i, (score, _) in enumerate(data.test.human):
         if score is not None and not low <= score <= high:
             line = data.test.lines[i] if i < len(data.test.lines) else f"test row {i + 1}"
-            raise DataError(f"test {line}: human score {score:g} in column '{data.config.human_score}' is outside "
+            raise DataError(f"{data.config.data.test or data.config.data.train} {line}: human score {score:g} in column '{data.config.human_score}' is outside "
                             f"the judge's scale {cfg.scale} (metrics[0].judge.scale); rescale the ratings or the scale")
 
 
