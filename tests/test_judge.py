@@ -175,6 +175,38 @@ def test_judge_of_a_classification_task_or_a_table_metric_is_refused(tmp_path):
         read_study(_write(tmp_path / "b.yaml", study))
 
 
+
+def test_rubric_from_a_file_and_bad_references_or_ratings_fail_before_any_trial(tmp_path):
+    rows = [(w, f"the {w}", str(1 + i % 5)) for i, w in enumerate(WORDS6 * 5)]
+    data = str(write_csv(tmp_path / "data.csv", rows, ("word", "phrase", "rating")))
+    (tmp_path / "rubric.jinja").write_text(RUBRIC, encoding="utf-8")
+    study = _study(data, {"model": "grader", "template_file": "rubric.jinja"}, store="runs",
+                   task={"human_score": "rating"})
+    cfg, _, _ = read_study(_write(tmp_path / "inline.yaml", study))
+    assert cfg.judge.template == RUBRIC
+    ok = runner.invoke(app, ["validate", str(tmp_path / "inline.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert "1 trials (zero_shot)" in " ".join(ok.output.split())  # the judge-only model runs no strategy
+    # a reference the registry does not know, once the store exists
+    assert runner.invoke(app, ["prompts", "import", str(tmp_path / "rubric.jinja"), "--name", "other", "--kind",
+                               "rubric", "--store", str(tmp_path / "runs")]).exit_code == 0
+    study["metrics"][0]["judge"] = {"model": "grader", "rubric": "support-reply@3"}
+    bad = runner.invoke(app, ["validate", str(_write(tmp_path / "ref.yaml", study))])
+    assert bad.exit_code != 0 and "metrics[0].judge.rubric: no prompt named 'support-reply'" in " ".join(
+        bad.output.split())
+    # ratings off the judge's scale, or not numbers, name the file, the line and the column
+    study["metrics"][0]["judge"] = {"model": "grader", "scale": "1-3"}
+    bad = runner.invoke(app, ["validate", str(_write(tmp_path / "scale.yaml", study))])
+    said = " ".join(bad.output.split())
+    assert bad.exit_code != 0 and re.search(r"data\.csv line \d+: human score [45] in column 'rating' is outside "
+                                            r"the judge's scale 1-3 \(metrics\[0\]\.judge\.scale\)", said)
+    write_csv(tmp_path / "data.csv", rows[:-1] + [("flame", "the flame", "great")], ("word", "phrase", "rating"))
+    study["task"]["data"] = {"train": data, "test": data}
+    bad = runner.invoke(app, ["validate", str(_write(tmp_path / "nan.yaml", study))])
+    said = " ".join(bad.output.split())
+    assert bad.exit_code != 0 and re.search(r"data\.csv line 31: human score 'great' in column 'rating' is not a "
+                                            "number", said)
+
 # ---- a study judged over HTTP by a scripted endpoint -----------------------------------------------------------
 WORDS6 = ["apple", "river", "stone", "cloud", "grass", "flame"]
 HUMAN = [1, 2, 3, 4, 5, None]
