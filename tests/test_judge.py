@@ -316,7 +316,9 @@ def test_a_study_judged_over_http_stores_hand_checked_figures(tmp_path, tiny_lla
     assert "missing calls 16.7% (2 of 12, 6 retried)" in md and "tau-b 0.105" in md and "Cohen kappa (quadratic) 0.235" in md
     rec = runner.invoke(app, ["recommend", str(path)])
     assert rec.exit_code == 0, rec.output
-    assert "Judge: the judge agrees weakly with people: Kendall tau-b 0.11" in " ".join(rec.output.split())
+    said = " ".join(rec.output.split())
+    assert "Judge: the judge agrees weakly with people: Kendall tau-b 0.11" in said
+    assert "judge grader: 2.85 on 1-5 (95% CI" in said and "16.7% of its calls missing" in said
     # the rubric used is linked to the trial in the prompt registry
     uses = PromptRegistry(Store(tmp_path / "runs", create=False)).uses("support-reply")
     assert [u["key"] for u in uses] == [trials[0]["key"]]
