@@ -171,6 +171,10 @@ def _read_template_files(raw: dict, path: Path, root: yaml.Node | None) -> None:
 
     if isinstance(raw.get("training"), dict):
         load(raw["training"], ("training",))
+    metrics = raw.get("metrics")
+    for i, item in enumerate(metrics if isinstance(metrics, list) else []):
+        if isinstance(item, dict) and isinstance(item.get("judge"), dict):  # a judge's rubric in a file
+            load(item["judge"], ("metrics", i, "judge"))
     strategies = raw.get("strategies")
     for i, item in enumerate(strategies if isinstance(strategies, list) else []):
         if isinstance(item, dict) and len(item) == 1 and "name" not in item:

@@ -13,6 +13,7 @@ from .base import INT_MAX, SEED_MAX, _Strict
 from .costs import CostConfig
 from .execution import ExecutionConfig
 from .files import clip, path_field
+from .judge import JudgeConfig, MetricEntry, metric_entries
 from .renames import renamed_params
 from .models import AnyModelConfig, EncoderModel, ModelConfig
 from .pairs import checked_pairs
@@ -117,6 +118,10 @@ class StudyConfig(_Strict):
     costs: CostConfig = Field(default_factory=CostConfig)
     cv: int | None = Field(None, ge=2, le=100, description="k-fold cross-validation over train + dev (stratified): each "
                            "trial also reports mean ± std over k folds; test is still scored once per final model.")
+    metrics: list[MetricEntry] = Field(
+        default_factory=list, max_length=1, description="Quality measures besides the metric table: an LLM judge of "
+        "generated text, - judge: {model: grader, rubric: NAME@VERSION, criteria: [correct, tone], scale: 1-5, "
+        "repeats: 3} (one judge per study).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking besides the "
                                      "results store: mlflow: {uri: ./mlruns | http://HOST:5000, experiment: NAME} "
                                      "makes each finished trial an MLflow run.")
@@ -152,6 +157,11 @@ class StudyConfig(_Strict):
             else:
                 out.append(item)
         return out
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, v: Any) -> Any:
+        return metric_entries(v)
 
     @field_validator("train_sizes", mode="before")
     @classmethod
@@ -194,7 +204,31 @@ class StudyConfig(_Strict):
         if self.cv is not None and searched:
             raise ValueError(f"cv with a search ({', '.join(searched)}) would need nested cross-validation, which "
                              "tunebench does not run; drop cv or the search")
+        self._check_judge(names)
         return self
+
+    def _check_judge(self, names: list[str]) -> None:
+        judge = self.judge
+        if judge is None:
+            if self.task.human_score:
+                raise ValueError("task.human_score: human ratings are compared with a judge's scores, and this "
+                                 "study has none; add metrics: [{judge: {model: NAME, ...}}] or drop human_score")
+            return
+        if self.task.type != "generation":
+            raise ValueError("metrics[0].judge: a judge scores generated text; this task is classification (its "
+                             "labels are scored exactly)")
+        models = {m.name: m for m in self.all_models()}
+        if judge.model not in models:
+            raise ValueError(f"metrics[0].judge.model: no model named {clip(judge.model, 60)!r}; the study's models are "
+                             f"{names} (declare the judge under models: with a name)")
+        if models[judge.model].backend == "encoder":
+            raise ValueError(f"metrics[0].judge.model: {judge.model!r} is an encoder, which cannot write an answer; "
+                             "a judge is a causal or openai model")
+
+    @property
+    def judge(self) -> JudgeConfig | None:
+        """The study's judge (``metrics: - judge: ...``), if it has one."""
+        return self.metrics[0].judge if self.metrics else None
 
     def all_models(self) -> list[ModelConfig]:
         """The study's models, each with a name (default: from its path, or its backend)."""
