@@ -75,6 +75,8 @@ PATHS = [("name",), ("task",), ("task", "type"), ("task", "data"), ("task", "dat
          ("model", "path"), ("model", "precision"), ("models",), ("strategies",), ("seeds",), ("train_sizes",),
          ("store",), ("artifacts",), ("training",), ("training", "lr"), ("training", "epochs"), ("costs",),
          ("costs", "volume_per_day"), ("costs", "api"), ("consistency",), ("consistency", "max_items"),
+         ("consistency", "counterfactual"), ("consistency", "counterfactual", "pairs_file"),
+         ("consistency", "counterfactual", "pairs"),
          ("execution",), ("execution", "executor"), ("cv",), ("unknown",)]
 
 

@@ -267,3 +267,23 @@ def test_openai_model_config_is_checked(tmp_path, files):
     path = study_file(tmp_path, "cfg2", {"backend": "encoder", "base_url": "http://x/v1"}, files, ["zero_shot"])
     r = runner.invoke(app, ["validate", str(path)])
     assert r.exit_code == 2 and "base_url: only for backend: openai" in " ".join(r.output.split())
+
+
+def test_a_tiny_model_behind_tunebench_serve_as_judge_gives_missing_not_zero(tmp_path, files, server, monkeypatch):
+    """The judge's plumbing over real HTTP (issue 17): a random tiny model writes no valid JSON, so every judge call
+    is retried once and then recorded as missing; the trial is stored with no judge score, not a score of 0."""
+    monkeypatch.setenv("TB_TEST_KEY", KEY)
+    doc = {"name": "judged", "task": {"type": "generation", "data": files, "text": "text", "target": "label"},
+           "model": remote(server, name="tiny", api="chat"),
+           "strategies": [{"zero_shot": {"template": TEMPLATE, "max_new_tokens": 3, "models": ["tiny"]}}],
+           "metrics": [{"judge": {"model": "tiny", "criteria": ["correct"], "repeats": 1, "max_new_tokens": 8,
+                                  "max_items": 3}}],
+           "consistency": {"perturbations": [], "max_items": 2}, "store": "runs"}
+    path = tmp_path / "judged.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    r = run(path)
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout)["trials"][0]["metrics"]["judge"]
+    assert (j["calls"], j["retried"], j["missing"], j["missing_rate"]) == (3, 3, 3, 1.0)
+    assert j["overall"] is None and j["items_scored"] == 0 and j["scores"] == {"correct": None}
+    assert j["cost"]["requests"] == 6 and j["cost"]["prompt_tokens"] > 0  # usage came back over HTTP

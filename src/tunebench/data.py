@@ -42,6 +42,7 @@ class Split:
     fields: list[dict[str, str]] = field(default_factory=list)
     targets: list[str] | None = None  # generation tasks: the expected outputs (labels are then all 0)
     groups: dict[str, list[str]] = field(default_factory=dict)  # task.groups: column -> each row's group
+    human: list[tuple[float | None, str]] | None = None  # task.human_score: (rating or None, rated text) per row
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,7 +52,7 @@ class Split:
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return Split(self.name, pick(self.texts), self.labels[idx], pick(self.lines), pick(self.fields),
                      pick(self.targets) if self.targets is not None else None,
-                     {c: pick(v) for c, v in self.groups.items()})
+                     {c: pick(v) for c, v in self.groups.items()}, pick(self.human) if self.human else self.human)
 
     def records(self) -> list[dict[str, str]]:
         """Each example as prompt variables: its input fields plus ``input`` (the fields joined)."""
@@ -271,7 +272,8 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
                             f"in field '{out_field}'")
         raw.append(str(v) if task.type == "generation" else str(v).strip())
     if task.type == "generation":
-        return Split(name, texts, np.zeros(len(texts), dtype=np.int64), lines, fields, raw, by_group), raw
+        human = _human(path, task, cols, lines) if groups and task.human_score else None
+        return Split(name, texts, np.zeros(len(texts), dtype=np.int64), lines, fields, raw, by_group, human), raw
     ids = []
     if value_to_id is not None:
         for i, v in enumerate(raw):
@@ -280,6 +282,32 @@ def _load_split(name: str, path: Path, task: TaskConfig, value_to_id: dict[str, 
                                 f"{sorted(value_to_id)}; add it to task.labels or fix the row")
             ids.append(value_to_id[v])
     return Split(name, texts, np.asarray(ids, dtype=np.int64), lines, fields, groups=by_group), raw
+
+
+def _human(path: Path, task: TaskConfig, cols: dict[str, list], lines: list[str]) -> list[tuple[float | None, str]]:
+    """``task.human_score`` of each test row (None where blank) and the text it rates (``task.human_rated``, default
+    the target)."""
+    rated_col = task.human_rated or task.target
+    missing = [c for c in (task.human_score, rated_col) if c not in cols]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found; the file has {sorted(cols)}. Fix task.human_score / "
+                        "task.human_rated in the study or add the column to the file that holds the test rows")
+    out: list[tuple[float | None, str]] = []
+    for i, (v, rated) in enumerate(zip(cols[task.human_score], cols[rated_col])):
+        if v is None or str(v).strip() == "":
+            out.append((None, ""))
+            continue
+        try:
+            score = float(v)
+        except (TypeError, ValueError):
+            score = float("nan")
+        if not np.isfinite(score):
+            raise DataError(f"{path} {lines[i]}: human score {clip(str(v), 40)!r} in column '{task.human_score}' is "
+                            "not a number; give a rating on the judge's scale or leave the cell empty")
+        if rated is None or str(rated).strip() == "":
+            raise DataError(f"{path} {lines[i]}: a human score but no rated text in column '{rated_col}'")
+        out.append((score, str(rated)))
+    return out
 
 
 def _resolve_path(p: str, base: Path) -> Path:
@@ -340,7 +368,8 @@ def concat(a: Split, b: Split, name: str) -> Split:
     both = lambda x, y: x + y if x and y else []  # noqa: E731  (per-row lists only where both have them)
     targets = a.targets + b.targets if a.targets is not None and b.targets is not None else None
     return Split(name, a.texts + b.texts, np.concatenate([a.labels, b.labels]), both(a.lines, b.lines),
-                 both(a.fields, b.fields), targets, {c: a.groups[c] + b.groups[c] for c in a.groups if c in b.groups})
+                 both(a.fields, b.fields), targets, {c: a.groups[c] + b.groups[c] for c in a.groups if c in b.groups},
+                 a.human + b.human if a.human is not None and b.human is not None else None)
 
 
 def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:

@@ -17,9 +17,11 @@ import numpy as np
 
 from ..config import CostConfig
 from ..errors import StoreError
+from ..evaluation import counterfactual
 from ..evaluation.consistency import agreement
 from ..evaluation.cost import Pricing, break_even, price
 from ..evaluation.groups import SMALL, Breakdown, breakdown
+from ..evaluation.judge import mean_interval, trust_warnings
 from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
 from .leaderboard import SECONDARY, cv_summary, default_metric, group_flags
 from ..store.results import Store
@@ -95,9 +97,10 @@ class Group:
         return [x for r in self.rows for x in r["cost"].get("latency_ms_samples", [])]
 
     def consistency(self) -> dict[str, Any]:
-        """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement."""
+        """Seed agreement (share of items all seeds predict alike), flip rates per perturbation, sample agreement,
+        and the counterfactual swaps over the seeds (:func:`~tunebench.evaluation.counterfactual.summarize`)."""
         out: dict[str, Any] = {"seed_agreement": None, "perturbation": {}, "flip_rate": None, "sample_agreement": None,
-                               "n_items": None}
+                               "n_items": None, "counterfactual": {}}
         if self.has_items and len(self.items) > 1:
             out["seed_agreement"] = agreement([it["predictions"] for it in self.items])
         recs = [r["record"].get("consistency") for r in self.rows if r["record"].get("consistency")]
@@ -111,7 +114,14 @@ class Group:
             out["flip_rate"] = float(np.mean(flips)) if flips else None
             samples = [rec["sample_agreement"] for rec in recs if rec.get("sample_agreement") is not None]
             out["sample_agreement"] = float(np.mean(samples)) if samples else None
+            out["counterfactual"] = counterfactual.summarize(
+                [(r["seed"], r["record"]["consistency"]["counterfactual"]) for r in self.rows
+                 if (r["record"].get("consistency") or {}).get("counterfactual")])
         return out
+
+    def judge(self) -> dict[str, Any] | None:
+        """The judge's results over this group's seeds (None: not judged); see :func:`judge_over_rows`."""
+        return judge_over_rows(self.rows, self.items if self.has_items else [])
 
     def confusion(self) -> list[list[int]] | None:
         cms = [np.asarray(r["metrics"]["confusion_matrix"]) for r in self.rows if "confusion_matrix" in r["metrics"]]
@@ -229,6 +239,21 @@ class Evidence:
             self._by_group[key] = out
         return self._by_group[key]
 
+    # ---- the judge (metrics: - judge) ----------------------------------------------------------------------------
+    def judge_trust(self) -> dict[str, Any] | None:
+        """The judge's trust figures over the comparison set: self-agreement (items of every trial pooled),
+        missing calls, agreement with people (the same rated texts for every trial: the first trial that judged
+        them), its total cost, and the warnings they call for. None when no trial was judged."""
+        judged = [(g, j) for g in self.final if (j := g.judge()) is not None]
+        if not judged:
+            return None
+        out = judge_over_rows([r for g, _ in judged for r in g.rows], [])
+        assert out is not None
+        out = {k: out[k] for k in ("model", "criteria", "scale", "repeats", "rubric", "calls", "missing",
+                                   "missing_rate", "retried", "errors", "self_agreement", "human", "cost")}
+        out["warnings"] = trust_warnings(out)
+        return out
+
     # ---- prices ------------------------------------------------------------------------------------------------
     def pricing(self, g: Group, costs: CostConfig | None = None) -> Pricing:
         return price(g.cost, g.model, costs or self.costs)
@@ -329,6 +354,7 @@ class Evidence:
             "cv": cv_summary(g.rows, self.metric) or None,
             "flags": group_flags(g.rows),
             "groups": [b.to_dict() for b in self.by_group(g)],
+            "judge": g.judge(),
         }
 
     def to_dict(self) -> dict:
@@ -345,8 +371,58 @@ class Evidence:
             "cost_model": self.costs.model_dump(), "break_even": self.break_evens(),
             "missing_items": sorted({g.label for g in self.groups if not g.has_items}),
             "group_columns": self.group_columns, "group_metrics": self.group_metrics if self.group_columns else [],
-            "groups_note": self.groups_note(), "small_group": SMALL,
+            "groups_note": self.groups_note(), "small_group": SMALL, "judge": self.judge_trust(),
         }
+
+
+def judge_over_rows(rows: list[dict], items: list[dict]) -> dict[str, Any] | None:
+    """Stored judge summaries (``metrics.judge``) of several trials as one: scores averaged over trials, the overall
+    score's interval from the pooled per-item scores (``items``, where given), calls and missing calls summed,
+    self-agreement weighted by the items it was measured on, the human agreement of the trial that judged the rated
+    texts, the judge's cost summed (kept apart from the strategies' costs)."""
+    js = [r["metrics"]["judge"] for r in rows if isinstance(r["metrics"].get("judge"), dict)]
+    if not js:
+        return None
+    first = js[0]
+    crit = first.get("criteria") or []
+    scores = {c: _nanmean([j["scores"].get(c) for j in js]) for c in crit}
+    pooled = [x for it in items for x in ((it.get("judge") or {}).get("overall") or []) if x is not None]
+    calls = sum(j.get("calls", 0) for j in js)
+    missing = sum(j.get("missing", 0) for j in js)
+    agreements = [(j["self_agreement"]["items"], j["self_agreement"]) for j in js
+                  if (j.get("self_agreement") or {}).get("items")]
+    weight = sum(n for n, _ in agreements)
+    agreement = {"items": weight, "all_criteria": None, "by_criterion": {}, "mean_spread": None}
+    if weight:
+        agreement["all_criteria"] = sum(n * a["all_criteria"] for n, a in agreements) / weight
+        agreement["by_criterion"] = {c: sum(n * a["by_criterion"][c] for n, a in agreements) / weight for c in crit}
+        agreement["mean_spread"] = sum(n * a["mean_spread"] for n, a in agreements) / weight
+    humans = [j["human"] for j in js if j.get("human")]
+    human = next((h for h in humans if not h.get("reused")), humans[0] if humans else None)
+    costs = [j.get("cost") or {} for j in js] + [h["cost"] for h in humans if h.get("cost")]
+    cost = {k: sum(c.get(k) or 0 for c in costs) for k in ("requests", "prompt_tokens", "completion_tokens", "seconds")}
+    priced = [c.get("dollars") for c in costs]
+    cost["dollars"] = None if any(d is None for d in priced) else sum(priced)
+    errors: dict[str, int] = {}
+    for j in js:
+        for reason, n in (j.get("errors") or {}).items():
+            errors[reason] = errors.get(reason, 0) + n
+    return {"model": first.get("model"), "criteria": crit, "scale": first.get("scale"),
+            "repeats": first.get("repeats"), "rubric": {k: v for k, v in (first.get("rubric") or {}).items()
+                                                         if k != "template"},
+            "scores": scores, "overall": _nanmean([j.get("overall") for j in js]),
+            "overall_ci": mean_interval(np.asarray(pooled)) if pooled else (first.get("overall_ci") if len(js) == 1
+                                                                            else None),
+            "items": sum(j.get("items", 0) for j in js), "items_scored": sum(j.get("items_scored", 0) for j in js),
+            "calls": calls, "missing": missing, "missing_rate": missing / calls if calls else None,
+            "retried": sum(j.get("retried", 0) for j in js),
+            "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
+            "self_agreement": agreement, "human": human, "cost": cost, "trials": len(js)}
+
+
+def _nanmean(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def _key(a: Group, b: Group) -> tuple:

@@ -176,6 +176,14 @@ class Recommender:
         flags = group_flags(g.rows)
         if flags:
             out.append("may be under-tuned, so its score is not final: " + "; ".join(flags))
+        judge = g.judge()
+        if judge is not None and judge["overall"] is not None:
+            ci = judge["overall_ci"]
+            out.append(f"judge {judge['model']}: {judge['overall']:.2f} on {judge['scale']}"
+                       + (f" (95% CI {ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+                       + f", {100 * (judge['missing_rate'] or 0):.1f}% of its calls missing (trust figures: report)")
+        elif judge is not None:
+            out.append(f"judge {judge['model']}: no score, every call missing")
         return out
 
     def recommend(self) -> dict:
@@ -183,9 +191,10 @@ class Recommender:
         cands = [g for g in ev.final if g.mean == g.mean]
         assessed = [self._assess(g) for g in cands]
         feasible = [a for a in assessed if not a["problems"]]
+        trust = ev.judge_trust()
         out = {"study": ev.study, "metric": ev.metric, "constraints": {**asdict(self.c),
                "volume_per_day": costs.volume_per_day, "horizon_days": costs.horizon_days},
-               "currency": costs.currency}
+               "currency": costs.currency, "judge_warnings": trust["warnings"] if trust else []}
         if not cands:
             return {**out, "verdict": "not enough evidence", "summary": "no finished trial to judge", "ranking": []}
         missing = [g.label for g in cands if g.fn is None]

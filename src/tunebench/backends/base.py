@@ -108,6 +108,7 @@ class Backend(ABC):
         self.device = resolve_device(config.device)
         self.amp_dtype = resolve_precision(config.precision, self.device)
         self._retrievers: dict[str, Backend] = {}
+        self.judged: dict = {}  # a judge on this model: its scores of the human-rated texts, reused by every trial
 
     def require(self, *caps: str, strategy: str = "") -> None:
         missing = [c for c in caps if c not in self.capabilities]

@@ -134,6 +134,8 @@ def recommend_cmd(study: str = StudyArg, store: Optional[str] = StoreOpt,
     out.print(f"[bold {colour}]{rec['verdict'].upper()}[/]" + (f": [bold]{rec['recommended']}[/]"
                                                                if rec.get("recommended") else ""))
     out.print(rec["summary"], highlight=False)
+    for line in rec.get("judge_warnings") or []:
+        out.print(f"[yellow]Judge: {line}[/]", highlight=False)
     for r in rec["ranking"]:
         mark = "[green]✓[/]" if r["feasible"] else "[red]✗[/]"
         out.print(f"\n{r['rank']}. {mark} [bold]{r['label']}[/] ({r['family'].replace('_', ' ')})", highlight=False)

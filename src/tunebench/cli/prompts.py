@@ -186,7 +186,8 @@ def prompts_export(ref: Optional[str] = typer.Argument(None, help="NAME or NAME@
 def prompts_import(files: list[Path] = typer.Argument(..., help="Template files (e.g. NAME@V.jinja from export)."),
                    name: Optional[str] = typer.Option(None, "--name", help="Register under this name (default: the "
                                                       "sidecar NAME@V.yaml's name, else the file name before '@')."),
-                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label or instruction (default: "
+                   kind: Optional[str] = typer.Option(None, "--kind", help="prompt, label, instruction or rubric (a "
+                                                      "judge's; default: "
                                                       "the sidecar's, "
                                                       "else prompt)."),
                    store: Optional[str] = RegistryStoreOpt, as_json: bool = JsonOpt) -> None:

@@ -15,6 +15,7 @@ from ..analysis.evidence import Evidence, analyze
 from ..analysis.leaderboard import default_metric, leaderboard, trial_json
 from ..config import DEFAULT_STORE
 from ..evaluation.groups import SMALL
+from ..report import p_range, points
 from ..errors import TunebenchError
 from ..store.results import Store
 from .common import (DEFAULT_METRIC_HELP, METRICS, JsonOpt, StoreOpt, StudyArg, check_metric, err, fail, json_default,
@@ -153,6 +154,60 @@ def print_groups(ev: Evidence, console: Console) -> None:
             console.print(escape(line), highlight=False)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def consistency_json(ev: Evidence, doc: dict | None = None) -> dict:
+    """Each strategy of the comparison set with its consistency (as in ``report.json``): seed agreement, flip rate
+    per perturbation, sample agreement and the counterfactual swaps (``show --consistency --json``); added to the
+    strategies of ``doc`` (``groups_json``) where given."""
+    doc = doc or {"study": ev.study, "strategies": [{"label": g.label, "family": g.family, "train_size": g.train_size,
+                                                     "seeds": g.seeds} for g in ev.final]}
+    for entry, g in zip(doc["strategies"], ev.final):
+        entry["consistency"] = g.consistency()
+    return doc
+
+
+def print_consistency(ev: Evidence, console: Console) -> None:
+    """The report's consistency table (seed agreement, flip rate per perturbation, sample agreement), then the
+    counterfactual swaps: per strategy and swap, the items it changed, their flip rate, accuracy on the original
+    and swapped inputs, the change and McNemar's exact p (per seed: a range where several)."""
+    doc = [{"label": s["label"], **s["consistency"]} for s in consistency_json(ev)["strategies"]]
+    kinds = list(dict.fromkeys(k for s in doc for k in s["perturbation"]))
+    table = Table(title=f"{ev.study}: consistency (flip rate: share of predictions a meaning-preserving edit "
+                        "changes)", title_justify="left")
+    table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
+    for col in ("seed agreement", *[f"flip: {k}" for k in kinds], "mean flip", "sample agreement"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in doc:
+        table.add_row(escape(s["label"]), _pct(s["seed_agreement"]), *[_pct(s["perturbation"].get(k)) for k in kinds],
+                      _pct(s["flip_rate"]), _pct(s["sample_agreement"]))
+    console.print(table)
+    swapped = [s for s in doc if s["counterfactual"]]
+    if not swapped:
+        console.print("no counterfactual swaps stored: add consistency: {counterfactual: {names: true, pronouns: "
+                      "true, pairs_file: swaps.csv}} to the study; trials that ran without it keep their results",
+                      highlight=False)
+        return
+    table = Table(title=f"{ev.study}: counterfactual swaps (only the test items a swap changed count)",
+                  title_justify="left")
+    table.add_column("strategy", overflow="fold", min_width=12, max_width=40)
+    table.add_column("swap", no_wrap=True)
+    for col in ("n", "flip rate", "original", "swapped", "change", "McNemar p"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in swapped:
+        for i, (kind, c) in enumerate(s["counterfactual"].items()):
+            table.add_row(escape(s["label"]) if i == 0 else "", kind, str(c["n_changed"]), _pct(c["flip_rate"]),
+                          _pct(c["original"]), _pct(c["swapped"]), points(c["change"]),
+                          p_range((c["p_min"], c["p_max"])), end_section=i == len(s["counterfactual"]) - 1)
+    console.print(table)
+    if any(c["metric"] == "exact_match" for s in swapped for c in s["counterfactual"].values()):
+        console.print("original / swapped: exact match against the reference (swapped likewise)", highlight=False)
+    else:
+        console.print("original / swapped: accuracy on the changed items before and after the swap", highlight=False)
+
+
 def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
          metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: "
                                               f"{DEFAULT_METRIC_HELP} for generation)."),
@@ -160,6 +215,9 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
          ids: bool = typer.Option(False, "--ids", help="List every trial with its id (for serve and export)."),
          groups: bool = typer.Option(False, "--groups", help="Results by the groups of task.groups: per group n, "
                                      "metrics with 95% intervals, the worst group and the gap between groups."),
+         consistency: bool = typer.Option(False, "--consistency", help="Consistency per strategy: seed agreement, "
+                                          "flip rate per perturbation, sample agreement and the counterfactual swaps "
+                                          "(flip rate, accuracy change, McNemar)."),
          as_json: bool = JsonOpt) -> None:
     """Leaderboard of a study: quality mean ± std over seeds, train time, latency, tokens, trainable parameters."""
     setup_logging(False)
@@ -186,15 +244,19 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
     if ids and not as_json:
         print_trial_ids(rows, metric, out)
         return
-    if groups and rows:
+    if (groups or consistency) and rows:
         try:
             ev = analyze(st, name, metric=metric)
         except TunebenchError as exc:
             fail(exc)
         if as_json:
-            print_json(groups_json(ev), default=json_default)
-        else:
+            doc = groups_json(ev) if groups else None
+            print_json(consistency_json(ev, doc) if consistency else doc, default=json_default)
+            return
+        if groups:
             print_groups(ev, out)
+        if consistency:
+            print_consistency(ev, out)
         return
     if as_json:
         print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows],

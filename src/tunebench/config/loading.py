@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from ..errors import ConfigError
 from .files import STUDY_MAX_BYTES, TEMPLATE_MAX_BYTES, check_path, clip, read_text_limited
+from .pairs import read_pairs_file
 from .study import StudyConfig
 
 MAX_DEPTH = 64  # nesting of a study file (a real one is under 10 deep)
@@ -130,7 +131,7 @@ def read_study(path: str | Path) -> tuple[StudyConfig, Path, yaml.Node | None]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study is a YAML mapping with name, task, model and strategies")
     _read_template_files(raw, path, root)
-    cfg = parse_study(raw, source=str(path), root=root)
+    cfg = parse_study(raw, source=str(path), root=root, base_dir=path.parent)
     return cfg, path.resolve().parent, root
 
 
@@ -170,6 +171,10 @@ def _read_template_files(raw: dict, path: Path, root: yaml.Node | None) -> None:
 
     if isinstance(raw.get("training"), dict):
         load(raw["training"], ("training",))
+    metrics = raw.get("metrics")
+    for i, item in enumerate(metrics if isinstance(metrics, list) else []):
+        if isinstance(item, dict) and isinstance(item.get("judge"), dict):  # a judge's rubric in a file
+            load(item["judge"], ("metrics", i, "judge"))
     strategies = raw.get("strategies")
     for i, item in enumerate(strategies if isinstance(strategies, list) else []):
         if isinstance(item, dict) and len(item) == 1 and "name" not in item:
@@ -179,8 +184,27 @@ def _read_template_files(raw: dict, path: Path, root: yaml.Node | None) -> None:
             load(item.get("params"), ("strategies", i, "params"))
 
 
-def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = None) -> StudyConfig:
-    """Validate a study given as a dict (the Python API's entry point)."""
+def _read_pairs_file(raw: dict, base: Path, source: str, root: yaml.Node | None) -> dict:
+    """``raw`` with ``consistency.counterfactual.pairs_file`` read into ``pairs`` (a relative path is relative to
+    ``base``, the study file's folder); unchanged where there is no file to read or ``pairs`` is already there (a
+    stored config carries both). ``raw`` itself is not modified."""
+    consistency = raw.get("consistency")
+    cf = consistency.get("counterfactual") if isinstance(consistency, dict) else None
+    if not isinstance(cf, dict) or cf.get("pairs_file") is None or "pairs" in cf:
+        return raw
+    loc = ("consistency", "counterfactual", "pairs_file")
+    line = _yaml_line(root, loc) if root is not None else None
+    where = f"{source}{f' line {line}' if line else ''}: {'.'.join(loc)}"
+    name = check_path(cf["pairs_file"], where)
+    pairs = read_pairs_file(name if name.is_absolute() else base / name, f"{where} (relative to the study file)")
+    return {**raw, "consistency": {**consistency, "counterfactual": {**cf, "pairs": pairs}}}
+
+
+def parse_study(raw: dict, *, source: str = "<study>", root: yaml.Node | None = None,
+                base_dir: str | Path = ".") -> StudyConfig:
+    """Validate a study given as a dict (the Python API's entry point); files the study names
+    (``consistency.counterfactual.pairs_file``) are read relative to ``base_dir``."""
+    raw = _read_pairs_file(raw, Path(base_dir), source, root)
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:

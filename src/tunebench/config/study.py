@@ -13,8 +13,10 @@ from .base import INT_MAX, SEED_MAX, _Strict
 from .costs import CostConfig
 from .execution import ExecutionConfig
 from .files import clip, path_field
+from .judge import JudgeConfig, MetricEntry, metric_entries
 from .renames import renamed_params
 from .models import AnyModelConfig, EncoderModel, ModelConfig
+from .pairs import checked_pairs
 from .search import SearchConfig
 from .task import TaskConfig
 from .tracking import TrackingConfig
@@ -36,14 +38,57 @@ class StrategyEntry(_Strict):
 PERTURBATION_KINDS = ("case", "punctuation", "whitespace", "typo", "synonym")
 
 
+class CounterfactualConfig(_Strict):
+    """Counterfactual checks: terms swapped that should not change the answer. Per kind, over the first
+    ``max_items`` test items the swap changes: the flip rate, accuracy before and after, McNemar's exact test."""
+
+    names: bool = Field(False, description="Swap English first names from the shipped lists: with a name of "
+                        "another gender from the same region (names_gender) and of the same gender from another "
+                        "region (names_region).")
+    pronouns: bool = Field(False, description="Swap English gendered pronouns: he/she, him/her, his/her, his/hers, "
+                           "himself/herself (case kept: He -> She).")
+    pairs_file: str | None = Field(None, description="Your own pairs: a CSV file with the columns original and "
+                                   "replacement, swapped both ways, whole words, any case (relative to the study "
+                                   "file).")
+    pairs: list[tuple[str, str]] = Field(default_factory=list, description="Your own pairs written in the study "
+                                         "([[original, replacement], ...]); filled from pairs_file when the study "
+                                         "is read.")
+
+    @field_validator("pairs_file")
+    @classmethod
+    def _pairs_file(cls, v: str | None) -> str | None:
+        return path_field(v)  # type: ignore[return-value]
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return checked_pairs((f"pairs[{i}]", a, b) for i, (a, b) in enumerate(v))
+
+    @model_validator(mode="after")
+    def _read(self) -> CounterfactualConfig:
+        if self.pairs_file is not None and not self.pairs:
+            raise ValueError("pairs_file is read when the study is read (load_study, parse_study); this config was "
+                             "built without reading it")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The swaps asked for, in the order they are measured and reported."""
+        return ((["names_gender", "names_region"] if self.names else []) + (["pronouns"] if self.pronouns else [])
+                + (["pairs"] if self.pairs else []))
+
+
 class ConsistencyConfig(_Strict):
-    """How stable each trial's predictions are: under meaning-preserving edits and across samples."""
+    """How stable each trial's predictions are: under meaning-preserving edits, counterfactual swaps and across
+    samples."""
 
     perturbations: list[Literal["case", "punctuation", "whitespace", "typo", "synonym"]] = Field(
         default_factory=lambda: list(PERTURBATION_KINDS),
         description="Edits applied to test inputs; the label-flip rate is measured for each ([] turns this off).")
     max_items: int = Field(200, ge=1, le=1_000_000, description="Test items perturbed (the first N; bounds the extra inference).")
     samples: int = Field(5, ge=2, le=1000, description="Samples per input for sampled generation (temperature > 0).")
+    counterfactual: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig, description="Swaps that should not change the answer: names: true, "
+        "pronouns: true, pairs_file: swaps.csv (off by default).")
 
 
 class StudyConfig(_Strict):
@@ -73,6 +118,10 @@ class StudyConfig(_Strict):
     costs: CostConfig = Field(default_factory=CostConfig)
     cv: int | None = Field(None, ge=2, le=100, description="k-fold cross-validation over train + dev (stratified): each "
                            "trial also reports mean ± std over k folds; test is still scored once per final model.")
+    metrics: list[MetricEntry] = Field(
+        default_factory=list, max_length=1, description="Quality measures besides the metric table: an LLM judge of "
+        "generated text, - judge: {model: grader, rubric: NAME@VERSION, criteria: [correct, tone], scale: 1-5, "
+        "repeats: 3} (one judge per study).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking besides the "
                                      "results store: mlflow: {uri: ./mlruns | http://HOST:5000, experiment: NAME} "
                                      "makes each finished trial an MLflow run.")
@@ -108,6 +157,11 @@ class StudyConfig(_Strict):
             else:
                 out.append(item)
         return out
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, v: Any) -> Any:
+        return metric_entries(v)
 
     @field_validator("train_sizes", mode="before")
     @classmethod
@@ -150,7 +204,31 @@ class StudyConfig(_Strict):
         if self.cv is not None and searched:
             raise ValueError(f"cv with a search ({', '.join(searched)}) would need nested cross-validation, which "
                              "tunebench does not run; drop cv or the search")
+        self._check_judge(names)
         return self
+
+    def _check_judge(self, names: list[str]) -> None:
+        judge = self.judge
+        if judge is None:
+            if self.task.human_score:
+                raise ValueError("task.human_score: human ratings are compared with a judge's scores, and this "
+                                 "study has none; add metrics: [{judge: {model: NAME, ...}}] or drop human_score")
+            return
+        if self.task.type != "generation":
+            raise ValueError("metrics[0].judge: a judge scores generated text; this task is classification (its "
+                             "labels are scored exactly)")
+        models = {m.name: m for m in self.all_models()}
+        if judge.model not in models:
+            raise ValueError(f"metrics[0].judge.model: no model named {clip(judge.model, 60)!r}; the study's models are "
+                             f"{names} (declare the judge under models: with a name)")
+        if models[judge.model].backend == "encoder":
+            raise ValueError(f"metrics[0].judge.model: {judge.model!r} is an encoder, which cannot write an answer; "
+                             "a judge is a causal or openai model")
+
+    @property
+    def judge(self) -> JudgeConfig | None:
+        """The study's judge (``metrics: - judge: ...``), if it has one."""
+        return self.metrics[0].judge if self.metrics else None
 
     def all_models(self) -> list[ModelConfig]:
         """The study's models, each with a name (default: from its path, or its backend)."""

@@ -61,6 +61,13 @@ class TaskConfig(_Strict):
         default_factory=list, description="Columns of the test data that name groups of users (channel, region, "
         "segment): every trial is also scored per group, with the gap between the best and worst group.")
 
+    human_score: str | None = Field(
+        None, description="Column of the test data with human ratings on the judge's scale: the judge also scores "
+        "the rated texts, and its agreement with people (Kendall's tau, Cohen's kappa) is stored with every trial.")
+    human_rated: str | None = Field(
+        None, description="Column holding the texts the human_score rates (default: the target column; then the "
+        "rubric sees an empty reference for them).")
+
     @field_validator("data", mode="before")
     @classmethod
     def _one_file(cls, v: Any) -> Any:
@@ -125,6 +132,11 @@ class TaskConfig(_Strict):
                 raise ValueError("a generation task has a 'target' field, not 'label'/'labels'")
         if not self.text:
             raise ValueError("'text' needs at least one field name")
+        if self.human_rated and not self.human_score:
+            raise ValueError("human_rated names the texts people rated; give their ratings' column too (human_score)")
+        if self.human_score and self.type != "generation":
+            raise ValueError("human_score: human ratings calibrate a judge of generated text; this task is "
+                             "classification")
         if len(self.text) > 1 or self.text_template:
             template = self.text_template or "\n".join("{%s}" % f for f in self.text)
             missing = [p for p in placeholders(template) if p not in self.text]

@@ -102,22 +102,28 @@ def perturb(text: str, kind: str, seed: int, index: int) -> str:
     return PERTURBATIONS[kind](text, rng)
 
 
-def perturb_records(records: list[dict], kind: str, seed: int, fields: Sequence[str],
-                    join: Callable[[dict], str]) -> tuple[list[dict], np.ndarray]:
-    """Apply ``kind`` to the text fields of each record and rebuild its ``input``; also returns which records
-    actually changed (a synonym edit needs a listed word)."""
+def edit_records(records: list[dict], edit: Callable[[str, int], str], fields: Sequence[str],
+                 join: Callable[[dict], str]) -> tuple[list[dict], np.ndarray]:
+    """``edit(text, index)`` applied to the text fields of each record, its ``input`` rebuilt; also returns which
+    records actually changed (a synonym edit needs a listed word, a swap a listed term)."""
     out, changed = [], []
     for i, r in enumerate(records):
         new = dict(r)
         for f in fields:
-            new[f] = perturb(r[f], kind, seed, i)
+            new[f] = edit(r[f], i)
         new["input"] = join(new)
         out.append(new)
         changed.append(new["input"] != r["input"])
     return out, np.asarray(changed, dtype=bool)
 
 
-def _same(a, b) -> bool:
+def perturb_records(records: list[dict], kind: str, seed: int, fields: Sequence[str],
+                    join: Callable[[dict], str]) -> tuple[list[dict], np.ndarray]:
+    """Apply ``kind`` to the text fields of each record and rebuild its ``input`` (:func:`edit_records`)."""
+    return edit_records(records, lambda text, i: perturb(text, kind, seed, i), fields, join)
+
+
+def same(a, b) -> bool:
     if isinstance(a, str) or isinstance(b, str):
         return normalize(str(a)) == normalize(str(b))
     return int(a) == int(b)
@@ -129,7 +135,7 @@ def flip_rate(before: Sequence, after: Sequence, mask: np.ndarray | None = None)
     pairs = [(before[i], after[i]) for i in idx]
     if not pairs:
         return None
-    return float(np.mean([not _same(a, b) for a, b in pairs]))
+    return float(np.mean([not same(a, b) for a, b in pairs]))
 
 
 def agreement(runs: Sequence[Sequence]) -> float | None:
@@ -139,14 +145,34 @@ def agreement(runs: Sequence[Sequence]) -> float | None:
     n = min(len(r) for r in runs)
     if n == 0:
         return None
-    return float(np.mean([all(_same(runs[0][i], r[i]) for r in runs[1:]) for i in range(n)]))
+    return float(np.mean([all(same(runs[0][i], r[i]) for r in runs[1:]) for i in range(n)]))
 
 
 MAX_FLIPS_SHOWN = 20
 
 
-def _plain(v):
+def plain(v):
     return v.item() if hasattr(v, "item") else v
+
+
+def rerun(predictor, edited: list[dict], changed: np.ndarray, base_predictions: Sequence,
+          limit: int | None = None) -> tuple[np.ndarray, list, list]:
+    """The first ``limit`` changed items: their indices, their predictions before the edit and after it."""
+    idx = np.flatnonzero(changed)[:limit]
+    after = list(predictor.run([edited[i] for i in idx]).predictions)
+    return idx, [base_predictions[i] for i in idx], after
+
+
+def shown_flips(idx: np.ndarray, edited: list[dict], before: Sequence, after: Sequence, flipped: Sequence[bool],
+                records: list[dict] | None = None) -> list[dict]:
+    """The first edits that changed the answer, as the trial page shows them (with the input before the edit when
+    ``records`` is given)."""
+    out = []
+    for i, b, a, f in zip(idx, before, after, flipped):
+        if f and len(out) < MAX_FLIPS_SHOWN:
+            out.append({"item": int(i), "text": edited[i]["input"], "before": plain(b), "after": plain(a),
+                        **({"original": records[i]["input"]} if records is not None else {})})
+    return out
 
 
 def measure(predictor, records: list[dict], base_predictions: Sequence, *, kinds: Sequence[str], seed: int,
@@ -161,14 +187,11 @@ def measure(predictor, records: list[dict], base_predictions: Sequence, *, kinds
             out["perturbation"][kind] = None
             out["perturbed_items"][kind] = 0
             continue
-        sub = [edited[i] for i in np.flatnonzero(changed)]
-        preds = list(predictor.run(sub).predictions)
-        before = [base_predictions[i] for i in np.flatnonzero(changed)]
+        idx, before, preds = rerun(predictor, edited, changed, base_predictions)
         out["perturbation"][kind] = flip_rate(before, preds)
         out["perturbed_items"][kind] = int(changed.sum())
-        out["flips"][kind] = [  # the first edits that changed the answer, as the trial page shows them
-            {"item": int(i), "text": edited[i]["input"], "before": _plain(b), "after": _plain(a)}
-            for i, b, a in zip(np.flatnonzero(changed), before, preds) if _plain(b) != _plain(a)][:MAX_FLIPS_SHOWN]
+        out["flips"][kind] = shown_flips(idx, edited, before, preds,
+                                         [plain(b) != plain(a) for b, a in zip(before, preds)])
     rates = [v for v in out["perturbation"].values() if v is not None]
     out["flip_rate"] = float(np.mean(rates)) if rates else None
     decode = getattr(predictor, "decode", None)

@@ -18,6 +18,7 @@ from ..data import TaskData
 from ..progress import NULL_REPORTER, Reporter
 from ..textfmt import render
 from ..version import __version__
+from . import counterfactual
 from .consistency import measure as measure_consistency
 from .cost import latency_ms
 from .metrics import classification_metrics, generation_item_scores, generation_metrics
@@ -52,7 +53,9 @@ def measure(predictor, data: TaskData, *, seed: int, consistency: ConsistencyCon
         nll = predictor.reference_nll(records, data.test.targets)
     reporter.advance()
     reporter.stop()
-    stability = measure_stability(predictor, records, out.predictions, seed, consistency, data.config, reporter)
+    expected = data.test.targets if data.test.targets is not None else data.test.labels.tolist()
+    stability = measure_stability(predictor, records, out.predictions, seed, consistency, data.config, reporter,
+                                  truth=expected)
     metrics, items, truth = score_test(data, out.predictions, out.scores)
     if nll is not None:
         metrics["perplexity"] = float(np.exp(np.mean(nll)))
@@ -84,9 +87,12 @@ def score_test(data: TaskData, predictions, class_scores: np.ndarray | None = No
 
 
 def measure_stability(predictor, records: list[dict], predictions, seed: int, cfg: ConsistencyConfig,
-                      task: TaskConfig, reporter: Reporter = NULL_REPORTER) -> dict | None:
-    """Flip rates under the configured perturbations (first ``max_items`` test items) and sample agreement."""
-    if not cfg.perturbations and cfg.samples < 2:
+                      task: TaskConfig, reporter: Reporter = NULL_REPORTER, *, truth=None) -> dict | None:
+    """Flip rates under the configured perturbations (first ``max_items`` test items), sample agreement and the
+    counterfactual swaps (first ``max_items`` test items each swap changes; ``truth``: the test labels or
+    references, for accuracy before and after a swap)."""
+    swaps = counterfactual.swaps(cfg.counterfactual)
+    if not cfg.perturbations and cfg.samples < 2 and not swaps:
         return None
 
     def join(row: dict) -> str:
@@ -95,8 +101,14 @@ def measure_stability(predictor, records: list[dict], predictions, seed: int, cf
     n = min(cfg.max_items, len(records))
     reporter.start("consistency", 1)
     try:
-        return measure_consistency(predictor, records[:n], list(predictions[:n]), kinds=cfg.perturbations, seed=seed,
-                                   fields=task.text, join=join, samples=cfg.samples)
+        out = measure_consistency(predictor, records[:n], list(predictions[:n]), kinds=cfg.perturbations, seed=seed,
+                                  fields=task.text, join=join, samples=cfg.samples)
+        if swaps:
+            out["counterfactual"], flips = counterfactual.measure(
+                predictor, records, list(predictions), truth, swaps, fields=task.text, join=join,
+                max_items=cfg.max_items)
+            out["flips"].update(flips)
+        return out
     finally:
         reporter.advance()
         reporter.stop()

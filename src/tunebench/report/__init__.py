@@ -86,7 +86,22 @@ def add_filters(env: jinja2.Environment) -> jinja2.Environment:
     env.filters["money"] = _money
     env.filters["num"] = lambda v: "–" if v is None else f"{v:,.0f}"
     env.filters["ci"] = lambda v: "–" if not v else f"[{v[0]:.3f}, {v[1]:.3f}]"
+    env.filters["pts"] = points
+    env.filters["prange"] = p_range
     return env
+
+
+def points(v: float | None) -> str:
+    """A change of a share in signed percentage points (``+2.5 pts``)."""
+    return "–" if v is None else f"{100 * v:+.1f} pts"
+
+
+def p_range(ps: tuple[float | None, float | None]) -> str:
+    """A p-value, or the range of several (one per seed)."""
+    lo, hi = ps
+    if lo is None or hi is None:
+        return "–"
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}–{hi:.3g}"
 
 
 def _money(v, cur: str = "$") -> str:

@@ -17,9 +17,11 @@ from typing import Any
 
 from ..backends import Backend, load_backend
 from ..config import StudyConfig
+from ..config.judge import JudgeConfig
 from ..config.metrics import headline_metrics
 from ..data import Split, TaskData
 from ..evaluation.cost import PeakMemory
+from ..evaluation.judge import judge_test
 from ..evaluation.measure import Measurement, cost_of, measure, versions
 from ..progress import StudyReporter
 from ..store.locations import ArtifactRoot
@@ -62,15 +64,18 @@ def is_main_process() -> bool:
 
 
 def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging: Staging, *,
-                   backend: Backend | None = None, reporter: StudyReporter | None = None) -> TrialResult:
+                   backend: Backend | None = None, reporter: StudyReporter | None = None,
+                   judge_backend: Backend | None = None) -> TrialResult:
     """:func:`execute` with the artifact written to ``spec``'s staging location: directly on a directory root, via
     a local temporary directory and an upload on a URL root (``s3://...``)."""
     loc = staging.location(spec.key)
     if loc is None or staging.root.is_local:
-        result = execute(spec, study, data, Path(loc) if loc else None, backend=backend, reporter=reporter)
+        result = execute(spec, study, data, Path(loc) if loc else None, backend=backend, reporter=reporter,
+                         judge_backend=judge_backend)
     else:
         with tempfile.TemporaryDirectory(prefix="tunebench-artifact-") as tmp:
-            result = execute(spec, study, data, Path(tmp) / "artifact", backend=backend, reporter=reporter)
+            result = execute(spec, study, data, Path(tmp) / "artifact", backend=backend, reporter=reporter,
+                             judge_backend=judge_backend)
             if result.artifact_dir is not None:
                 staging.root.upload(Path(result.artifact_dir), loc)
                 result.artifact_dir = loc
@@ -79,8 +84,10 @@ def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging:
 
 
 def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: Path | None, *,
-            backend: Backend | None = None, reporter: StudyReporter | None = None) -> TrialResult:
-    """Run ``spec`` on ``data`` and write its predictor into ``artifact_dir`` (None: measure only)."""
+            backend: Backend | None = None, reporter: StudyReporter | None = None,
+            judge_backend: Backend | None = None) -> TrialResult:
+    """Run ``spec`` on ``data`` and write its predictor into ``artifact_dir`` (None: measure only); a study with a
+    judge then has the test answers judged (``judge_backend``: the judge's model, loaded here when not given)."""
     reporter = reporter or StudyReporter()
     if backend is None:
         backend = load_backend({m.name: m for m in study.all_models()}[spec.model])
@@ -107,6 +114,8 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
         adapt_s = time.perf_counter() - t0
         m = measure(predictor, data, seed=spec.seed, consistency=study.consistency, clock=time.perf_counter,
                     reporter=reporter)
+    if spec.judge is not None:
+        _judge(spec, study, data, m, judge_backend, reporter)
     result = getattr(predictor, "train_result", None)
     cost = cost_of(m, train_result=result, adapt_s=adapt_s, search_s=search_s, peak_mb=mem.peak_mb)
     row = _row(spec, study, data, backend, predictor, m, cost, config=config, train=train, searched=searched,
@@ -118,6 +127,30 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
     log.info("trial %s seed=%d n=%d: %s", spec.name, spec.seed, row["train_size"],
              ", ".join(f"{k} {m.metrics[k]:.4f}" for k in headline_metrics(m.metrics)))
     return TrialResult(row, m.items, (data.fingerprints()["test"], m.truth), written)
+
+
+def _judge(spec: TrialSpec, study: StudyConfig, data: TaskData, m: Measurement, backend: Backend | None,
+           reporter: StudyReporter) -> None:
+    """The judge's scores and trust figures into ``m``: the summary under ``metrics.judge`` (its own cost inside,
+    apart from the strategy's), the per-item scores under ``items.judge``."""
+    cfg = JudgeConfig.model_validate(spec.judge["config"])
+    model = {mc.name: mc for mc in study.all_models()}[cfg.model]
+    if backend is None:
+        backend = load_backend(model)
+    api = study.costs.api.get(cfg.model)
+    price = None if api is None else (api.input_per_1m, api.output_per_1m)
+    reporter.start(f"judging with {cfg.model}", 1)
+    try:
+        summary, items = judge_test(cfg, spec.judge["template"], backend, data, list(m.output.predictions),
+                                    price=price, cache=getattr(backend, "judged", None))
+    finally:
+        reporter.advance()
+        reporter.stop()
+    summary["rubric"] = {"name": spec.judge["name"], "ref": cfg.rubric, "template": spec.judge["template"]}
+    m.metrics["judge"] = summary
+    m.items["judge"] = items
+    log.info("trial %s: judge %s scored %s (missing %.1f%%)", spec.name, cfg.model,
+             "n/a" if summary["overall"] is None else f"{summary['overall']:.2f}", 100 * (summary["missing_rate"] or 0))
 
 
 def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, predictor, m: Measurement,

@@ -83,8 +83,9 @@ class LocalExecutor:
                 continue
             self.reporter.trial_started(i, len(specs), spec.describe())
             try:
+                judge = self.backend_for(study, spec.judge["config"]["model"]) if spec.judge else None
                 result = execute_staged(spec, study, data, staging, backend=self.backend_for(study, spec.model),
-                                        reporter=self.reporter)
+                                        reporter=self.reporter, judge_backend=judge)
             except (TunebenchError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # one broken trial must not lose the others

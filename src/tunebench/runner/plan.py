@@ -14,6 +14,8 @@ import numpy as np
 from ..config import SearchConfig, StudyConfig
 from ..data import TaskData
 from ..errors import ConfigError, TunebenchError
+from ..evaluation.judge import DEFAULT_RUBRIC, check_human
+from ..prompts import PromptTemplate, parse_ref
 from ..store import Store
 from ..store.prompts import PromptRegistry, backfill
 from ..strategies import StrategyConfig, registry
@@ -38,14 +40,17 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
     _check_cv(study, data)
     fingerprints = data.fingerprints()
     models = {m.name: m for m in study.all_models()}
-    several = len(models) > 1
     prompts = _Prompts(store)
+    judge = _judge(study, data, prompts)
+    judge_only = {judge["config"]["model"]} if judge else set()  # a model only the judge names is no candidate
+    several = len(set(models) - judge_only) > 1
     trials: list[TrialSpec] = []
     seen: set[str] = set()
     for i, ((name, config, only), entry) in enumerate(zip(resolve_entries(study), study.strategies)):
         cls = registry.get(name)
         baseline = cls.config_from_dict(shared_params(study, cls)).to_dict()
-        targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends]
+        targets = [models[m] for m in only] if only else [m for m in models.values() if m.backend in cls.backends
+                                                         and m.name not in judge_only]
         written_keys = set(cls.merge_shared(study.training, entry.params))
         explicit = written_keys | set(entry.search.space if entry.search else ())
         for model in targets:
@@ -70,13 +75,45 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
                         ident["search"] = search.key_dump()
                     if study.cv is not None:
                         ident["cv"] = study.cv
+                    if judge is not None:  # only when set: keys of studies without a judge stay as they were
+                        ident["judge"] = judge["ident"]
                     key = trial_key(ident)
                     if key in seen:
                         continue
                     seen.add(key)
                     trials.append(TrialSpec(study.name, name, sized, seed, str(spec), n, key, label, model.name,
-                                            search, study.cv))
+                                            search, study.cv, judge))
     return Plan(trials, prompts.unchecked)
+
+
+def _judge(study: StudyConfig, data: TaskData, prompts: _Prompts) -> dict | None:
+    """The study's judge with its rubric's text (a registry reference resolved, the inline one, or the built-in)
+    and what of it goes into trial keys: the judge model's identity, the rubric text, criteria, scale, repeats and
+    the human ratings it is checked against."""
+    cfg = study.judge
+    if cfg is None:
+        return None
+    where = "metrics[0].judge"
+    if cfg.rubric is not None:
+        try:
+            parse_ref(cfg.rubric)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.rubric: {exc}") from None
+        text = prompts._text(f"{where}.rubric", cfg.rubric, kinds=("rubric", "prompt"))
+        name = parse_ref(cfg.rubric)[0]
+    elif cfg.template is not None:
+        text, name = cfg.template, f"{study.name}.judge"
+    else:
+        text, name = DEFAULT_RUBRIC, "builtin.judge"
+    if text is not None:  # None: a reference left unresolved for want of a store (validate without one)
+        PromptTemplate(text, f"{where} rubric")  # syntax errors before any trial
+    check_human(cfg, data)
+    model = {m.name: m for m in study.all_models()}[cfg.model]
+    human = data.test.human
+    ident = {"model": model.identity(), "rubric": text if text is not None else cfg.rubric, "criteria": cfg.criteria, "scale": cfg.scale,
+             "repeats": cfg.repeats, "max_new_tokens": cfg.max_new_tokens, "max_items": cfg.max_items,
+             "human": trial_key({"ratings": human}) if human else None}
+    return {"config": cfg.model_dump(), "template": text, "name": name, "ident": ident}
 
 
 def _label_baseline(baseline: dict, written: set[str], name: str, backend: str, study: StudyConfig) -> dict:
@@ -156,7 +193,7 @@ class _Prompts:
             return cfg if text is None else dataclasses.replace(cfg, template=text)
         return cfg
 
-    def _text(self, where: str, ref: str) -> str | None:
+    def _text(self, where: str, ref: str, kinds: tuple[str, ...] = ("prompt",)) -> str | None:
         if ref in self.resolved:
             return self.resolved[ref]
         if not isinstance(self.store, Store):
@@ -168,9 +205,9 @@ class _Prompts:
             pv = PromptRegistry(self.store).get(ref)
         except TunebenchError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        if pv.kind != "prompt":
-            raise ConfigError(f"{where}: {pv.ref} is a {pv.kind} template; prompt: takes a prompt template "
-                              "(`tunebench prompts list` shows each name's kinds)")
+        if pv.kind not in kinds:
+            raise ConfigError(f"{where}: {pv.ref} is a {pv.kind} template; {where.rsplit('.', 1)[-1]}: takes a "
+                              f"{' or '.join(kinds)} template (`tunebench prompts list` shows each name's kinds)")
         log.info("%s: %s resolved to %s (#%s)", where, ref, pv.ref, pv.short)
         self.resolved[ref] = pv.template
         return pv.template

@@ -36,6 +36,7 @@ class TrialSpec:
     model: str = "default"
     search: SearchConfig | None = None
     cv: int | None = None
+    judge: dict | None = None  # the study's judge with its rubric resolved: config, template, registry name
 
     @property
     def strategy_cls(self):

@@ -110,7 +110,7 @@ def import_prompts(reg: PromptRegistry, files: Iterable[Path], *, name: str | No
         meta = _read_sidecar(file)
         target = name or meta.get("name") or (file.name.split("@")[0] if "@" in file.name else file.stem)
         the_kind = kind or meta.get("kind") or "prompt"
-        if the_kind == "prompt":
+        if the_kind in ("prompt", "rubric"):
             PromptTemplate(text, str(file))  # a syntax error names the file and line
         before = {v.hash for v in reg.versions(str(target))}
         pv = reg.register(str(target), text, the_kind, f"file {file.name}")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("prompt", "label", "instruction")
+KINDS = ("prompt", "label", "instruction", "rubric")
 SHORT = 12
 DEFAULT_LABEL_TEMPLATE = "{{ label }}"
 
@@ -119,7 +119,20 @@ def _builtin_names() -> dict[str, str]:
 
 
 def templates_of(row: dict) -> list[tuple[str, str, str, str]]:
-    """``(name, template, kind, source)`` of every template a stored trial used.
+    """``(name, template, kind, source)`` of every template a stored trial used: its own (below) and its judge's
+    rubric (kind ``rubric``: under the name the study referenced, ``builtin.judge`` or ``<study>.judge``)."""
+    out = _own_templates(row)
+    judge = (row.get("metrics") or {}).get("judge")
+    rubric = judge.get("rubric") if isinstance(judge, dict) else None
+    if isinstance(rubric, dict) and isinstance(rubric.get("template"), str) and rubric.get("name"):
+        source = f"tunebench {__version__}" if rubric["name"] == "builtin.judge" else \
+            f"study {row['study']}: judge"
+        out.append((rubric["name"], rubric["template"], "rubric", source))
+    return out
+
+
+def _own_templates(row: dict) -> list[tuple[str, str, str, str]]:
+    """``(name, template, kind, source)`` of the templates of a stored trial's predictor.
 
     A causal or remote predictor's prompt template (from ``record.prompt``) is kind ``prompt``; an encoder
     zero-shot trial's label templates are kind ``label``. The task instruction is not registered: it is a task
