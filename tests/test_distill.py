@@ -243,3 +243,47 @@ def test_dry_run_estimate_equals_the_calls_the_run_makes(tmp_path, toy_files, ti
     again = runner.invoke(app, ["run", str(path), "--dry-run", "--json"])
     assert json.loads(again.stdout)["pending"] == 0
 
+
+# ---- the cascade curve -------------------------------------------------------------------------------------------
+def cascade_table(shift: float = 0.0):
+    from tunebench.analysis.cascade import CascadeTable
+
+    conf = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.55, 0.4, 0.3]) - shift
+    return CascadeTable(conf, np.array([1, 1, 1, 0, 1, 0, 0, 1]), np.array([1, 1, 0, 1, 1, 1, 1, 0]),
+                        student_cost=0.001, teacher_cost=0.02, student_latency_ms=10.0, teacher_latency_ms=500.0)
+
+
+def test_cascade_curve_on_a_hand_made_table():
+    from tunebench.analysis.cascade import at, curve
+
+    table = cascade_table()
+    everything = curve(table)
+    assert len(everything) == 10  # 0, the eight confidences, just above the largest
+    points = {round(p.threshold, 6): p for p in everything[:-1]}
+    none, every = points[0.0], everything[-1]
+    assert (none.accuracy, none.fallback_rate, none.cost_per_request) == (5 / 8, 0.0, 0.001)  # the student alone
+    assert (every.accuracy, every.fallback_rate) == (6 / 8, 1.0)  # the teacher alone (after the student)
+    assert every.cost_per_request == pytest.approx(0.021)
+    p = at(table, 0.6)  # 0.55, 0.4 and 0.3 go to the teacher
+    assert p.accuracy == 6 / 8 and p.fallback_rate == 3 / 8
+    assert p.cost_per_request == pytest.approx(0.001 + 3 / 8 * 0.02)
+    assert p.latency_ms_p50 == 10.0 and p.latency_ms_p95 == pytest.approx(510.0)
+    best = points[0.8]  # beats both models alone
+    assert best.accuracy == 7 / 8 and best.fallback_rate == 5 / 8
+
+
+def test_cascade_threshold_is_chosen_on_dev_for_a_target():
+    from tunebench.analysis.cascade import at, check_target, choose, curve, select_on_dev
+
+    dev = curve(cascade_table())
+    assert choose(dev, {"min_accuracy": 0.75}).threshold == 0.6  # the least fallback that reaches it
+    assert choose(dev, {"max_fallback": 0.7}).threshold == 0.8  # the most accurate within it
+    assert choose(dev, {"min_accuracy": 0.95}) is None
+    test = cascade_table(shift=0.05)
+    out = select_on_dev(cascade_table(), test, {"max_fallback": 0.7})
+    assert out["dev"]["threshold"] == 0.8 and out["test"] == at(test, 0.8).to_dict()
+    assert len(out["curve"]) == 10
+    with pytest.raises(ConfigError, match="target.min_accuracy"):
+        check_target({"min_accuracy": 2})
+    with pytest.raises(ConfigError, match="target: give one of"):
+        check_target({"accuracy": 0.9})
