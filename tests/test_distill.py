@@ -242,6 +242,13 @@ def test_dry_run_estimate_equals_the_calls_the_run_makes(tmp_path, toy_files, ti
     assert "label audit on 9 gold-labelled input(s)" in text and "labelled 9 of 48 pool inputs" in text
     again = runner.invoke(app, ["run", str(path), "--dry-run", "--json"])
     assert json.loads(again.stdout)["pending"] == 0
+    report = runner.invoke(app, ["report", "distil", "--store", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output
+    entry = json.loads((tmp_path / "rep" / "report.json").read_text())["analysis"]["strategies"][0]
+    assert entry["distill"]["seeds"][0]["audit"]["n"] == 9
+    assert entry["distill"]["agreement_mean"] == d["audit"]["agreement"]
+    assert "Distillation: teacher labels and their audit" in (tmp_path / "rep" / "report.html").read_text()
+    assert "| distill(" in (tmp_path / "rep" / "report.md").read_text()
 
 
 # ---- the cascade curve -------------------------------------------------------------------------------------------
