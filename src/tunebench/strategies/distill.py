@@ -390,7 +390,9 @@ class Distill(Strategy):
         pool = labelling_pool(cfg, task, train, self.seed)
         teacher, teacher_backend = self._teacher(backend)
         t0 = time.perf_counter()
-        taught = teacher.adapt(teacher_backend, task, train=train, dev=dev)
+        # neither model is handed a task that holds the pool's gold labels (train's other rows, the unlabelled file)
+        taught = teacher.adapt(teacher_backend, dataclasses.replace(task, train=train, unlabelled=None), train=train,
+                               dev=dev)
         teacher_s = time.perf_counter() - t0
         teacher_model = cfg.teacher["model"] or ""
         calls = planned_calls(cfg, pool)
@@ -418,7 +420,8 @@ class Distill(Strategy):
         if cfg.labels == "soft" and probs is not None:
             taught_split.soft = probs[idx].astype(np.float32)
         student = self._student(backend, len(taught_split), len(task.labels))
-        predictor = student.adapt(backend, task, train=taught_split, dev=dev)
+        predictor = student.adapt(backend, dataclasses.replace(task, train=taught_split, unlabelled=None),
+                                  train=taught_split, dev=dev)
         predictor.distill = {
             "teacher": {"strategy": cfg.teacher["strategy"], "model": cfg.teacher["model"],
                         "params": teacher.config.to_dict(), "prompt": taught.prompt_info()},
