@@ -125,6 +125,19 @@ def test_dollar_budget_stops_before_exceeding(tiny_backend, toy_task, spy):
                                                                    dev=toy_task.dev)
 
 
+def test_causal_teacher_on_another_model_labels_for_an_encoder_student(tiny_backend, tiny_llama, toy_task, spy):
+    """The teacher's backend is a second model (a causal LM scoring labels); its calls are priced before they are
+    made (prompt tokens counted here, the longest label as the answer), so the dollar budget holds exactly."""
+    costs = CostConfig(api={"llama": ApiPrice(input_per_1m=1e6, output_per_1m=1e6)})
+    teacher = {"strategy": "zero_shot", "model": "llama", "params": {"max_length": 160}}
+    pred = distill({"pool": "train", "teacher": teacher, "budget": {"dollars": 400}}, peers={"llama": tiny_llama},
+                   costs=costs).adapt(tiny_backend, toy_task, train=toy_task.train.subset(range(16)), dev=toy_task.dev)
+    run = spy[-1]
+    assert "template" in pred.distill["teacher"]["prompt"] and pred.backend is tiny_backend
+    assert 0 < run.calls < 48 and run.stopped and run.completion_tokens > 0
+    assert run.dollars == run.prompt_tokens + run.completion_tokens <= 400
+
+
 # ---- soft labels -------------------------------------------------------------------------------------------------
 def test_soft_targets_train_like_one_hot_hard_labels(tiny_backend, toy_task):
     """A one-hot distribution is the hard label: the same loss, the same model; a real distribution trains too."""
