@@ -22,6 +22,7 @@ import numpy as np
 from ..config.costs import CostConfig
 from ..data import Split
 from ..errors import CapabilityError, ConfigError
+from ..evaluation.cost import HOURS
 from ..evaluation.metrics import label_audit
 from .base import Predictor, Strategy, StrategyConfig, doc, register, registry
 from .defaults import scaled_defaults
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 POOLS = ("unlabelled", "train")
 PART_KEYS = ("strategy", "model", "params")
-HOURS = 3600.0
 CHUNK = 16  # pool inputs labelled per call of the teacher's predictor (each input is one counted call)
 
 
