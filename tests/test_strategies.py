@@ -13,8 +13,9 @@ from tunebench.errors import CapabilityError, ConfigError
 from tunebench.strategies import load_predictor, registry
 
 EXPECTED = {"zero_shot", "few_shot", "chain_of_thought", "linear_probe", "soft_prompt", "lora", "full",
-            "gradual_unfreeze", "hybrid", "prompt_search"}
+            "gradual_unfreeze", "hybrid", "prompt_search", "distill"}
 CAUSAL_ONLY = {"chain_of_thought", "hybrid"}
+COMPOSED = {"distill"}  # a teacher and a student: tests/test_distill.py runs it (it needs a pool to label)
 QUICK = {"epochs": 2, "batch_size": 16, "max_length": 32}
 BACKENDS = ["encoder", "llama", "gpt2"]
 
@@ -29,6 +30,8 @@ def quick_config(name: str, backend: str = "encoder"):
         params["shots"] = 2
     if name == "chain_of_thought":
         params["max_new_tokens"] = 12
+    if name == "distill":
+        params = {"teacher": {"strategy": "zero_shot"}, "student": {"strategy": "linear_probe", "params": QUICK}}
     if name == "hybrid":
         params = {"tune": "lora", "prompt": "few_shot", "prompt_params": {"shots": 1},
                   "tune_params": {**QUICK, "max_length": 200}}
@@ -78,7 +81,7 @@ def test_config_rejects_unknown_and_bad_values(name):
         cls.config_from_dict(bad)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(EXPECTED - COMPOSED))
 class TestEveryStrategy:
     """The common contract, run for each registered strategy on each tiny backend."""
 
@@ -222,7 +225,7 @@ def test_missing_capability_is_a_typed_error(toy_task):
         cls(quick_config("lora")).adapt(_NoTrainBackend(), toy_task, train=toy_task.train, dev=toy_task.dev)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED - CAUSAL_ONLY))
+@pytest.mark.parametrize("name", sorted(EXPECTED - CAUSAL_ONLY - COMPOSED))
 def test_bf16_autocast_path(name, tiny_model_dir, toy_task, tmp_path):
     """The bf16 path (taken automatically on AMX CPUs and bf16 GPUs) trains, predicts and reloads."""
     from tunebench.backends import load_backend

@@ -43,6 +43,7 @@ class Split:
     targets: list[str] | None = None  # generation tasks: the expected outputs (labels are then all 0)
     groups: dict[str, list[str]] = field(default_factory=dict)  # task.groups: column -> each row's group
     human: list[tuple[float | None, str]] | None = None  # task.human_score: (rating or None, rated text) per row
+    soft: np.ndarray | None = None  # (n, n_labels) target distributions (a distill teacher's), beside ``labels``
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,7 +53,8 @@ class Split:
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return Split(self.name, pick(self.texts), self.labels[idx], pick(self.lines), pick(self.fields),
                      pick(self.targets) if self.targets is not None else None,
-                     {c: pick(v) for c, v in self.groups.items()}, pick(self.human) if self.human else self.human)
+                     {c: pick(v) for c, v in self.groups.items()}, pick(self.human) if self.human else self.human,
+                     self.soft[idx] if self.soft is not None else None)
 
     def records(self) -> list[dict[str, str]]:
         """Each example as prompt variables: its input fields plus ``input`` (the fields joined)."""
@@ -79,6 +81,7 @@ class TaskData:
     test: Split
     warnings: list[str] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
+    unlabelled: Split | None = None  # task.data.unlabelled: inputs; ``labels`` -1 where the file gives no gold label
 
     @property
     def type(self) -> str:
@@ -310,6 +313,59 @@ def _human(path: Path, task: TaskConfig, cols: dict[str, list], lines: list[str]
     return out
 
 
+UNLABELLED = -1  # the label id of an unlabelled input
+
+
+def _load_unlabelled(path: Path, task: TaskConfig, value_to_id: dict[str, int] | None, held: set[str],
+                     checks: dict, warnings: list[str]) -> Split:
+    """``task.data.unlabelled``: the text fields are required; a label column is optional and kept only where its
+    value is a known label (for auditing a teacher; id -1 elsewhere). Exact duplicates and inputs also in dev or
+    test are dropped (labelling test inputs would leak them into training), each with a warning."""
+    cols, lines = read_table(path, task.format)
+    missing = [c for c in task.text if c not in cols]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found; the file has {sorted(cols)}. "
+                        "Unlabelled data needs the task.text field(s); fix task.text or rename the column")
+    texts, fields = [], []
+    for i in range(len(lines)):
+        row = {f: "" if cols[f][i] is None else str(cols[f][i]) for f in task.text}
+        t = render(task.text_template, row) if task.text_template else row[task.text[0]]
+        if not t.strip():
+            raise DataError(f"{path} {lines[i]}: empty text in field {'/'.join(task.text)}; "
+                            "remove the row or fill in the text")
+        texts.append(t)
+        fields.append(row)
+    gold = np.full(len(texts), UNLABELLED, dtype=np.int64)
+    if task.type == "classification" and task.label in cols and value_to_id:
+        for i, v in enumerate(cols[task.label]):
+            gold[i] = value_to_id.get("" if v is None else str(v).strip(), UNLABELLED)
+    split = Split("unlabelled", texts, gold, lines, fields)
+    seen: set[str] = set()
+    keep, dup, leak = [], 0, 0
+    for i, t in enumerate(texts):
+        if t in held:
+            leak += 1
+        elif t in seen:
+            dup += 1
+        else:
+            seen.add(t)
+            keep.append(i)
+    checks.update(duplicates_unlabelled=dup, overlap_unlabelled_dropped=leak)
+    if dup:
+        warnings.append(f"unlabelled: {dup} exact duplicate text(s) dropped (each input is labelled once)")
+    if leak:
+        warnings.append(f"unlabelled: {leak} text(s) also in dev or test dropped (labelling them would leak "
+                        "held-out inputs into training)")
+    if not keep:
+        raise DataError(f"{path}: no unlabelled input left after dropping duplicates and dev/test inputs; "
+                        "give inputs that are not in dev or test")
+    split = split.subset(keep)
+    split.name = "unlabelled"
+    checks["n_unlabelled"] = len(split)
+    checks["n_unlabelled_gold"] = int((split.labels >= 0).sum())
+    return split
+
+
 def _resolve_path(p: str, base: Path) -> Path:
     """``p`` relative to the study file's folder, else to the working directory (the first that exists)."""
     where = f"task.data ({clip(p, 80)})"
@@ -464,6 +520,10 @@ def load_task(task: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         warnings.append(f"train: heavy class imbalance (largest/smallest class = {ratio:.1f}); "
                         "prefer macro-F1 over accuracy")
     checks.update({f"n_{k}": len(v) for k, v in splits.items()})
+    unlabelled = None
+    if "unlabelled" in paths:
+        held = set(splits["dev"].texts) | set(splits["test"].texts)
+        unlabelled = _load_unlabelled(paths["unlabelled"], task, value_to_id, held, checks, warnings)
     for w in warnings:
         log.warning(w)
-    return TaskData(task, declared, splits["train"], splits["dev"], splits["test"], warnings, checks)
+    return TaskData(task, declared, splits["train"], splits["dev"], splits["test"], warnings, checks, unlabelled)

@@ -89,8 +89,21 @@ class Group:
     def cost(self) -> dict[str, float]:
         keys = ("train_seconds", "adapt_seconds", "latency_ms_p50", "latency_ms_p95", "latency_ms_mean",
                 "prompt_tokens_mean", "completion_tokens_mean", "tokens_per_request", "throughput_per_s",
-                "peak_memory_mb", "trainable_params", "train_examples_per_s")
+                "peak_memory_mb", "trainable_params", "train_examples_per_s", "upfront_dollars", "teacher_seconds",
+                "labelling_calls", "labelling_tokens", "labelling_dollars")
         return {k: v for k in keys if (v := self.cost_mean(k)) is not None}
+
+    def distill(self) -> dict | None:
+        """A distill group's teacher and its label audit: per seed, and the mean agreement with gold."""
+        recs = [(r["seed"], r["record"].get("distill")) for r in self.rows]
+        recs = [(seed, d) for seed, d in recs if d]
+        if not recs:
+            return None
+        agree = [d["audit"]["agreement"] for _, d in recs if d["audit"].get("agreement") is not None]
+        return {"teacher": recs[0][1]["teacher"]["strategy"], "teacher_model": recs[0][1]["teacher"]["model"],
+                "agreement_mean": float(np.mean(agree)) if agree else None,
+                "seeds": [{"seed": seed, "teacher_key": d.get("teacher_key"), "labelling": d["labelling"],
+                           "pool": d["pool"], "audit": d["audit"]} for seed, d in recs]}
 
     @property
     def latency_samples(self) -> list[float]:
@@ -355,6 +368,7 @@ class Evidence:
             "flags": group_flags(g.rows),
             "groups": [b.to_dict() for b in self.by_group(g)],
             "judge": g.judge(),
+            "distill": g.distill(),
         }
 
     def to_dict(self) -> dict:

@@ -54,6 +54,34 @@ def print_leaderboard(name: str, rows: list[dict], metric: str, console: Console
             console.print(f"⚑ {escape(e['label'])} (train n {e['train_size'] or '-'}): {escape(flag)}", highlight=False)
 
 
+def print_distill(rows: list[dict], console: Console) -> None:
+    """Each distill trial: its teacher, what labelling the pool cost and the audit of the teacher's labels against
+    the pool's gold labels (agreement, then per class: gold and teacher counts, the teacher's precision and recall)."""
+    for r in sorted((r for r in rows if r["record"].get("distill")), key=lambda r: (r["label"], r["seed"])):
+        d = r["record"]["distill"]
+        lab, pool, audit, t = d["labelling"], d["pool"], d["audit"], d["teacher"]
+        console.print(f"[bold]{escape(r['label'])}[/] seed {r['seed']}: teacher {t['strategy']} @{t['model']} "
+                      f"(key {d.get('teacher_key') or '-'}); labelled {lab['calls']} of {pool['size']} pool inputs "
+                      f"({lab['prompt_tokens'] + lab['completion_tokens']} tokens, {lab['dollars']:.4f} dollars, "
+                      f"{lab['seconds']:.1f}s), trained on {pool['kept']}"
+                      + (" (soft labels)" if pool.get("soft") else ""), highlight=False)
+        if lab.get("stopped"):
+            console.print(f"  stopped early: {escape(lab['stopped'])}", highlight=False)
+        if not audit["n"]:
+            console.print("  label audit: no pool input has a gold label", highlight=False)
+            continue
+        kept = (f"; on the {audit['n_kept']} kept: {audit['agreement_kept']:.3f}"
+                if audit.get("agreement_kept") is not None else "")
+        console.print(f"  label audit on {audit['n']} gold-labelled input(s): agreement {audit['agreement']:.3f}"
+                      f"{kept}; unparsed {audit['unparsed']}", highlight=False)
+        table = Table(title_justify="left", box=None, padding=(0, 2))
+        for col in ("class", "gold", "teacher", "precision", "recall"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for name, c in audit["per_class"].items():
+            table.add_row(escape(name), str(c["gold"]), str(c["teacher"]), f"{c['precision']:.3f}", f"{c['recall']:.3f}")
+        console.print(table)
+
+
 def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
     table = Table(title=f"trials ({metric} on test)", title_justify="left")
     for col in ("id", "strategy", "seed", "train n", metric):
@@ -267,6 +295,7 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         err.print(f"study '{name}' has no finished trial yet")
         return
     print_leaderboard(name, rows, metric, out)
+    print_distill(rows, out)
 
 
 def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..analysis.evidence import analyze
@@ -147,6 +148,8 @@ def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[s
         max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
                                                      help="Ray: trials in flight at once."),
         mlflow: Optional[str] = MlflowOpt, mlflow_experiment: Optional[str] = ExperimentOpt,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: the pending trials and what paid calls "
+                                     "(a distill teacher's labelling) would spend; nothing is loaded or spent."),
         as_json: bool = JsonOpt, verbose: bool = VerboseOpt) -> None:
     """Run every pending trial of a study (finished trials are skipped: a rerun resumes). Several runs may share
     one store: they split the trials between them."""
@@ -155,11 +158,49 @@ def run(study: Path = typer.Argument(..., help="Study YAML."), store: Optional[s
     setup_logging(verbose)
     try:
         cfg, base = load_study(study)
+        if dry_run:
+            _dry_run(cfg, base, store, as_json)
+            return
         cfg = with_execution(cfg, executor=executor, address=address, max_concurrent=max_concurrent)
         cfg = with_tracking(cfg, mlflow, mlflow_experiment)
         _run_study(cfg, base, str(study), store, as_json, artifacts=artifacts)
     except TunebenchError as exc:
         fail(exc, study)
+
+
+def _dry_run(cfg: StudyConfig, base: Path, store: Optional[str], as_json: bool) -> None:
+    """``run --dry-run``: pending trials and the estimated spend of each trial that pays per call."""
+    from ..runner import Study  # heavy: the runner loads torch
+
+    try:
+        study_store = Store(store if store is not None else cfg.store_path(base), create=False)
+    except TunebenchError:  # no store yet: every trial is pending
+        study_store = _NoStore()
+    plan = Study(cfg, base_dir=base, store=study_store).dry_run()
+    if as_json:
+        print_json({"study": cfg.name, **plan}, default=json_default)
+        return
+    out.print(f"{cfg.name}: {plan['trials']} trials, {plan['finished']} finished, {plan['pending']} would run "
+              "(dry run: nothing loaded, trained or spent).", highlight=False)
+    if not plan["spend"]:
+        return
+    table = Table(title="paid calls before training (estimates)", title_justify="left")
+    for col in ("trial", "seed", "teacher", "pool", "calls", "input tokens", "dollars", "budget"):
+        table.add_column(col, justify="left" if col in ("trial", "teacher", "budget") else "right",
+                         overflow="fold")
+    cur = cfg.costs.currency
+    for e in plan["spend"]:
+        money = "-" if e["dollars"] is None else f"{cur}{e['dollars']:.4f}"
+        budget = ", ".join(f"{k} {v:g}" for k, v in e["budget"].items()) or "none"
+        table.add_row(escape(e["trial"]), str(e["seed"]), escape(e["teacher"]), str(e["pool"]), str(e["calls"]),
+                      f"~{e['input_tokens']}", money, budget)
+    out.print(table)
+    total = sum(e["calls"] for e in plan["spend"])
+    dollars = [e["dollars"] for e in plan["spend"] if e["dollars"] is not None]
+    out.print(f"total: {total} teacher calls" + (f", about {cur}{sum(dollars):.4f} in API tokens" if dollars else "")
+              + ". Calls are exact unless a dollar budget stops labelling first; tokens count the inputs at ~4 "
+              "characters a token (templates and demonstrations add more); a teacher without API prices is "
+              "priced by its measured time.", highlight=False)
 
 
 def with_execution(cfg: StudyConfig, **options) -> StudyConfig:

@@ -25,8 +25,11 @@ class DataFiles(_Strict):
     train: str
     dev: str | None = None
     test: str | None = None
+    unlabelled: str | None = Field(
+        None, description="Inputs without labels (same format; a label column, if any, is kept only to audit a "
+        "teacher's labels): the pool a `distill` teacher labels.")
 
-    @field_validator("train", "dev", "test")
+    @field_validator("train", "dev", "test", "unlabelled")
     @classmethod
     def _paths(cls, v: str | None) -> str | None:
         return path_field(v)  # type: ignore[return-value]

@@ -91,11 +91,12 @@ class Pricing:
 def price(cost: dict, model: str, table) -> Pricing:
     """Price a strategy from its measured costs (means over seeds) and the study's ``costs`` table.
 
-    Upfront: training (or adaptation) seconds x the training hardware's hourly rate. Per request: for a model in
+    Upfront: training (or adaptation) seconds x the training hardware's hourly rate, plus money already spent on
+    API calls (``upfront_dollars``: a distill teacher's labelling on a priced API). Per request: for a model in
     ``table.api``, mean prompt and completion tokens x the API's prices; otherwise mean single-request latency x
     the serving hardware's hourly rate / ``table.concurrency``.
     """
-    upfront = cost.get("train_seconds", 0.0) / HOURS * table.train_per_hour
+    upfront = cost.get("train_seconds", 0.0) / HOURS * table.train_per_hour + cost.get("upfront_dollars", 0.0)
     api = table.api.get(model)
     if api is not None:
         per = (cost.get("prompt_tokens_mean", 0.0) * api.input_per_1m

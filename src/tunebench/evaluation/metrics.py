@@ -50,6 +50,33 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     }
 
 
+def label_audit(gold, teacher, labels: list[str], kept=None) -> dict:
+    """A teacher's labels against gold, on the items that have a gold label (gold id >= 0): how many, the share
+    it got right (``agreement``), per class (gold count, teacher count, precision and recall of the teacher) and
+    the confusion matrix (rows gold, columns teacher; an answer naming no label, -1, is counted in ``unparsed``).
+    ``kept`` (optional, a mask): the labels training used; their agreement is ``agreement_kept``.
+
+    Example:
+        >>> a = label_audit([0, 0, 1, -1], [0, 1, 1, 0], ["neg", "pos"])
+        >>> a["n"], round(a["agreement"], 3), a["confusion_matrix"]
+        (3, 0.667, [[1, 1], [0, 1]])
+    """
+    gold = np.asarray(gold, dtype=np.int64)
+    teacher = np.asarray(teacher, dtype=np.int64)
+    has = gold >= 0
+    m = classification_metrics(gold[has], teacher[has], labels)
+    out = {"n": int(has.sum()), "n_labelled": len(gold), "agreement": m["accuracy"] if has.any() else None,
+           "unparsed": int((teacher[has] < 0).sum()), "confusion_matrix": m["confusion_matrix"],
+           "per_class": {name: {"gold": c["support"], "teacher": int(np.asarray(m["confusion_matrix"])[:, i].sum()),
+                                "precision": c["precision"], "recall": c["recall"]}
+                         for i, (name, c) in enumerate(m["per_class"].items())}}
+    if kept is not None:
+        k = np.asarray(kept, dtype=bool) & has
+        out["n_kept"] = int(k.sum())
+        out["agreement_kept"] = float((teacher[k] == gold[k]).mean()) if k.any() else None
+    return out
+
+
 def _norm_tokens(text: str) -> list[str]:
     return normalize(text).split()
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..backends import Backend, load_backend
 from ..config import StudyConfig
@@ -26,10 +26,13 @@ from ..evaluation.measure import Measurement, cost_of, measure, versions
 from ..progress import StudyReporter
 from ..store.locations import ArtifactRoot
 from .cv import cross_validate
+from .plan import peer_trial_key
 from .search import run_search
 from .spec import TrialSpec, set_seed, train_subset
 
 log = logging.getLogger(__name__)
+
+BackendFor = Callable[[str], Backend]  # a study model's name -> its (loaded) backend
 
 
 @dataclass
@@ -65,17 +68,16 @@ def is_main_process() -> bool:
 
 def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging: Staging, *,
                    backend: Backend | None = None, reporter: StudyReporter | None = None,
-                   judge_backend: Backend | None = None) -> TrialResult:
+                   judge_backend: Backend | None = None, backend_for: BackendFor | None = None) -> TrialResult:
     """:func:`execute` with the artifact written to ``spec``'s staging location: directly on a directory root, via
     a local temporary directory and an upload on a URL root (``s3://...``)."""
     loc = staging.location(spec.key)
+    opts = {"backend": backend, "reporter": reporter, "judge_backend": judge_backend, "backend_for": backend_for}
     if loc is None or staging.root.is_local:
-        result = execute(spec, study, data, Path(loc) if loc else None, backend=backend, reporter=reporter,
-                         judge_backend=judge_backend)
+        result = execute(spec, study, data, Path(loc) if loc else None, **opts)
     else:
         with tempfile.TemporaryDirectory(prefix="tunebench-artifact-") as tmp:
-            result = execute(spec, study, data, Path(tmp) / "artifact", backend=backend, reporter=reporter,
-                             judge_backend=judge_backend)
+            result = execute(spec, study, data, Path(tmp) / "artifact", **opts)
             if result.artifact_dir is not None:
                 staging.root.upload(Path(result.artifact_dir), loc)
                 result.artifact_dir = loc
@@ -83,14 +85,26 @@ def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging:
     return result
 
 
+def peer_backends(spec: TrialSpec, study: StudyConfig, backend_for: BackendFor | None = None) -> dict[str, Backend]:
+    """The backends of the other models ``spec``'s strategy uses (a distill teacher's), by model name: from
+    ``backend_for`` (an executor's loaded models) or loaded here."""
+    models = {m.name: m for m in study.all_models()}
+    names = {m for m in spec.strategy_cls.peer_models(spec.config).values() if m != spec.model}
+    return {m: backend_for(m) if backend_for is not None else load_backend(models[m]) for m in sorted(names)}
+
+
 def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: Path | None, *,
             backend: Backend | None = None, reporter: StudyReporter | None = None,
-            judge_backend: Backend | None = None) -> TrialResult:
+            judge_backend: Backend | None = None, backend_for: BackendFor | None = None) -> TrialResult:
     """Run ``spec`` on ``data`` and write its predictor into ``artifact_dir`` (None: measure only); a study with a
-    judge then has the test answers judged (``judge_backend``: the judge's model, loaded here when not given)."""
+    judge then has the test answers judged (``judge_backend``: the judge's model, loaded here when not given).
+    ``backend_for`` (optional) gives the backend of another study model a strategy uses (a distill teacher's);
+    without it such a model is loaded."""
     reporter = reporter or StudyReporter()
     if backend is None:
-        backend = load_backend({m.name: m for m in study.all_models()}[spec.model])
+        backend = backend_for(spec.model) if backend_for is not None else load_backend(
+            {m.name: m for m in study.all_models()}[spec.model])
+    peers = peer_backends(spec, study, backend_for)
     set_seed(spec.seed)
     cls = spec.strategy_cls
     cv, cv_s = None, 0.0
@@ -110,7 +124,8 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
             config = cls.config_from_dict(searched.best_params)
             set_seed(spec.seed)  # the refit is seeded exactly like an unsearched trial
         t0 = time.perf_counter()
-        predictor = cls(config, seed=spec.seed, reporter=reporter).adapt(backend, data, train=train, dev=dev)
+        predictor = cls(config, seed=spec.seed, reporter=reporter, peers=peers, costs=study.costs).adapt(
+            backend, data, train=train, dev=dev)
         adapt_s = time.perf_counter() - t0
         m = measure(predictor, data, seed=spec.seed, consistency=study.consistency, clock=time.perf_counter,
                     reporter=reporter)
@@ -169,6 +184,17 @@ def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, 
     if cv is not None:
         metrics["cv"] = cv
         cost["cv_seconds"] = round(cv_s, 4)  # measurement, not the approach's cost: not in train_seconds
+    distilled = getattr(predictor, "distill", None)
+    if distilled:  # the teacher's adaptation and labelling are what the student's labels cost: upfront
+        lab, teacher = distilled["labelling"], distilled["teacher"]
+        api = (teacher["model"] or spec.model) in study.costs.api  # labelling paid in tokens, else in hardware time
+        teacher_s = distilled["teacher_seconds"] + (0.0 if api else lab["seconds"])
+        cost["train_seconds"] = round(cost["train_seconds"] + teacher_s, 4)
+        cost.update({"teacher_seconds": round(distilled["teacher_seconds"] + lab["seconds"], 4),
+                     "labelling_calls": lab["calls"], "labelling_tokens": lab["prompt_tokens"] + lab["completion_tokens"],
+                     "labelling_dollars": lab["dollars"], "upfront_dollars": lab["dollars"] if api else 0.0})
+        distilled["teacher_key"] = peer_trial_key(study, data, teacher["strategy"], config.parts()[0],
+                                                  teacher["model"] or spec.model, spec.seed, len(train))
     result = getattr(predictor, "train_result", None)
     if result:
         best = result.history[result.best_epoch - 1]
@@ -199,6 +225,8 @@ def _record(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backen
         record["search"] = searched.to_dict(spec.search)
     if prompt_searched:
         record["prompt_search"] = prompt_searched
+    if getattr(predictor, "distill", None):
+        record["distill"] = predictor.distill
     if m.output.generated is not None:
         record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                     zip(records[:3], m.output.generated[:3])]

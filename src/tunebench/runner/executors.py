@@ -20,7 +20,7 @@ from ..config import StudyConfig
 from ..data import TaskData
 from ..errors import TunebenchError
 from ..progress import StudyReporter
-from .execute import Staging, TrialResult, execute_staged
+from .execute import Staging, TrialResult, execute_staged, peer_backends
 from .spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class LocalExecutor:
             backend = self.backend_for(study, spec.model)
             if (spec.name, spec.model) not in checked:
                 checked.add((spec.name, spec.model))
-                spec.strategy_cls(spec.config).preflight(backend, study.task.type)
+                peers = peer_backends(spec, study, lambda m: self.backend_for(study, m))
+                spec.strategy_cls(spec.config, peers=peers, costs=study.costs).preflight(backend, study.task.type)
 
     def run(self, specs: list[TrialSpec], study: StudyConfig, data: TaskData, staging: Staging,
             claim: Claim = lambda spec: True) -> Iterator[Outcome]:
@@ -85,7 +86,8 @@ class LocalExecutor:
             try:
                 judge = self.backend_for(study, spec.judge["config"]["model"]) if spec.judge else None
                 result = execute_staged(spec, study, data, staging, backend=self.backend_for(study, spec.model),
-                                        reporter=self.reporter, judge_backend=judge)
+                                        reporter=self.reporter, judge_backend=judge,
+                                        backend_for=lambda m: self.backend_for(study, m))
             except (TunebenchError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # one broken trial must not lose the others

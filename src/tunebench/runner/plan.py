@@ -38,7 +38,6 @@ class Plan:
 def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan:
     """Every trial of ``study`` on ``data``; ``prompt:`` references resolve against ``store``'s registry."""
     _check_cv(study, data)
-    fingerprints = data.fingerprints()
     models = {m.name: m for m in study.all_models()}
     prompts = _Prompts(store)
     judge = _judge(study, data, prompts)
@@ -55,7 +54,7 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
         explicit = written_keys | set(entry.search.space if entry.search else ())
         for model in targets:
             for written in cls.expand(config):
-                cfg = prompts.resolve(f"strategies[{i}].{name}", written)
+                cfg = prompts.resolve(f"strategies[{i}].{name}", cls.for_model(written, model.name))
                 check_templates(f"strategies[{i}].{name}", cfg, data)
                 shown = _label_baseline(baseline, set(entry.params) - set(study.training), name, model.backend, study)
                 label = describe_params(name, written, shown, entry.search) + (f" @{model.name}" if several else "")
@@ -64,13 +63,8 @@ def plan(study: StudyConfig, data: TaskData, store: Store | None = None) -> Plan
                 for seed, spec in combos:
                     n = 0 if spec == "none" else (len(data.train) if spec == "all" else min(int(spec), len(data.train)))
                     sized = _sized(study, name, cfg, n, data, model.backend, explicit)
-                    params = cls.key_params(sized.to_dict(), model.backend)
                     search = _auto(entry.search, name, n, data, model.backend, sized, written_keys, f"strategies[{i}]")
-                    if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
-                        params.pop("prompt", None)
-                    ident = {"study": study.name, "strategy": name, "params": params, "seed": seed,
-                             "train_size": n, "model": model.identity(), "data": fingerprints,
-                             "labels": [lab.model_dump() for lab in data.labels]}
+                    ident = _ident(study, data, name, sized, seed, n, model.name)
                     if entry.search is not None:  # only when set: keys of existing stores stay valid
                         ident["search"] = search.key_dump()
                     if study.cv is not None:
@@ -114,6 +108,34 @@ def _judge(study: StudyConfig, data: TaskData, prompts: _Prompts) -> dict | None
              "repeats": cfg.repeats, "max_new_tokens": cfg.max_new_tokens, "max_items": cfg.max_items,
              "human": trial_key({"ratings": human}) if human else None}
     return {"config": cfg.model_dump(), "template": text, "name": name, "ident": ident}
+
+
+def _ident(study: StudyConfig, data: TaskData, name: str, cfg: StrategyConfig, seed: int, n: int,
+           model: str) -> dict:
+    """What a trial's key hashes (without its search and cv): study, strategy, the keyed params, seed, train size,
+    model, data and labels, plus the models and data a strategy reads besides (only where it has any)."""
+    cls = registry.get(name)
+    models = {m.name: m for m in study.all_models()}
+    params = cls.key_params(cfg.to_dict(), models[model].backend)
+    if params.get("prompt") is None:  # keys of trials without a registry reference stay as before
+        params.pop("prompt", None)
+    ident = {"study": study.name, "strategy": name, "params": params, "seed": seed, "train_size": n,
+             "model": models[model].identity(), "data": data.fingerprints(),
+             "labels": [lab.model_dump() for lab in data.labels]}
+    peers = cls.peer_models(cfg)
+    if peers:
+        ident["peers"] = {field: models[m].identity() for field, m in peers.items()}
+    ident.update(cls.ident_extra(cfg, data))
+    return ident
+
+
+def peer_trial_key(study: StudyConfig, data: TaskData, name: str, cfg: StrategyConfig, model: str, seed: int,
+                   n: int) -> str:
+    """The key the study's own trial of ``name`` with ``cfg`` on ``model`` would have (a distill teacher's): a
+    strategy that ignores training data runs once, on the first seed and no training examples."""
+    cls = registry.get(name)
+    seed, n = (seed, n) if cls.uses_train else (study.seeds[0], 0)
+    return trial_key(_ident(study, data, name, cfg, seed, n, model))
 
 
 def _label_baseline(baseline: dict, written: set[str], name: str, backend: str, study: StudyConfig) -> dict:

@@ -77,7 +77,7 @@ def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None
     for k, v in diff.items():
         if isinstance(v, list) and len(v) == 1:
             v = v[0]
-        text = v if isinstance(v, str) else json.dumps(v)
+        text = v if isinstance(v, str) else _nested(v) or json.dumps(v)
         parts.append(f"{k}={text}")
     if search is not None and search.auto:
         parts.append("search=auto" + (f"+{','.join(search.space)}" if search.space else "")
@@ -87,6 +87,16 @@ def describe_params(strategy: str, config: StrategyConfig, baseline: dict | None
         if search.seconds is not None:
             parts.append(f"seconds={search.seconds:g}")
     return f"{strategy}({', '.join(parts)})" if parts else strategy
+
+
+def _nested(value: Any) -> str | None:
+    """A nested strategy block (a distill teacher or student: ``{strategy, model, params}``) as its own label,
+    ``few_shot(shots=2) @gpt``; None for any other value."""
+    if not (isinstance(value, dict) and isinstance(value.get("strategy"), str) and value["strategy"] in registry.all()
+            and isinstance(value.get("params") or {}, dict)):
+        return None
+    config = registry.get(value["strategy"]).config_from_dict(value.get("params") or {})
+    return describe_params(value["strategy"], config) + (f" @{value['model']}" if value.get("model") else "")
 
 
 def set_seed(seed: int) -> None:

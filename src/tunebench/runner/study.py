@@ -24,7 +24,7 @@ from .commit import commit
 from .execute import Staging, is_main_process
 from .executors import Executor, LocalExecutor, Outcome
 from .plan import plan
-from .spec import TrialSpec
+from .spec import TrialSpec, train_subset
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,21 @@ class Study:
         planned = plan(self.config, self.data, self.store if isinstance(self.store, Store) else None)
         self.unchecked_prompts = planned.unchecked_prompts
         return planned.trials
+
+    def dry_run(self) -> dict:
+        """What running the study would do, with nothing loaded, trained or spent: the pending trials and, for each
+        one that pays per call (a distill teacher's labelling), its estimated calls, input tokens and dollars."""
+        trials = self.plan()
+        done = self.store.done_keys(self.config.name) if isinstance(self.store, Store) else set()
+        pending = [t for t in trials if t.key not in done]
+        spend = []
+        for t in pending:
+            est = t.strategy_cls.spend_estimate(t.config, self.data, train_subset(t, self.data.train), t.seed,
+                                                self.config.costs)
+            if est is not None:
+                spend.append({"trial": t.name, "seed": t.seed, "train_size": t.train_size, "key": t.key, **est})
+        return {"trials": len(trials), "pending": len(pending), "finished": len(trials) - len(pending),
+                "spend": spend}
 
     def executor(self, backend: Backend | None = None) -> Executor:
         """The executor the study's ``execution:`` names (local unless it says ray)."""

@@ -8,12 +8,13 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..config.base import INT_MAX
+from ..config.costs import CostConfig
 from ..config.files import clip
 from ..config.renames import renamed_params
 from ..errors import CapabilityError, ConfigError, StoreError
@@ -217,6 +218,14 @@ class Predictor(ABC):
         """The exact template and one rendered example, for predictors that prompt (None otherwise)."""
         return None
 
+    def request_tokens(self, inputs: Inputs) -> tuple[list[int], int] | None:
+        """Before any call: the prompt tokens :meth:`run` will count for each input and the most completion tokens
+        one may add (what bounds a paid call's price); None where only a remote endpoint knows."""
+        if self.backend is None or getattr(self.backend, "remote", False):
+            return None
+        max_length = getattr(self.config, "max_length", 512)
+        return [len(t) for t in self.backend.tokenize(as_texts(inputs), max_length)], 0
+
     def export_formats(self) -> tuple[str, ...]:
         """The ``tunebench export`` formats this predictor can be written in (none by default)."""
         return ()
@@ -259,11 +268,45 @@ class Strategy(ABC):
     uses_train: ClassVar[bool] = True  # False: the result does not depend on train data or seed
     backends: ClassVar[tuple[str, ...]] = ("encoder", "causal")  # backend kinds it can run on
     predictor_cls: ClassVar[type[Predictor]]
+    nested_runs: ClassVar[bool] = True  # False: not run inside a hyperparameter search or cross-validation
 
-    def __init__(self, config: StrategyConfig, *, seed: int = 0, reporter: Reporter = NULL_REPORTER):
+    def __init__(self, config: StrategyConfig, *, seed: int = 0, reporter: Reporter = NULL_REPORTER,
+                 peers: Mapping[str, Any] | None = None, costs: CostConfig | None = None):
         self.config = config
         self.seed = seed
         self.reporter = reporter
+        self.peers = dict(peers or {})  # backends of the other models :meth:`peer_models` names, by model name
+        self.costs = costs  # the study's price table (a strategy that pays per call budgets with it)
+
+    @classmethod
+    def peer_models(cls, config: StrategyConfig) -> dict[str, str]:
+        """Models besides the trial's own that a trial of ``config`` uses, as ``{field: model name}`` (a distill
+        teacher's). The runner hands their backends over as ``peers``; none by default."""
+        return {}
+
+    @classmethod
+    def pinned_model(cls, config: StrategyConfig) -> tuple[str, str] | None:
+        """``(field, model name)``: the one model a trial of ``config`` runs on, where the config names it (a
+        distill student's); None: every model the entry runs on."""
+        return None
+
+    @classmethod
+    def for_model(cls, config: StrategyConfig, model: str) -> StrategyConfig:
+        """``config`` as it runs on the study model named ``model`` (a model left unnamed in it made concrete)."""
+        return config
+
+    @classmethod
+    def spend_estimate(cls, config: StrategyConfig, data: Any, train: Any, seed: int,
+                       costs: CostConfig | None) -> dict[str, Any] | None:
+        """What a trial of ``config`` will spend on paid calls, estimated before anything loads (``tunebench run
+        --dry-run``); None for strategies that make no such calls."""
+        return None
+
+    @classmethod
+    def ident_extra(cls, config: StrategyConfig, data: Any) -> dict[str, Any]:
+        """What else enters the key of a trial of ``config`` on ``data`` (e.g. the fingerprint of data only this
+        strategy reads); nothing by default, so other keys are unchanged."""
+        return {}
 
     @classmethod
     def config_from_dict(cls, params: dict[str, Any]) -> StrategyConfig:

@@ -229,6 +229,16 @@ class CausalPredictor(Predictor):
                                           batch_size=INFER_BATCH)
         return -(total[:, 0] / np.maximum(count[:, 0], 1))
 
+    def request_tokens(self, inputs) -> tuple[list[int], int] | None:
+        """Prompt tokens per input as :meth:`run` counts them, and the most answer tokens: the longest label when
+        scoring, ``max_new_tokens`` when generating; None on a remote endpoint (its tokenizer is not here)."""
+        if self.backend.remote:
+            return None
+        prompt = [len(self.backend.prompt_ids(p, self.max_length)) for p in self.prompts(inputs)]
+        if self.task_type == "classification" and self.mode == "score":
+            return prompt, max(len(o) for o in self._options())
+        return prompt, int(self.decode.max_new_tokens)
+
     def prompt_info(self, record: dict | None = None) -> dict:
         info = {"template": self.builder.template, "instruction": self.builder.instruction, "mode": self.mode,
                 "chat_template": self.backend.chat,

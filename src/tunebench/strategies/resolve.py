@@ -50,14 +50,36 @@ def resolve_entries(study: StudyConfig) -> list[tuple[str, Any, list[str] | None
             config = cls.config_from_dict(merged)
         except ConfigError as exc:
             raise ConfigError(f"strategies[{i}].{entry.name}: {exc}") from None
+        where = f"strategies[{i}].{entry.name}"
+        if not cls.nested_runs and (entry.search is not None or study.cv is not None):
+            raise ConfigError(f"{where}: runs neither inside a search nor under cv; drop "
+                              f"{'its search' if entry.search is not None else 'cv'} (or run it in its own study)")
         if entry.search is not None:
-            check_search(entry.search, cls, merged, f"strategies[{i}].{entry.name}", study.task.type)
-        wrong = [m for m in entry.models or [] if kinds[m] not in cls.backends]
+            check_search(entry.search, cls, merged, where, study.task.type)
+        models = _named_models(cls, config, entry.models, kinds, where)
+        wrong = [m for m in models or [] if kinds[m] not in cls.backends]
         if wrong:
             raise ConfigError(f"strategies[{i}].{entry.name}: runs on {' or '.join(cls.backends)} models, not on "
                               f"{wrong} ({', '.join(kinds[m] for m in wrong)})")
-        out.append((entry.name, config, entry.models))
+        out.append((entry.name, config, models))
     return out
+
+
+def _named_models(cls, config: Any, models: list[str] | None, kinds: dict[str, str], where: str) -> list[str] | None:
+    """The models an entry runs on, with the models its config names checked against the study's: a pinned one
+    (a distill student's) is where it runs; another one (a distill teacher's) must exist."""
+    known = ", ".join(kinds)
+    for field, name in cls.peer_models(config).items():
+        if name not in kinds:
+            raise ConfigError(f"{where}.{field}: no model named '{name}' in this study (its models: {known})")
+    if cls.pinned_model(config) is None:
+        return models
+    field, pinned = cls.pinned_model(config)
+    if pinned not in kinds:
+        raise ConfigError(f"{where}.{field}: no model named '{pinned}' in this study (its models: {known})")
+    if models and models != [pinned]:
+        raise ConfigError(f"{where}: models {models} and {field} '{pinned}' disagree; give one of them")
+    return [pinned]
 
 
 def _one_template_source(merged: dict[str, Any], own: dict[str, Any], where: str) -> dict[str, Any]:

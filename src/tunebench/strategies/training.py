@@ -202,7 +202,9 @@ class ClassifierObjective(Objective):
         self.train_ids = backend.tokenize(text_fn(train), cfg.max_length)
         self.dev_ids = backend.tokenize(text_fn(dev), cfg.max_length)
         self.lengths = [len(x) for x in self.train_ids]
-        self.y = torch.as_tensor(train.labels, dtype=torch.long)
+        # soft targets (a distill teacher's label distribution): cross-entropy against the distribution
+        self.y = (torch.as_tensor(train.soft, dtype=torch.float32) if train.soft is not None
+                  else torch.as_tensor(train.labels, dtype=torch.long))
         self.dev_labels = dev.labels
         self.score_key = cfg.metric
         self.loss_fn = nn.CrossEntropyLoss()

@@ -1,0 +1,433 @@
+"""``distill``: a prompted teacher labels a pool of inputs, a tuned student learns from its labels.
+
+The teacher is any prompting strategy on any model of the study, adapted on train and dev as its own trial would
+be; it then labels the pool (``task.data.unlabelled``, or the train inputs outside the trial's labelled subset with
+``pool: train``) within a budget of calls and dollars. It sees the pool's inputs only, never a gold label. The
+student is any tuning strategy, trained on the teacher's labels (hard, or the teacher's label distribution) and
+selecting its epochs on the gold dev split; the trial's predictor is the student's, so the artifact serves without
+the teacher. Where pool items have gold labels, the teacher's labels are audited against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
+
+import numpy as np
+
+from ..config.costs import CostConfig
+from ..data import Split
+from ..errors import CapabilityError, ConfigError
+from ..evaluation.cost import HOURS
+from ..evaluation.metrics import label_audit
+from .base import Predictor, Strategy, StrategyConfig, doc, register, registry
+from .defaults import scaled_defaults
+from .training import ClassifierPredictor, TuningStrategy
+
+log = logging.getLogger(__name__)
+
+POOLS = ("unlabelled", "train")
+PART_KEYS = ("strategy", "model", "params")
+CHUNK = 16  # pool inputs labelled per call of the teacher's predictor (each input is one counted call)
+
+
+def _teachers() -> list[str]:
+    return [n for n, c in registry.all().items() if c.family == "prompting"]
+
+
+def _students() -> list[str]:
+    return [n for n, c in registry.all().items() if issubclass(c, TuningStrategy)]
+
+
+def _part(where: str, value: Any, default: str, allowed: list[str]) -> dict[str, Any]:
+    """A ``teacher`` / ``student`` block checked: known keys, a strategy of the right kind, valid params."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: give {{strategy: NAME, model: MODEL, params: {{...}}}}, not {value!r}")
+    unknown = sorted(set(value) - set(PART_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (valid: {', '.join(PART_KEYS)})")
+    part = {"strategy": value.get("strategy", default), "model": value.get("model"),
+            "params": value.get("params") or {}}
+    if part["strategy"] not in allowed:
+        raise ValueError(f"{where}.strategy must be one of {allowed}, not {part['strategy']!r}")
+    if part["model"] is not None and not isinstance(part["model"], str):
+        raise ValueError(f"{where}.model: give the name of one of the study's models, not {part['model']!r}")
+    if not isinstance(part["params"], dict):
+        raise ValueError(f"{where}.params: give a mapping of the strategy's parameters, not {part['params']!r}")
+    try:
+        registry.get(part["strategy"]).config_from_dict(part["params"])
+    except ConfigError as exc:
+        raise ValueError(f"{where}.params: {exc}") from None
+    return part
+
+
+@dataclass
+class DistillConfig(StrategyConfig):
+    """Distill: a prompting teacher labels a pool of inputs; a tuning student trains on its labels."""
+
+    teacher: dict[str, Any] = doc(
+        "The teacher: {strategy: a prompting strategy, model: a study model (default: the trial's), params: {...}}.",
+        default_factory=lambda: {"strategy": "zero_shot", "model": None, "params": {}})
+    student: dict[str, Any] = doc(
+        "The student: {strategy: a tuning strategy, model: a study model (default: every model it runs on), "
+        "params: {...}}; it trains on the teacher's labels and selects epochs on the gold dev split.",
+        default_factory=lambda: {"strategy": "full", "model": None, "params": {}})
+    pool: str = doc("What the teacher labels: unlabelled (task.data.unlabelled) or train (the train inputs outside "
+                    "the trial's train size, their labels hidden from teacher and student).", default="unlabelled")
+    pool_size: Optional[int] = doc("Inputs drawn from the pool (seeded by the trial seed; default: all of it).",
+                                   default=None)
+    labels: str = doc("hard: the teacher's label; soft: its label distribution (softmax of its class scores) where "
+                      "it has scores (a generating teacher gives hard labels).", default="hard")
+    temperature: float = doc("Teacher scores are divided by this before the softmax (soft labels, confidence); an "
+                             "encoder's cosine similarities span about [-1, 1], so it wants a small value (0.05).",
+                             default=1.0)
+    min_confidence: float = doc("Teacher labels whose probability is below this are not trained on.", default=0.0)
+    budget: dict[str, Union[int, float]] = doc(
+        "Most teacher calls and dollars spent labelling: {calls: N, dollars: D} (either; default: no limit). A call "
+        "is one pool input; dollars are priced from `costs`: API tokens for a teacher in costs.api, else its seconds "
+        "at train_per_hour.",
+        default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.teacher = _part("teacher", self.teacher, "zero_shot", _teachers())
+        self.student = _part("student", self.student, "full", _students())
+        if self.teacher["params"].get("prompt") is not None:
+            raise ValueError("teacher.params.prompt: a registered prompt is not resolved inside distill; give the "
+                             "template itself (template: or template_file:)")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {list(POOLS)}, not {self.pool!r}")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1 (or left out for the whole pool), not {self.pool_size}")
+        if self.labels not in ("hard", "soft"):
+            raise ValueError(f"labels must be 'hard' or 'soft', not {self.labels!r}")
+        if not 0 < self.temperature <= 100:
+            raise ValueError(f"temperature must be in (0, 100], not {self.temperature}")
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in [0, 1], not {self.min_confidence}")
+        if not isinstance(self.budget, dict):
+            raise ValueError(f"budget: give {{calls: N, dollars: D}}, not {self.budget!r}")
+        unknown = sorted(set(self.budget) - {"calls", "dollars"})
+        if unknown:
+            raise ValueError(f"budget: unknown key(s) {unknown} (valid: calls, dollars)")
+        calls, dollars = self.budget.get("calls"), self.budget.get("dollars")
+        if calls is not None and (isinstance(calls, bool) or not isinstance(calls, int) or calls < 0):
+            raise ValueError(f"budget.calls must be a whole number >= 0, not {calls!r}")
+        if dollars is not None and (isinstance(dollars, bool) or not isinstance(dollars, (int, float))
+                                    or not 0 <= dollars <= 1e9):
+            raise ValueError(f"budget.dollars must be an amount >= 0, not {dollars!r}")
+
+    def parts(self) -> tuple[StrategyConfig, StrategyConfig]:
+        """The validated configs of the teacher and the student."""
+        return (registry.get(self.teacher["strategy"]).config_from_dict(self.teacher["params"]),
+                registry.get(self.student["strategy"]).config_from_dict(self.student["params"]))
+
+
+@dataclass
+class Labelling:
+    """What the teacher did on the pool: a label (and distribution) per input it labelled, and what it cost."""
+
+    predictions: np.ndarray  # label ids, -1 where a generated answer named no label
+    scores: Optional[np.ndarray]  # (n, labels) the teacher's class scores, where it has them
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    dollars: float
+    seconds: float
+    stopped: Optional[str]  # why labelling stopped before the planned calls (the dollar budget), else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "dollars": round(self.dollars, 6), "seconds": round(self.seconds, 4), "stopped": self.stopped}
+
+
+def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(scores, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def labelling_pool(config: DistillConfig, task, train: Split, seed: int) -> Split:
+    """The inputs the teacher labels: the pool (the unlabelled file, or the train rows outside ``train``) with
+    ``pool_size`` of them drawn by ``seed``. ``labels`` hold gold ids where known (-1 elsewhere): only the audit
+    reads them."""
+    if config.pool == "unlabelled":
+        if task.unlabelled is None:
+            raise ConfigError("distill.pool: 'unlabelled' needs task.data.unlabelled: FILE (inputs without labels); "
+                              "or set pool: train to label the train inputs outside the trial's train size")
+        pool = task.unlabelled
+    else:
+        used = set(train.texts)
+        rest = [i for i, t in enumerate(task.train.texts) if t not in used]
+        if not rest:
+            raise ConfigError("distill.pool: 'train' labels the train inputs outside the trial's train size, and this "
+                              f"trial uses all {len(task.train)} of them; set train_sizes below that (e.g. "
+                              f"[{max(1, len(task.train) // 4)}]) or give task.data.unlabelled")
+        pool = task.train.subset(rest)
+    n = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
+    if n < len(pool):
+        pool = pool.subset(np.sort(np.random.default_rng(seed).permutation(len(pool))[:n]))
+    pool.name = "pool"
+    return pool
+
+
+def planned_calls(config: DistillConfig, pool: Split) -> int:
+    """The calls labelling makes unless the dollar budget stops it first: one per pool input, at most budget.calls."""
+    cap = config.budget.get("calls")
+    return len(pool) if cap is None else min(len(pool), int(cap))
+
+
+def estimate(config: DistillConfig, pool: Split, teacher_model: str, costs: CostConfig | None) -> dict[str, Any]:
+    """What labelling will spend, before anything runs (``tunebench run --dry-run``): the calls exactly (the
+    dollar budget may stop it earlier), the input tokens at about 4 characters a token (the template and any
+    demonstrations come on top) and the dollars of those tokens where the teacher has API prices."""
+    calls = planned_calls(config, pool)
+    tokens = int(sum(math.ceil(len(t) / 4) for t in pool.texts[:calls]))
+    api = (costs or CostConfig()).api.get(teacher_model)
+    dollars = None if api is None else (tokens * api.input_per_1m + calls * api.output_per_1m) / 1e6
+    return {"pool": len(pool), "calls": calls, "input_tokens": tokens, "dollars": dollars,
+            "budget": dict(config.budget), "priced_by": "api tokens" if api is not None else "training time (known after)"}
+
+
+class CallPrice:
+    """How a teacher call is priced, as the cost model prices a trial's upfront work: API tokens for a model in
+    ``costs.api``, else its share of the batch's seconds at the training hardware's rate (labelling is part of
+    producing the student). ``bound`` prices calls before they are made, where that is possible."""
+
+    def __init__(self, teacher_model: str, costs: CostConfig | None):
+        self.costs = costs or CostConfig()
+        self.api = self.costs.api.get(teacher_model)
+
+    def of(self, out, seconds: float) -> list[float]:
+        """What each call of a finished batch cost."""
+        n = len(out.prompt_tokens) or 1
+        if self.api is not None:
+            return [(p * self.api.input_per_1m + c * self.api.output_per_1m) / 1e6
+                    for p, c in zip(out.prompt_tokens, out.completion_tokens)]
+        return [seconds / n / HOURS * self.costs.train_per_hour] * n
+
+    def bound(self, predictor: Predictor, records: list[dict]) -> list[float] | None:
+        """The most each call can cost, known before it is made: API tokens counted on this side (the prompt
+        exactly, the answer at its longest); None for a remote endpoint's tokens or for time, which are known
+        only after the call."""
+        counted = predictor.request_tokens(records) if self.api is not None else None
+        if counted is None:
+            return None
+        prompt, answer = counted
+        return [(p * self.api.input_per_1m + answer * self.api.output_per_1m) / 1e6 for p in prompt]
+
+
+def label(predictor: Predictor, pool: Split, calls: int, dollars: float | None, price: CallPrice,
+          chunk: int = CHUNK, reporter=None) -> Labelling:
+    """The teacher's labels for the first ``calls`` pool inputs. With a ``dollars`` budget, labelling stops
+    before the first call that could take the spend over it: a call priced before it is made (API tokens counted
+    here) never exceeds it; otherwise (a remote endpoint's tokens, hardware time) a call is priced as the dearest
+    call so far, the first one made alone to learn it. The teacher is given the inputs only, never a label."""
+    records = pool.records()  # fields and the joined input: no label
+    preds, scores, scores_seen = [], [], True
+    p_tok = c_tok = 0
+    spent, dearest, seconds, done, stopped = 0.0, 0.0, 0.0, 0, None
+    if reporter is not None:
+        reporter.start("teacher labelling the pool", calls)
+    while done < calls:
+        batch = records[done:done + min(chunk, calls - done)]
+        k = len(batch)
+        if dollars is not None:
+            bounds = price.bound(predictor, batch)
+            if bounds is not None:  # the longest prefix whose dearest case still fits
+                room, k = dollars - spent, 0
+                for b in bounds:
+                    if b > room:
+                        break
+                    room -= b
+                    k += 1
+                nxt = bounds[k] if k < len(bounds) else 0.0
+            elif done == 0:
+                k, nxt = (1 if dollars > 0 else 0), 0.0
+            else:
+                k = k if dearest <= 0 else min(k, int((dollars - spent) // dearest))
+                nxt = dearest
+            if k <= 0:
+                stopped = (f"dollar budget: {spent:.6f} of {dollars:g} spent after {done} call(s); the next call "
+                           f"(up to {nxt:.6f}) could exceed it")
+                log.warning("distill: labelling stopped by the %s", stopped)
+                break
+            batch = batch[:k]
+        t0 = time.perf_counter()
+        out = predictor.run(batch)
+        took = time.perf_counter() - t0
+        seconds += took
+        costs = price.of(out, took)
+        spent += float(sum(costs))
+        dearest = max([dearest, *costs])
+        p_tok += int(sum(out.prompt_tokens))
+        c_tok += int(sum(out.completion_tokens))
+        preds.extend(int(p) for p in out.predictions)
+        if out.scores is None:
+            scores_seen = False
+        elif scores_seen:
+            scores.append(np.asarray(out.scores, dtype=np.float64))
+        done += k
+        if reporter is not None:
+            reporter.advance(k)
+    if reporter is not None:
+        reporter.stop()
+    stacked = np.concatenate(scores) if scores_seen and scores else None
+    return Labelling(np.asarray(preds, dtype=np.int64), stacked, done, p_tok, c_tok, spent, seconds, stopped)
+
+
+@register
+class Distill(Strategy):
+    """Label a pool with a prompted teacher, train a tuned student on those labels, serve the student."""
+
+    name = "distill"
+    config_cls = DistillConfig
+    family = "weight_tuning"
+    requires = ("train",)
+    backends = ("encoder", "causal")
+    predictor_cls: ClassVar[type[Predictor]] = ClassifierPredictor
+    nested_runs = False  # a search or a cross-validation would relabel the pool per configuration or fold
+    config: DistillConfig
+
+    @classmethod
+    def merge_shared(cls, shared, params):
+        """The study-wide ``training`` keys go under the student's params (and the teacher's, where it takes
+        them), as they would under each strategy's own entry."""
+        params = dict(params or {})
+        for part, default in (("teacher", "zero_shot"), ("student", "full")):
+            block = params.get(part)
+            block = dict(block) if isinstance(block, dict) else ({} if block is None else block)
+            if not isinstance(block, dict):
+                continue
+            name = block.get("strategy", default)
+            if name in registry.all() and isinstance(block.get("params") or {}, dict):
+                block["params"] = registry.get(name).merge_shared(shared, block.get("params") or {})
+            if block or part in params:
+                params[part] = block
+        return params
+
+    @classmethod
+    def weights_kind(cls, params: dict) -> str:
+        """What the student changed."""
+        student = (params or {}).get("student") or {}
+        try:
+            return registry.get(student.get("strategy", "full")).weights_kind(student.get("params") or {})
+        except KeyError:
+            return "full"
+
+    @classmethod
+    def peer_models(cls, config: DistillConfig) -> dict[str, str]:
+        return {"teacher.model": config.teacher["model"]} if config.teacher["model"] else {}
+
+    @classmethod
+    def pinned_model(cls, config: DistillConfig) -> tuple[str, str] | None:
+        return ("student.model", config.student["model"]) if config.student["model"] else None
+
+    @classmethod
+    def for_model(cls, config: DistillConfig, model: str) -> DistillConfig:
+        """Both models named: the teacher's defaults to the trial's own model, the student's is the trial's."""
+        return dataclasses.replace(config, teacher={**config.teacher, "model": config.teacher["model"] or model},
+                                   student={**config.student, "model": model})
+
+    @classmethod
+    def ident_extra(cls, config: DistillConfig, data) -> dict[str, Any]:
+        unl = getattr(data, "unlabelled", None)
+        return {"pool": unl.fingerprint()} if config.pool == "unlabelled" and unl is not None else {}
+
+    @classmethod
+    def spend_estimate(cls, config: DistillConfig, data, train, seed: int, costs: CostConfig | None) -> dict:
+        """The teacher's labelling of this trial's pool (the same pool and call count the trial will use)."""
+        pool = labelling_pool(config, data, train, seed)
+        return {"teacher": f"{config.teacher['strategy']} @{config.teacher['model']}",
+                **estimate(config, pool, config.teacher["model"] or "", costs)}
+
+    @classmethod
+    def expand(cls, config: DistillConfig) -> list[DistillConfig]:
+        return [config]
+
+    def _teacher(self, backend):
+        cfg, _ = self.config.parts()
+        name = self.config.teacher["model"]
+        teacher_backend = self.peers.get(name, backend) if name else backend
+        return registry.get(self.config.teacher["strategy"])(cfg, seed=self.seed, reporter=self.reporter), \
+            teacher_backend
+
+    def _student(self, backend, n_train: int, n_classes: int) -> TuningStrategy:
+        """The student, with the size-scaled tuning defaults of the labels it trains on where its params set none."""
+        name = self.config.student["strategy"]
+        params = dict(self.config.student["params"])
+        scaled = scaled_defaults(name, n_train, n_classes, backend.name)
+        params.update({k: v for k, v in scaled.items() if k not in params})
+        cls = registry.get(name)
+        return cls(cls.config_from_dict(params), seed=self.seed, reporter=self.reporter)
+
+    def check(self, backend, task_type: str = "classification") -> None:
+        super().check(backend, task_type)
+        if task_type != "classification":
+            raise CapabilityError("strategy 'distill': a teacher labels a classification task; a generation task "
+                                  "is not distilled yet")
+        teacher, teacher_backend = self._teacher(backend)
+        teacher.check(teacher_backend, task_type)
+        student_cls = registry.get(self.config.student["strategy"])
+        student = student_cls(self.config.parts()[1], seed=self.seed)
+        student.check(backend, task_type)
+        if self.config.labels == "soft" and student.uses_lm(backend):
+            raise CapabilityError(f"distill: labels 'soft' trains a classification head on the teacher's label "
+                                  f"distribution; the student '{student.name}' on a causal model trains the LM on "
+                                  "answers (use labels: hard, or linear_probe as the student)")
+
+    def preflight(self, backend, task_type: str = "classification") -> None:
+        self.check(backend, task_type)
+        student_cls = registry.get(self.config.student["strategy"])
+        student_cls(self.config.parts()[1], seed=self.seed).preflight(backend, task_type)
+
+    def adapt(self, backend, task, *, train, dev) -> Predictor:
+        self.check(backend, task.type)
+        cfg = self.config
+        pool = labelling_pool(cfg, task, train, self.seed)
+        teacher, teacher_backend = self._teacher(backend)
+        t0 = time.perf_counter()
+        # neither model is handed a task that holds the pool's gold labels (train's other rows, the unlabelled file)
+        taught = teacher.adapt(teacher_backend, dataclasses.replace(task, train=train, unlabelled=None), train=train,
+                               dev=dev)
+        teacher_s = time.perf_counter() - t0
+        teacher_model = cfg.teacher["model"] or ""
+        calls = planned_calls(cfg, pool)
+        run = label(taught, pool, calls, cfg.budget.get("dollars"), CallPrice(teacher_model, self.costs),
+                    reporter=self.reporter)
+        if run.stopped is None and calls < len(pool):
+            log.info("distill: labelling stopped at the call budget (%d of %d pool inputs)", calls, len(pool))
+        probs = None if run.scores is None else softmax(run.scores, cfg.temperature)
+        confidence = probs.max(axis=1) if probs is not None else np.ones(run.calls)
+        if probs is None and cfg.min_confidence > 0:
+            log.warning("distill: the teacher gives no class scores; min_confidence %.2f is not applied",
+                        cfg.min_confidence)
+        if probs is None and cfg.labels == "soft":
+            log.warning("distill: the teacher gives no class scores; the student trains on its hard labels")
+        kept = (run.predictions >= 0) & (confidence >= cfg.min_confidence)
+        audit = label_audit(pool.labels[:run.calls], run.predictions, task.label_names, kept=kept)
+        if not kept.any():
+            raise ConfigError(f"distill: none of the teacher's {run.calls} label(s) is usable (parsed, with "
+                              f"confidence >= min_confidence {cfg.min_confidence}); lower min_confidence or raise "
+                              "the budget")
+        idx = np.flatnonzero(kept)
+        taught_split = pool.subset(idx)
+        taught_split.name = "distilled"
+        taught_split.labels = run.predictions[idx]
+        if cfg.labels == "soft" and probs is not None:
+            taught_split.soft = probs[idx].astype(np.float32)
+        student = self._student(backend, len(taught_split), len(task.labels))
+        predictor = student.adapt(backend, dataclasses.replace(task, train=taught_split, unlabelled=None),
+                                  train=taught_split, dev=dev)
+        predictor.distill = {
+            "teacher": {"strategy": cfg.teacher["strategy"], "model": cfg.teacher["model"],
+                        "params": teacher.config.to_dict(), "prompt": taught.prompt_info()},
+            "student": {"strategy": student.name, "params": student.config.to_dict()},
+            "teacher_seconds": round(teacher_s, 4), "labelling": run.to_dict(),
+            "pool": {"source": cfg.pool, "size": len(pool), "labelled": run.calls, "kept": int(kept.sum()),
+                     "soft": taught_split.soft is not None},
+            "audit": audit}
+        return predictor
