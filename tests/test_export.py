@@ -158,7 +158,10 @@ def test_onnx_fp32_matches_torch_and_int8_agrees_on_nearly_all_inputs(store, tmp
         assert check["fp32_max_abs_logit_diff"] < 1e-4
         assert (out / "model_int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     ns = snippet(out, which=1)  # onnxruntime alone, as the card shows
-    assert ns["predict"](TEXTS) == [loaded.labels[i] for i in OnnxClassifier(out).predict(TEXTS)]
+    assert ns["predict"](TEXTS) == [loaded.labels[i] for i in OnnxClassifier(out, recheck_margin=0).predict(TEXTS)]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    margin = json.loads((out / "classifier.json").read_text(encoding="utf-8"))["recheck_margin"]
+    assert f"top-2 logit gap is below {margin:g}" in card
 
 
 def test_merged_causal_lora_scores_like_the_predictor_through_the_exported_prompt(store, tmp_path):

@@ -129,7 +129,14 @@ def model_card(m: dict, usage: str) -> str:
                   f"- Check on {c['probe_inputs']} probe inputs: fp32 max |logit difference| vs PyTorch "
                   f"{c['fp32_max_abs_logit_diff']:.2e}; int8 {c['int8_max_abs_logit_diff']:.3f}, same argmax on "
                   f"{100 * c['int8_argmax_agreement']:.0f}%. The test metrics above are the PyTorch model's; "
-                  "measure the int8 model on your data before serving it.", ""]
+                  "measure the int8 model on your data before serving it."]
+        if c.get("recheck_margin") is not None:
+            lines += [f"- Near ties: `OnnxClassifier` (and `tunebench serve --runtime onnx`) score an input again "
+                      f"with the fp32 graph when its int8 top-2 logit gap is below {c['recheck_margin']:g} "
+                      f"(`recheck_margin` in `classifier.json`: twice the 99th percentile of int8's logit error on "
+                      f"{c['recheck_probes']} random-token probes); the onnxruntime-alone snippet below runs int8 "
+                      "without it."]
+        lines += [""]
     lines += ["## Usage", "", usage.rstrip(), ""]
     lines += ["## Versions", "", f"- trained with: {_versions(m.get('trained_with'))}",
               f"- exported with: {_versions(m.get('exported_with'))}", "",
@@ -185,7 +192,7 @@ def usage(m: dict, path: Path) -> str:
     if m["format"] == "onnx":
         return "\n".join([
             "With tunebench:", "", "```python", "from tunebench.export import OnnxClassifier", "",
-            f"clf = OnnxClassifier({p})  # quantized=False runs the fp32 graph",
+            f"clf = OnnxClassifier({p})  # int8, near ties rechecked in fp32; quantized=False: fp32 only",
             'print(clf.predict_labels(["an example to classify"]))', "```", "",
             "With onnxruntime alone (inputs padded on the right; the graph pools and applies the head):", "",
             "```python", "import json", "import onnxruntime as ort", "from transformers import AutoTokenizer", "",
