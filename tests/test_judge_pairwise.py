@@ -17,7 +17,11 @@ from typer.testing import CliRunner
 
 from tests.conftest import write_csv
 from tests.test_judge import WORDS6, Scripted, _study, _write
+from tunebench.analysis.pairwise import compare_trials
+from tunebench.backends.openai_api import RemoteError
 from tunebench.cli import app
+from tunebench.config import read_study
+from tunebench.errors import JudgeError
 from tunebench.config.judge import JudgeConfig
 from tunebench.evaluation.judge import PairwiseJudge, compare_answers, mean_interval
 from tunebench.store import Store
@@ -170,3 +174,47 @@ def test_judge_pair_over_http_is_stored_and_shown(tmp_path, tiny_llama_dir, endp
     out_dir = Path(json.loads(rep.stdout)["json"]).parent
     assert "| 2 | 2 (1) | 1 | 60.0% [" in (out_dir / "report.md").read_text()
     assert "Pairwise: which answer is better?" in (out_dir / "report.html").read_text()
+
+    # the UI's study page has the judge's section (trust figures, scores, the comparison), the trial page its own
+    from fastapi.testclient import TestClient
+
+    from tunebench.ui import create_app
+
+    client = TestClient(create_app(Store(tmp_path / "runs", create=False)), base_url="http://127.0.0.1:8765")
+    page = client.get("/study/judged")
+    assert page.status_code == 200, page.text
+    assert page.text.index("Can the judge be trusted?") < page.text.index("The judge's scores")
+    assert "Pairwise: which answer is better?" in page.text and "60.0% [" in page.text
+    trial = client.get(f"/study/judged/trial/{a['key'][:10]}")
+    assert trial.status_code == 200, trial.text
+    assert "self-agreement" in trial.text and "4.00" in trial.text and "not in this trial's cost" in trial.text
+    assert "Compared with another strategy by the judge" in trial.text and "2 (1)" in trial.text
+
+    # asked the other way round, the stored comparison is read from B's side; nothing is asked again
+    swapped = json.loads(runner.invoke(app, ["judge", str(path), "--pair", b["label"], a["label"], "--json"]).stdout)
+    assert swapped["cached"] and (swapped["wins"], swapped["losses"], swapped["ties"]) == (1, 2, 2)
+    assert swapped["win_rate"] == pytest.approx(0.4) and swapped["win_rate_ci"] == pytest.approx(
+        [1 - r["win_rate_ci"][1], 1 - r["win_rate_ci"][0]])
+    assert swapped["items_detail"]["outcome"] == ["B", "A", "tie", "tie", None, "B"]
+    assert len(PairEndpoint.requests) - before == 16
+    # asked again while the judge is down: an error, and the stored comparison is kept (not replaced by all-missing)
+    with pytest.raises(JudgeError, match="no item could be compared"):
+        compare_trials(st, "judged", a["key"], b["key"], config=read_study(path)[0], backend=Down(), again=True)
+    assert [c["wins"] for c in st.pairwise("judged")] == [2]
+
+
+class Down:
+    """A judge whose every request fails."""
+
+    def format_prompt(self, text):
+        return text
+
+    def generate(self, prompts, **kw):
+        raise RemoteError("endpoint down")
+
+
+def test_failed_calls_are_missing_not_losses():
+    run = PairwiseJudge(Down(), ["correct"]).compare([{"input": "x"}], ["a"], ["b"], [None])
+    s = run.summary()
+    assert (s["compared"], s["missing"], s["wins"], s["losses"]) == (0, 1, 0, 0) and s["win_rate"] is None
+    assert "endpoint down" in next(iter(s["errors"]))

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from ..config import StudyConfig
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, JudgeError, StoreError
 from ..evaluation.judge import PAIRWISE_RUBRIC, Generator, compare_answers
 from ..store.results import Store
 
@@ -42,9 +42,29 @@ def resolve_trial(rows: list[dict], ref: str) -> dict:
 
 
 def pair_key(a: str, b: str, ident: dict[str, Any]) -> str:
-    """The stored comparison's key: the two trials (in the order asked) and what of the judge changes verdicts."""
-    return hashlib.sha256(json.dumps({"a": a, "b": b, "judge": ident}, sort_keys=True,
+    """The stored comparison's key: the two trials (in either order: both orders are always asked) and what of the
+    judge changes verdicts."""
+    return hashlib.sha256(json.dumps({"trials": sorted([a, b]), "judge": ident}, sort_keys=True,
                                      default=str).encode()).hexdigest()
+
+
+_OTHER = {"A": "B", "B": "A", "tie": "tie", None: None}
+
+
+def mirrored(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stored comparison of A with B read as B with A: wins and losses swapped, the win rate and its interval
+    from B's side, each item's verdicts mirrored (the order-flip figures do not change)."""
+    out = {**doc, "a": doc["b"], "b": doc["a"], "a_label": doc["b_label"], "b_label": doc["a_label"],
+           "wins": doc["losses"], "losses": doc["wins"],
+           "win_rate": None if doc["win_rate"] is None else 1 - doc["win_rate"],
+           "win_rate_ci": None if not doc.get("win_rate_ci") else [1 - doc["win_rate_ci"][1],
+                                                                   1 - doc["win_rate_ci"][0]]}
+    detail = doc.get("items_detail")
+    if detail:
+        out["items_detail"] = {"a_first": [_OTHER[v] for v in detail["b_first"]],
+                               "b_first": [_OTHER[v] for v in detail["a_first"]],
+                               "outcome": [_OTHER[v] for v in detail["outcome"]]}
+    return out
 
 
 def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyConfig | None = None,
@@ -73,7 +93,8 @@ def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyCon
     key = pair_key(ta["key"], tb["key"], ident)
     stored = store.pairwise(study, key)
     if stored and not again:
-        return {**stored[0], "cached": True}
+        doc = stored[0] if stored[0]["a"] == ta["key"] else mirrored(stored[0])
+        return {**doc, "cached": True}
     items = store.items([ta["key"], tb["key"]])
     missing = [t["label"] for t in (ta, tb) if t["key"] not in items]
     if missing:
@@ -92,6 +113,10 @@ def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyCon
     price = None if api is None else (api.input_per_1m, api.output_per_1m)
     result = compare_answers(judge, backend, truth["inputs"], truth["targets"], items[ta["key"]]["predictions"],
                              items[tb["key"]]["predictions"], instruction=cfg.task.instruction, price=price)
+    if not result["compared"]:
+        raise JudgeError(f"judge {judge.model}: no item could be compared (every one of {result['calls']} calls "
+                         f"failed after its retry: {'; '.join(result['errors']) or 'no reason given'}); nothing "
+                         "stored, ask again when the judge answers")
     result.update({"a_label": ta["label"], "b_label": tb["label"], "rubric": {"name": "builtin.judge_pairwise",
                                                                                "template": PAIRWISE_RUBRIC}})
     store.add_pairwise(study, key, ta["key"], tb["key"], result)
@@ -102,8 +127,8 @@ def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyCon
 
 def stored_comparisons(store: Store, study: str, keys: set[str]) -> list[dict]:
     """The study's stored comparisons between its current trials, the latest per pair, without per-item detail."""
-    latest: dict[tuple[str, str], dict] = {}
+    latest: dict[tuple[str, ...], dict] = {}
     for c in store.pairwise(study):
         if c["a"] in keys and c["b"] in keys:
-            latest[(c["a"], c["b"])] = {k: v for k, v in c.items() if k not in ("items_detail", "rubric")}
+            latest[tuple(sorted((c["a"], c["b"])))] = {k: v for k, v in c.items() if k not in ("items_detail", "rubric")}
     return list(latest.values())

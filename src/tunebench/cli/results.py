@@ -226,7 +226,9 @@ def print_judge(ev: Evidence, console: Console) -> None:
     if trust is None:
         return
     agree, human, cost = trust["self_agreement"], trust["human"], trust["cost"]
-    lines = [f"self-agreement {_pct(agree['all_criteria'])} of {agree['items']} items over {trust['repeats']} calls",
+    lines = [f"self-agreement {_pct(agree['all_criteria'])} (items whose {trust['repeats']} calls gave the same "
+             f"scores, of {agree['items']})" if agree["items"] else
+             f"self-agreement not measured ({trust['repeats']} call per answer; repeats: 3 measures it)",
              "agreement with people: " + (f"Kendall tau-b {human['tau']:.3f} {_ci(human['tau_ci'])}, Cohen kappa "
                                           f"(quadratic) {human['kappa']:.3f} {_ci(human['kappa_ci'])} on {human['n']} "
                                           "rated items" if human and human.get("tau") is not None
