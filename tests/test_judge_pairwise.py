@@ -218,3 +218,15 @@ def test_failed_calls_are_missing_not_losses():
     s = run.summary()
     assert (s["compared"], s["missing"], s["wins"], s["losses"]) == (0, 1, 0, 0) and s["win_rate"] is None
     assert "endpoint down" in next(iter(s["errors"]))
+
+
+def test_store_copy_takes_the_comparisons_along(tmp_path):
+    from tunebench.store.copy import copy_store
+
+    src = Store(tmp_path / "a")
+    src.save_study("s", {"name": "s"}, None, [])
+    src.add_pairwise("s", "k1", "ta", "tb", {"wins": 3, "a_label": "x", "b_label": "y"})
+    dst = Store(tmp_path / "b")
+    copy_store(src, dst)
+    got = dst.pairwise("s")
+    assert [(c["key"], c["a"], c["b"], c["wins"], c["a_label"]) for c in got] == [("k1", "ta", "tb", 3, "x")]

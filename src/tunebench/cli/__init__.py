@@ -1,7 +1,8 @@
 """The ``tunebench`` command line: Typer + Rich. Progress and messages go to stderr, ``--json`` to stdout.
 
 The commands parse options and render; the work is the library's. One module per command group: ``run``
-(run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``serve``, ``export``
+(run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``judge`` (judge --pair),
+``serve``, ``export``
 ``track`` (MLflow), ``prompts`` and ``store`` (sub-apps); ``common`` holds the consoles, shared options and helpers.
 """
 
