@@ -102,9 +102,10 @@ def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyCon
                          "rerun it to compare it")
     fps = {t["record"]["fingerprints"]["test"] for t in (ta, tb)}
     truth = store.test_set(next(iter(fps))) if len(fps) == 1 else None
-    if truth is None or truth.get("targets") is None:
+    if truth is None or truth.get("targets") is None or truth.get("inputs") is None:
         raise StoreError(f"trials {ta['label']} and {tb['label']} were not scored on one stored generation test "
-                         "split; only answers to the same items can be compared")
+                         "split with its inputs (trials stored before tunebench kept inputs lack them); only "
+                         "answers to the same items can be compared")
     if backend is None:
         from ..backends import load_backend  # heavy: the backends import torch, which show/report never need
 
@@ -130,5 +131,6 @@ def stored_comparisons(store: Store, study: str, keys: set[str]) -> list[dict]:
     latest: dict[tuple[str, ...], dict] = {}
     for c in store.pairwise(study):
         if c["a"] in keys and c["b"] in keys:
-            latest[tuple(sorted((c["a"], c["b"])))] = {k: v for k, v in c.items() if k not in ("items_detail", "rubric")}
+            pair = tuple(sorted((c["a"], c["b"])))
+            latest[pair] = {k: v for k, v in c.items() if k not in ("items_detail", "rubric")}
     return list(latest.values())

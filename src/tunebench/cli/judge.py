@@ -11,16 +11,17 @@ from rich.markup import escape
 from ..analysis.pairwise import compare_trials
 from ..errors import TunebenchError
 from ..store.results import Store
-from .common import JsonOpt, StoreOpt, StudyArg, err, fail, json_default, out, print_json, resolve_study, setup_logging
+from .common import (JsonOpt, StoreOpt, StudyArg, VerboseOpt, err, fail, json_default, out, print_json,
+                     resolve_study, setup_logging)
 from .results import print_pairwise
 
 
 def judge(study: str = StudyArg, store: Optional[str] = StoreOpt,
-          pair: Tuple[str, str] = typer.Option(..., "--pair", help="The two strategies (labels, as `show` lists them) or "
-                                         "trial ids to compare: --pair A B."),
+          pair: Tuple[str, str] = typer.Option(..., "--pair", help="The two strategies (labels, as `show` lists "
+                                               "them) or trial ids to compare: --pair A B."),
           again: bool = typer.Option(False, "--again", help="Ask the judge again instead of reading the stored "
                                      "comparison."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does (to stderr)."),
+          verbose: bool = VerboseOpt,
           as_json: bool = JsonOpt) -> None:
     """Compare two strategies' answers with the study's judge (needs metrics[0].judge.pairwise: true): each test
     item is asked in both orders, and a verdict that changes with the order counts as a tie. The result is stored
