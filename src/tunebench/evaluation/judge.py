@@ -18,6 +18,11 @@ Trust figures, stored with every judged trial:
   judge's mean, both rounded half up to the scale's whole numbers; 95% percentile intervals from resampling the rated
   items (1,000 resamples, seed 0; resamples where a statistic is undefined are left out).
 
+Pairwise (``PairwiseJudge``, ``compare_answers``): two answers to the same item, asked which is better with each
+answer shown first in turn, through the same calls (a ``Verdict`` schema instead of the scores). The verdicts,
+mapped to A, B or tie, either agree or make the item a tie; an item with a failed call in either order is missing,
+never a loss. A's win rate counts ties half, with a 95% interval over resampled items.
+
 Example:
     >>> j = Judge(backend, DEFAULT_RUBRIC, ["correct"], 1, 5, repeats=2)  # doctest: +SKIP
     >>> run = j.run([{"input": "hi"}], ["hello"], ["hello!"])  # doctest: +SKIP
