@@ -152,8 +152,7 @@ def _study(data: dict, judge: dict, **extra) -> dict:
     ({"model": "grader", "scale": "5-1"}, {}, "metrics.0.judge.scale: scale 5-1: LOW must be below HIGH"),
     ({"model": "grader", "criteria": ["is it right"]}, {}, "metrics.0.judge.criteria: criterion 'is it right'"),
     ({"model": "grader", "repeats": 0}, {}, "metrics.0.judge.repeats"),
-    ({"model": "grader", "pairwise": True}, {}, "pairwise: comparing two strategies' answers side by side is not "
-                                                "built yet"),
+    ({"model": "grader", "pairwise": "sometimes"}, {}, "metrics.0.judge.pairwise"),
     ({"model": "grader", "rubric": "r@1", "template": "x"}, {}, "give either rubric"),
     ({"model": "grader"}, {"task": {"human_rated": "reply"}}, "human_rated names the texts people rated"),
 ])

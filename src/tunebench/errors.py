@@ -27,3 +27,7 @@ class ModelLoadError(TunebenchError):
 
 class StoreError(TunebenchError):
     """The results store is missing, unreadable or does not hold what was asked for."""
+
+
+class JudgeError(TunebenchError):
+    """The judge could not give any usable answer (its endpoint down, or never valid JSON)."""

@@ -23,6 +23,7 @@ from ..evaluation.cost import Pricing, break_even, price
 from ..evaluation.groups import SMALL, Breakdown, breakdown
 from ..evaluation.judge import mean_interval, trust_warnings
 from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
+from .pairwise import stored_comparisons
 from .leaderboard import SECONDARY, cv_summary, default_metric, group_flags
 from ..store.results import Store
 
@@ -151,6 +152,7 @@ class Evidence:
     costs: CostConfig
     config: dict
     truth: dict | None
+    pairwise: list[dict] = field(default_factory=list)  # stored judge comparisons of two trials (`tunebench judge`)
     _cmp: dict = field(default_factory=dict)
     _by_group: dict = field(default_factory=dict)
 
@@ -386,6 +388,7 @@ class Evidence:
             "missing_items": sorted({g.label for g in self.groups if not g.has_items}),
             "group_columns": self.group_columns, "group_metrics": self.group_metrics if self.group_columns else [],
             "groups_note": self.groups_note(), "small_group": SMALL, "judge": self.judge_trust(),
+            "pairwise": self.pairwise,
         }
 
 
@@ -487,4 +490,4 @@ def analyze(store: Store, study: str, *, metric: str | None = None, costs: CostC
         its = [items[r["key"]] for r in rs if r["key"] in items]
         groups.append(Group(label, rs[0]["strategy"], rs[0]["family"], rs[0]["record"].get("model", "default"), size,
                             rs, its if len(its) == len(rs) else [], metric, truth))
-    return Evidence(study, metric, groups, costs, config, truth)
+    return Evidence(study, metric, groups, costs, config, truth, stored_comparisons(store, study, set(doc["keys"])))

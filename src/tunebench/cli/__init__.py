@@ -1,7 +1,8 @@
 """The ``tunebench`` command line: Typer + Rich. Progress and messages go to stderr, ``--json`` to stdout.
 
 The commands parse options and render; the work is the library's. One module per command group: ``run``
-(run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``serve``, ``export``
+(run, demo, validate), ``results`` (show, ls, strategies), ``decide`` (recommend, report), ``judge`` (judge --pair),
+``serve``, ``export``
 ``track`` (MLflow), ``prompts`` and ``store`` (sub-apps); ``common`` holds the consoles, shared options and helpers.
 """
 
@@ -16,7 +17,7 @@ from rich.markup import escape
 
 from ..config.files import clip
 from ..errors import TunebenchError
-from . import decide, export, prompts, results, run, serve, store, track, ui
+from . import decide, export, judge, prompts, results, run, serve, store, track, ui
 from .common import EXIT_INTERNAL, EXIT_INTERRUPTED, err
 
 app = typer.Typer(help="Prompt engineering or fine-tuning? Run the adaptation ladder on your own data.",
@@ -28,6 +29,7 @@ app.command("demo")(run.demo)
 app.command("show")(results.show)
 app.command("report")(decide.report_cmd)
 app.command("recommend")(decide.recommend_cmd)
+app.command("judge")(judge.judge)
 app.command("serve")(serve.serve)
 app.command("ui")(ui.ui)
 app.command("validate")(run.validate)

@@ -236,6 +236,80 @@ def print_consistency(ev: Evidence, console: Console) -> None:
         console.print("original / swapped: accuracy on the changed items before and after the swap", highlight=False)
 
 
+def judge_json(ev: Evidence) -> dict:
+    """The judge's trust figures, each strategy's judge scores and the stored pairwise comparisons (``show
+    --json`` adds them where the study has a judge)."""
+    return {"trust": ev.judge_trust(), "scores": [{"label": g.label, **(g.judge() or {})} for g in ev.final
+                                                  if g.judge() is not None], "pairwise": ev.pairwise}
+
+
+def _money(v: float | None) -> str:
+    return "not priced (costs.api)" if v is None else f"${v:.4f}"
+
+
+def print_judge(ev: Evidence, console: Console) -> None:
+    """The judge's trust figures first (self-agreement, agreement with people, missing calls, its own cost), then
+    each strategy's judge score, then the stored pairwise comparisons."""
+    trust = ev.judge_trust()
+    if trust is None:
+        return
+    agree, human, cost = trust["self_agreement"], trust["human"], trust["cost"]
+    lines = [f"self-agreement {_pct(agree['all_criteria'])} (items whose {trust['repeats']} calls gave the same "
+             f"scores, of {agree['items']})" if agree["items"] else
+             f"self-agreement not measured ({trust['repeats']} call per answer; repeats: 3 measures it)",
+             "agreement with people: " + (f"Kendall tau-b {human['tau']:.3f} {_ci(human['tau_ci'])}, Cohen kappa "
+                                          f"(quadratic) {human['kappa']:.3f} {_ci(human['kappa_ci'])} on {human['n']} "
+                                          "rated items" if human and human.get("tau") is not None
+                                          and human.get("kappa") is not None else "not measured (task.human_score)"),
+             f"missing calls {_pct(trust['missing_rate'])} ({trust['missing']} of {trust['calls']}, "
+             f"{trust['retried']} retried; never counted as 0)",
+             f"the judge's own cost: {cost['requests']} requests, {cost['prompt_tokens']} + "
+             f"{cost['completion_tokens']} tokens, {_money(cost['dollars'])} (not in any strategy's cost)"]
+    console.print(escape(f"Judge {trust['model']} (rubric {trust['rubric'].get('ref') or trust['rubric'].get('name')}"
+                         f", {', '.join(trust['criteria'])} on {trust['scale']}): can it be trusted?"),
+                  highlight=False)
+    for line in lines:
+        console.print(escape(f"  {line}"), highlight=False)
+    for w in trust["warnings"]:
+        console.print(f"  [yellow]⚠ {escape(w)}[/]", highlight=False)
+    table = Table(title="The judge's scores (95% interval over items)", title_justify="left")
+    table.add_column("strategy", overflow="fold", min_width=12, max_width=36)
+    table.add_column("overall", justify="right", no_wrap=True)
+    for c in trust["criteria"]:
+        table.add_column(c, justify="right", no_wrap=True)
+    table.add_column("missing", justify="right", no_wrap=True)
+    for g in ev.final:
+        j = g.judge()
+        if j is None:
+            continue
+        table.add_row(escape(g.label), "-" if j["overall"] is None else f"{j['overall']:.2f} {_ci(j['overall_ci'])}",
+                      *["-" if j["scores"].get(c) is None else f"{j['scores'][c]:.2f}" for c in trust["criteria"]],
+                      _pct(j["missing_rate"]))
+    console.print(table)
+    print_pairwise(ev.pairwise, console)
+
+
+def print_pairwise(comparisons: list[dict], console: Console) -> None:
+    """Stored pairwise comparisons: A's wins, ties and losses against B, its win rate (ties count half) with its
+    interval, how often the verdict changed with the order, the missing items and the judge's own cost."""
+    if not comparisons:
+        return
+    table = Table(title="Pairwise: the judge asked which answer is better, each item in both orders (a verdict that "
+                        "changes with the order is a tie)", title_justify="left")
+    for col in ("A", "B"):
+        table.add_column(col, overflow="fold", min_width=10, max_width=30)
+    for col in ("A wins", "ties", "A loses", "A's win rate (95% CI)", "order flips", "missing", "judge cost"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for c in comparisons:
+        ci = c.get("win_rate_ci")
+        rate = "-" if c["win_rate"] is None else f"{100 * c['win_rate']:.1f}%" + (
+            f" [{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]" if ci else "")
+        table.add_row(escape(c["a_label"]), escape(c["b_label"]), str(c["wins"]), f"{c['ties']} ({c['order_ties']} "
+                      "by order)", str(c["losses"]), rate, _pct(c["order_flip_rate"]),
+                      f"{c['missing']} of {c['items']}", _money(c["cost"]["dollars"]))
+    console.print(table)
+
+
 def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
          metric: Optional[str] = typer.Option(None, help=f"One of {', '.join(METRICS)} (default: "
                                               f"{DEFAULT_METRIC_HELP} for generation)."),
@@ -286,16 +360,24 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         if consistency:
             print_consistency(ev, out)
         return
+    ev = None
+    if any(isinstance(r["metrics"].get("judge"), dict) for r in rows):
+        try:
+            ev = analyze(st, name, metric=metric)
+        except TunebenchError as exc:
+            fail(exc)
     if as_json:
         print_json({"study": name, "leaderboard": leaderboard(rows, metric), "trials": [trial_json(r) for r in rows],
-                    "pending": {"planned": len(current), "running": len(running), "failed": failed}},
-                   default=json_default)
+                    "pending": {"planned": len(current), "running": len(running), "failed": failed},
+                    **({"judge": judge_json(ev)} if ev is not None else {})}, default=json_default)
         return
     if not rows:
         err.print(f"study '{name}' has no finished trial yet")
         return
     print_leaderboard(name, rows, metric, out)
     print_distill(rows, out)
+    if ev is not None:
+        print_judge(ev, out)
 
 
 def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:

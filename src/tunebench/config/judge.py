@@ -41,14 +41,9 @@ class JudgeConfig(_Strict):
     max_new_tokens: int = Field(200, ge=8, le=4096, description="Most tokens of one judge answer.")
     max_items: int | None = Field(None, ge=1, le=1_000_000, description="Judge only the first N test items "
                                   "(bounds the judge's cost; default: all).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_built(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "pairwise" in v:
-            raise ValueError("pairwise: comparing two strategies' answers side by side is not built yet; drop "
-                             "pairwise and each answer is scored on its own")
-        return v
+    pairwise: bool = Field(False, description="Allow `tunebench judge STUDY --pair A B`: the judge is shown two "
+                           "strategies' answers to each test item and asked which is better, in both orders (a "
+                           "verdict that changes with the order is a tie); 2 calls per item and pair.")
 
     @field_validator("criteria")
     @classmethod

@@ -18,6 +18,11 @@ Trust figures, stored with every judged trial:
   judge's mean, both rounded half up to the scale's whole numbers; 95% percentile intervals from resampling the rated
   items (1,000 resamples, seed 0; resamples where a statistic is undefined are left out).
 
+Pairwise (``PairwiseJudge``, ``compare_answers``): two answers to the same item, asked which is better with each
+answer shown first in turn, through the same calls (a ``Verdict`` schema instead of the scores). The verdicts,
+mapped to A, B or tie, either agree or make the item a tie; an item with a failed call in either order is missing,
+never a loss. A's win rate counts ties half, with a 95% interval over resampled items.
+
 Example:
     >>> j = Judge(backend, DEFAULT_RUBRIC, ["correct"], 1, 5, repeats=2)  # doctest: +SKIP
     >>> run = j.run([{"input": "hi"}], ["hello"], ["hello!"])  # doctest: +SKIP
@@ -32,7 +37,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Protocol, Sequence
+from typing import Annotated, Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -58,6 +63,27 @@ Answer to grade:
 {{ output }}
 
 Score the answer from {{ low }} (worst) to {{ high }} (best) on each criterion: {{ criteria | join(", ") }}."""
+
+PAIRWISE_RUBRIC = """\
+You are comparing two answers written for the task below.
+{% if instruction %}Task: {{ instruction }}
+{% endif %}
+Input:
+{{ input }}
+{% if reference %}
+Reference answer:
+{{ reference }}
+{% endif %}
+Answer 1:
+{{ first }}
+
+Answer 2:
+{{ second }}
+
+Which answer is better, judged on {{ criteria | join(", ") }} taken together?"""
+
+PAIRWISE_FORMAT = ('Reply with one JSON object and nothing else: {"better": "first"} when Answer 1 is better, '
+                   '{"better": "second"} when Answer 2 is better, {"better": "tie"} when neither is.')
 
 WEAK_TAU = 0.3  # agreement with people below this is weak (recommend warns)
 LOW_SELF_AGREEMENT = 0.8  # repeats of the same call agreeing on fewer items than this: the judge is unstable
@@ -110,7 +136,7 @@ def _reason(exc: Exception) -> str:
 class Call:
     """One judge call: the scores (None: missing), whether it needed its retry, and why it failed."""
 
-    scores: dict[str, int] | None
+    scores: dict[str, Any] | None
     retried: bool = False
     error: str | None = None
 
@@ -146,6 +172,10 @@ class Judge:
         self.format = format_block(self.criteria, low, high)
         self.clock = clock
         self.usage = Usage()
+
+    def parse(self, text: str) -> dict[str, Any]:
+        """One answer's validated content (``ValueError`` with the reason when it is unusable)."""
+        return parse_scores(text, self.schema)
 
     def prompt(self, record: dict, output: str, reference: str | None, instruction: str | None = None) -> str:
         """The rubric rendered for one answer, then the answer format."""
@@ -190,7 +220,7 @@ class Judge:
             try:
                 if isinstance(got, Exception):
                     raise got
-                calls.append(Call(parse_scores(got, self.schema)))
+                calls.append(Call(self.parse(got)))
             except (ValueError, TunebenchError) as exc:
                 calls.append(Call(None, error=_reason(exc)))
                 again.append(i)
@@ -201,7 +231,7 @@ class Judge:
             try:
                 if isinstance(got, Exception):
                     raise got
-                calls[i].scores, calls[i].error = parse_scores(got, self.schema), None
+                calls[i].scores, calls[i].error = self.parse(got), None
             except (ValueError, TunebenchError) as exc:
                 calls[i].error = _reason(exc)
         return calls
@@ -430,3 +460,123 @@ def judge_test(cfg: JudgeConfig, template: str, backend: Generator, data: TaskDa
                             "cost": None if reused else calibration["cost"], "reused": reused}
         items["human"] = {"index": rated, "judge": calibration["scores"]}
     return summary, items
+
+
+# ---- pairwise comparison of two strategies' answers -----------------------------------------------------------
+class Verdict(BaseModel):
+    """One pairwise answer: which of the two answers shown is better (other keys ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    better: Literal["first", "second", "tie"]
+
+
+class PairwiseJudge(Judge):
+    """Asks which of two answers to the same item is better, each pair in both orders (A shown first, then B shown
+    first), through the same calls as :class:`Judge`: temperature 0, a JSON answer validated by :class:`Verdict`,
+    one retry with the reason, then missing."""
+
+    def __init__(self, backend: Generator, criteria: Sequence[str], *, template: str = PAIRWISE_RUBRIC,
+                 max_new_tokens: int = 200, where: str = "judge", clock: Callable[[], float] = time.perf_counter):
+        super().__init__(backend, template, criteria, 0, 1, repeats=1, max_new_tokens=max_new_tokens, where=where,
+                         clock=clock)
+        self.format = PAIRWISE_FORMAT
+
+    def parse(self, text: str) -> dict[str, Any]:
+        start, end = text.find("{"), text.rfind("}")
+        if start < 0 or end < start:
+            raise ValueError("no JSON object in the answer")
+        return Verdict.model_validate_json(text[start:end + 1]).model_dump()
+
+    def pair_prompt(self, record: dict, first: str, second: str, reference: str | None,
+                    instruction: str | None = None) -> str:
+        """The comparison rubric rendered for one ordered pair, then the answer format."""
+        variables = {**record, "input": record.get("input", ""), "first": first, "second": second,
+                     "reference": reference or "", "instruction": instruction or "", "criteria": self.criteria}
+        return f"{self.rubric.render(variables)}\n\n{self.format}"
+
+    def compare(self, records: list[dict], a: list[str], b: list[str], references: list[str | None],
+                instruction: str | None = None) -> PairwiseRun:
+        """Every item asked twice, A first and B first, in one batch."""
+        n = len(records)
+        prompts = ([self.pair_prompt(r, x, y, ref, instruction) for r, x, y, ref in zip(records, a, b, references)]
+                   + [self.pair_prompt(r, y, x, ref, instruction) for r, x, y, ref in zip(records, a, b, references)])
+        calls = self.ask(prompts)
+        return PairwiseRun(calls[:n], calls[n:])
+
+
+def _side(call: Call, a_first: bool) -> str | None:
+    """A call's verdict as "A", "B" or "tie" (None: missing)."""
+    if call.scores is None:
+        return None
+    better = call.scores["better"]
+    if better == "tie":
+        return "tie"
+    return "A" if (better == "first") == a_first else "B"
+
+
+@dataclass
+class PairwiseRun:
+    """The calls of one comparison: ``a_first[i]`` showed A's answer first, ``b_first[i]`` B's."""
+
+    a_first: list[Call]
+    b_first: list[Call]
+
+    def outcomes(self) -> list[str | None]:
+        """Per item "A", "B" or "tie": the verdict both orders gave, a tie when it changes with the order, None
+        (missing) when either call failed; a missing item is never a loss."""
+        out: list[str | None] = []
+        for x, y in zip(self.a_first, self.b_first):
+            u, v = _side(x, True), _side(y, False)
+            out.append(None if u is None or v is None else (u if u == v else "tie"))
+        return out
+
+    def summary(self, seed: int = 0) -> dict[str, Any]:
+        """Wins, ties and losses of A, A's win rate (ties count half) with a 95% interval over items, the order-flip
+        rate (items whose verdict changed with the order), the share of verdicts for the answer shown first, and
+        the missing calls and items."""
+        both = [(_side(x, True), _side(y, False)) for x, y in zip(self.a_first, self.b_first)]
+        complete = [(u, v) for u, v in both if u is not None and v is not None]
+        outcomes = [o for o in self.outcomes() if o is not None]
+        points = np.asarray([{"A": 1.0, "tie": 0.5, "B": 0.0}[o] for o in outcomes], dtype=float)
+        flat = self.a_first + self.b_first
+        decided = [c.scores["better"] for c in flat if c.scores is not None and c.scores["better"] != "tie"]
+        errors: dict[str, int] = {}
+        for c in flat:
+            if c.scores is None:
+                errors[c.error or "unknown"] = errors.get(c.error or "unknown", 0) + 1
+        return {
+            "items": len(both), "compared": len(complete), "missing": len(both) - len(complete),
+            "missing_rate": (len(both) - len(complete)) / len(both) if both else None,
+            "wins": outcomes.count("A"), "ties": outcomes.count("tie"), "losses": outcomes.count("B"),
+            "order_ties": sum(u != v for u, v in complete),
+            "win_rate": _mean(points.tolist()), "win_rate_ci": mean_interval(points, seed),
+            "order_flip_rate": float(np.mean([u != v for u, v in complete])) if complete else None,
+            "first_shown_share": float(np.mean([d == "first" for d in decided])) if decided else None,
+            "calls": len(flat), "missing_calls": sum(c.scores is None for c in flat),
+            "retried": sum(c.retried for c in flat),
+            "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
+        }
+
+    def items(self) -> dict[str, Any]:
+        """What the store keeps per item: both orders' verdicts (as A/B/tie) and the outcome."""
+        return {"a_first": [_side(c, True) for c in self.a_first], "b_first": [_side(c, False) for c in self.b_first],
+                "outcome": self.outcomes()}
+
+
+def compare_answers(cfg: JudgeConfig, backend: Generator, inputs: Sequence[str], references: Sequence[str | None],
+                    a: Sequence[str], b: Sequence[str], *, instruction: str | None = None,
+                    price: tuple[float, float] | None = None, template: str = PAIRWISE_RUBRIC,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Two strategies' answers to the same test items (the first ``cfg.max_items``) compared by the judge in both
+    orders: the summary (see :meth:`PairwiseRun.summary`), the judge's own cost (apart from the strategies') and
+    the per-item verdicts under ``items``."""
+    if len(a) != len(b) or len(a) != len(inputs):
+        raise DataError(f"the two trials answered {len(a)} and {len(b)} test items ({len(inputs)} stored): they "
+                        "were not scored on the same test split, so their answers cannot be paired")
+    n = len(a) if cfg.max_items is None else min(cfg.max_items, len(a))
+    judge = PairwiseJudge(backend, cfg.criteria, template=template, max_new_tokens=cfg.max_new_tokens,
+                          where="metrics[0].judge (pairwise)", clock=clock)
+    run = judge.compare([{"input": x} for x in inputs[:n]], list(a[:n]), list(b[:n]), list(references[:n]),
+                        instruction)
+    return {**run.summary(), "model": cfg.model, "criteria": list(cfg.criteria),
+            "cost": judge.usage.to_dict(price), "items_detail": run.items()}

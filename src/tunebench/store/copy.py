@@ -94,6 +94,11 @@ def _copy_study(src: Store, dst: Store, name: str, owner: str, reporter: Reporte
             dst.release(row["key"], owner)
         counts["copied" if copied else "skipped"] += 1
     reporter.stop()
+    have = {c["key"] for c in dst.pairwise(name)}
+    for c in src.pairwise(name):  # the judge's pairwise comparisons go with the trials they compare
+        if c["key"] not in have:
+            dst.add_pairwise(name, c["key"], c["a"], c["b"],
+                             {k: v for k, v in c.items() if k not in ("key", "a", "b", "at")})
     log.info("study %s: %d trial(s) copied, %d already there", name, counts["copied"], counts["skipped"])
     return counts
 

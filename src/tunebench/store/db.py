@@ -67,6 +67,11 @@ tracked = Table(  # a trial reported to an experiment tracker: which run holds i
     Column("key", Text, nullable=False), Column("target", Text, nullable=False), Column("study", Text, nullable=False),
     Column("run_id", Text, nullable=False), Column("experiment_id", Text), Column("at", Float, nullable=False),
     PrimaryKeyConstraint("key", "target"), Index("tracked_study", "study", "target"))
+pairwise = Table(  # two trials' answers compared by a judge (`tunebench judge --pair`): computed once, kept here
+    "pairwise", metadata,
+    Column("key", Text, primary_key=True), Column("study", Text, nullable=False), Column("a", Text, nullable=False),
+    Column("b", Text, nullable=False), Column("data", Text, nullable=False), Column("at", Float, nullable=False),
+    Index("pairwise_study", "study"))
 meta = Table("meta", metadata, Column("name", Text, primary_key=True), Column("value", Text, nullable=False))
 
 _PG = re.compile(r"^postgres(ql)?(\+\w+)?://")

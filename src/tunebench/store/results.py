@@ -362,6 +362,22 @@ class Store:
         rows = self._read("SELECT * FROM trials WHERE study = :s ORDER BY finished_at, key", s=study)
         return [_decoded(r) for r in rows if keys is None or r["key"] in keys]
 
+    # -- pairwise comparisons by a judge ----------------------------------------------------------------------------
+    def add_pairwise(self, study: str, key: str, a: str, b: str, data: dict) -> None:
+        """Store one judge comparison of trials ``a`` and ``b`` under ``key`` (the trials and the judge; asked
+        again, it replaces the old one)."""
+        self._write(lambda con: con.execute(text(
+            "INSERT INTO pairwise(key, study, a, b, data, at) VALUES (:k, :s, :a, :b, :d, :at) ON CONFLICT(key) "
+            "DO UPDATE SET data = excluded.data, at = excluded.at"),
+            {"k": key, "s": study, "a": a, "b": b, "d": json.dumps(data), "at": time.time()}),
+            "store a pairwise comparison")
+
+    def pairwise(self, study: str, key: str | None = None) -> list[dict]:
+        """The study's stored comparisons (one, by ``key``), oldest first: ``{key, a, b, at, **data}``."""
+        rows = self._read("SELECT * FROM pairwise WHERE study = :s ORDER BY at", s=study)
+        return [{**json.loads(r["data"]), "key": r["key"], "a": r["a"], "b": r["b"], "at": r["at"]} for r in rows
+                if key is None or r["key"] == key]
+
     # -- experiment tracking ----------------------------------------------------------------------------------
     def tracked_runs(self, study: str, target: str) -> dict[str, str]:
         """``{trial key: run id}`` of the study's trials reported to ``target`` (a tracker, its URI and

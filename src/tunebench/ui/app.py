@@ -29,6 +29,7 @@ from .. import report
 from ..analysis.evidence import Evidence, analyze
 from ..analysis.recommend import Constraints, recommend
 from ..errors import TunebenchError
+from ..evaluation.judge import trust_warnings
 from ..store import Store
 from ..store.prompts import PromptRegistry
 from ..version import __version__
@@ -239,8 +240,12 @@ def create_app(store: Store, *, api_keys: set[str] | None = None, allowed_hosts:
         where = "" if store.location == "tunebench-runs" else f" --store {shlex.quote(store.display)}"
         commands = {"serve": f"tunebench serve {shlex.quote(name)} --trial {short}{where}",
                     "export": f"tunebench export {shlex.quote(name)} --trial {short} --format hf{where}"}
+        judge = row["metrics"].get("judge")
         return page(request, "trial.html.j2", name=name, row=row, commands=commands,
-                    latency=row["cost"].get("latency_ms_samples") or [])
+                    latency=row["cost"].get("latency_ms_samples") or [],
+                    warnings=trust_warnings(judge) if isinstance(judge, dict) else [],
+                    pairwise=[{k: v for k, v in c.items() if k != "items_detail"} for c in store.pairwise(name)
+                              if row["key"] in (c["a"], c["b"])])
 
     @app.get("/prompts", response_class=HTMLResponse)
     def prompts(request: Request):
