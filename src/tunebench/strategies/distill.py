@@ -82,7 +82,8 @@ class DistillConfig(StrategyConfig):
                                    default=None)
     pool_sizes: Optional[list[int]] = doc(
         "Several pool sizes, one trial each (instead of pool_size): the distillation learning curve, student quality "
-        "against teacher labels bought. The pools are nested: each is the first N of one seeded order of the pool.",
+        "against teacher labels bought. The pools are nested: each is the first N of one seeded order of the pool. Each "
+        "trial labels its own pool within `budget` (the dry run lists every one).",
         default=None)
     labels: str = doc("hard: the teacher's label; soft: its label distribution (softmax of its class scores) where "
                       "it has scores (a generating teacher gives hard labels).", default="hard")
