@@ -23,6 +23,7 @@ from ..evaluation.cost import Pricing, break_even, price
 from ..evaluation.groups import SMALL, Breakdown, breakdown
 from ..evaluation.judge import mean_interval, trust_warnings
 from ..evaluation.stats import Comparison, MetricFn, bootstrap_ci, compare, holm, metric_fn
+from .distill_curve import distill_curves
 from .pairwise import stored_comparisons
 from .leaderboard import SECONDARY, cv_summary, default_metric, group_flags
 from ..store.results import Store
@@ -290,6 +291,12 @@ class Evidence:
                            "seeds": len(g.rows)} for g in sorted(gs, key=lambda g: g.train_size)]
         return out
 
+    def distill_curves(self) -> list[dict]:
+        """Distilled students against teacher labels bought (``pool_sizes``), beside the gold-label curve of the
+        same student strategy, and how many teacher labels are worth one gold label
+        (:func:`~tunebench.analysis.distill_curve.distill_curves`)."""
+        return distill_curves(self.groups)
+
     @cached_property
     def _crossover(self) -> dict:
         return self._find_crossover()
@@ -383,7 +390,7 @@ class Evidence:
             "leaderboard": [{"label": g.label, "family": g.family, "train_size": g.train_size, "seeds": g.seeds,
                              "mean": g.mean, "std": g.std, "ci": _pair(g.ci), "cv": cv_summary(g.rows, self.metric) or None}
                             for g in sorted(self.groups, key=lambda g: (-g.train_size, -g.mean))],
-            "curves": self.curves(), "crossover": self.crossover(),
+            "curves": self.curves(), "crossover": self.crossover(), "distill_curves": self.distill_curves(),
             "cost_model": self.costs.model_dump(), "break_even": self.break_evens(),
             "missing_items": sorted({g.label for g in self.groups if not g.has_items}),
             "group_columns": self.group_columns, "group_metrics": self.group_metrics if self.group_columns else [],

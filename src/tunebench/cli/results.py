@@ -82,6 +82,26 @@ def print_distill(rows: list[dict], console: Console) -> None:
         console.print(table)
 
 
+def print_distill_curves(curves: list[dict], metric: str, console: Console) -> None:
+    """Each distillation curve (``pool_sizes``): the student's metric per teacher labels bought, the gold-label curve
+    of the same student strategy, and how many teacher labels are worth one gold label."""
+    for c in curves:
+        table = Table(title=escape(f"distillation curve: {c['name']} @{c['model']} (train n {c['train_size']})"),
+                      title_justify="left")
+        for col in ("labels", "kind", metric, "95% CI", "seeds"):
+            table.add_column(col, justify="left" if col == "kind" else "right")
+        for p in c["points"]:
+            table.add_row(f"{p['labels']:,.0f}", "teacher", f"{p['mean']:.3f}", _ci(p["ci"]), str(p["seeds"]))
+        for p in c["gold"]:
+            table.add_row(f"{p['train_size']:,}", "gold", f"{p['mean']:.3f}", _ci(p["ci"]), str(p["seeds"]))
+        console.print(table)
+        if not c["gold"]:
+            console.print(f"  no gold-label trial of {c['student']} on {c['model']} in this study: no exchange rate",
+                          highlight=False)
+        for e in c["exchange"]:
+            console.print(f"  {escape(e['text'])}", highlight=False)
+
+
 def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
     table = Table(title=f"trials ({metric} on test)", title_justify="left")
     for col in ("id", "strategy", "seed", "train n", metric):
@@ -378,6 +398,13 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
     print_distill(rows, out)
     if ev is not None:
         print_judge(ev, out)
+    pools = {(r["label"], r["params"].get("pool_size")) for r in rows if r["strategy"] == "distill"}
+    if len({size for _, size in pools}) > 1:  # two pool sizes or more: a distillation curve may be drawn
+        try:
+            curves = (ev or analyze(st, name, metric=metric)).distill_curves()
+        except TunebenchError as exc:
+            fail(exc)
+        print_distill_curves(curves, metric, out)
 
 
 def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:

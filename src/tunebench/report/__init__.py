@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 FIGURES = {
     "leaderboard": "Leaderboard with 95% intervals",
     "learning_curves": "Learning curves",
+    "distill_curves": "Distillation: student quality against teacher labels bought",
     "pareto": "Quality versus cost",
     "latency": "Latency distribution",
     "confusion": "Confusion matrices",
@@ -59,6 +60,8 @@ def figures(doc: dict) -> dict[str, bytes]:
     out = {"leaderboard": plots.leaderboard(a), "pareto": plots.pareto(a), "break_even": plots.break_even(a)}
     if any(len(pts) > 1 for pts in a["curves"].values()):
         out["learning_curves"] = plots.learning_curves(a)
+    if a.get("distill_curves"):
+        out["distill_curves"] = plots.distill_curves(a)
     if any(s["latency_ms_samples"] for s in a["strategies"]):
         out["latency"] = plots.latency(a)
     cm = plots.confusion(a)

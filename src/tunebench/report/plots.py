@@ -88,6 +88,37 @@ def learning_curves(a: dict) -> bytes:
     return _png(fig)
 
 
+def distill_curves(a: dict) -> bytes:
+    """Each distilled student's metric against the teacher labels bought for it (solid, with 95% intervals), beside
+    the gold-label learning curve of the same student strategy (dashed, against gold labels), on one log axis of
+    labels: where a gold curve reaches a level with fewer labels, a gold label is worth more than a teacher's."""
+    curves = a["distill_curves"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(curves):
+        colour = cmap(i % 10)
+        pts = c["points"]
+        xs = [max(p["labels"], 1) for p in pts]
+        ax.plot(xs, [p["mean"] for p in pts], "-", marker="o", color=colour,
+                label=f"{c['name']} (n={c['train_size']}): teacher labels")
+        for x, p in zip(xs, pts):
+            if p["ci"]:
+                ax.vlines(x, p["ci"][0], p["ci"][1], color=colour, lw=1.5, alpha=0.6)
+        if c["gold"]:
+            gx = [p["train_size"] for p in c["gold"]]
+            ax.plot(gx, [p["mean"] for p in c["gold"]], "--", marker="s", color=colour, alpha=0.8,
+                    label=f"{c['gold_label']}: gold labels")
+            if all(p["ci"] for p in c["gold"]):
+                ax.fill_between(gx, [p["ci"][0] for p in c["gold"]], [p["ci"][1] for p in c["gold"]], color=colour,
+                                alpha=0.1)
+    ax.set_xscale("log")
+    ax.set_xlabel("labels: teacher labels bought (solid) or gold labels (dashed)")
+    ax.set_ylabel(f"{a['metric']} on test")
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def pareto(a: dict) -> bytes:
     """Quality against cost per 1,000 requests; the Pareto front (nothing both cheaper and better) is joined."""
     rows = a["strategies"]

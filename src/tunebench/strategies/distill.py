@@ -80,6 +80,11 @@ class DistillConfig(StrategyConfig):
                     "the trial's train size, their labels hidden from teacher and student).", default="unlabelled")
     pool_size: Optional[int] = doc("Inputs drawn from the pool (seeded by the trial seed; default: all of it).",
                                    default=None)
+    pool_sizes: Optional[list[int]] = doc(
+        "Several pool sizes, one trial each (instead of pool_size): the distillation learning curve, student quality "
+        "against teacher labels bought. The pools are nested: each is the first N of one seeded order of the pool. Each "
+        "trial labels its own pool within `budget` (the dry run lists every one).",
+        default=None)
     labels: str = doc("hard: the teacher's label; soft: its label distribution (softmax of its class scores) where "
                       "it has scores (a generating teacher gives hard labels).", default="hard")
     temperature: float = doc("Teacher scores are divided by this before the softmax (soft labels, confidence); an "
@@ -102,6 +107,18 @@ class DistillConfig(StrategyConfig):
             raise ValueError(f"pool must be one of {list(POOLS)}, not {self.pool!r}")
         if self.pool_size is not None and self.pool_size < 1:
             raise ValueError(f"pool_size must be at least 1 (or left out for the whole pool), not {self.pool_size}")
+        if self.pool_sizes is not None:
+            sizes = self.pool_sizes
+            if self.pool_size is not None:
+                raise ValueError("pool_sizes: give either pool_size (one trial) or pool_sizes (one trial per size), "
+                                 "not both")
+            if not isinstance(sizes, list) or not sizes:
+                raise ValueError(f"pool_sizes: give a list of pool sizes such as [250, 1000, 4000], not {sizes!r}")
+            bad = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+            if bad:
+                raise ValueError(f"pool_sizes: every size must be a whole number >= 1, not {bad[0]!r}")
+            if len(set(sizes)) != len(sizes):
+                raise ValueError(f"pool_sizes: {sorted(n for n in set(sizes) if sizes.count(n) > 1)} given twice")
         if self.labels not in ("hard", "soft"):
             raise ValueError(f"labels must be 'hard' or 'soft', not {self.labels!r}")
         if not 0 < self.temperature <= 100:
@@ -167,9 +184,8 @@ def labelling_pool(config: DistillConfig, task, train: Split, seed: int) -> Spli
                               f"trial uses all {len(task.train)} of them; set train_sizes below that (e.g. "
                               f"[{max(1, len(task.train) // 4)}]) or give task.data.unlabelled")
         pool = task.train.subset(rest)
-    n = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
-    if n < len(pool):
-        pool = pool.subset(np.sort(np.random.default_rng(seed).permutation(len(pool))[:n]))
+    if config.pool_size is not None:  # the first N of one seeded order: the pools of pool_sizes are prefixes
+        pool = pool.subset(np.random.default_rng(seed).permutation(len(pool))[:config.pool_size])
     pool.name = "pool"
     return pool
 
@@ -346,7 +362,16 @@ class Distill(Strategy):
 
     @classmethod
     def expand(cls, config: DistillConfig) -> list[DistillConfig]:
-        return [config]
+        """One trial per size of ``pool_sizes`` (smallest first), each a plain ``pool_size`` trial: its key and label
+        are those the same entry written with that ``pool_size`` has."""
+        if config.pool_sizes is None:
+            return [config]
+        return [dataclasses.replace(config, pool_size=n, pool_sizes=None) for n in sorted(config.pool_sizes)]
+
+    @classmethod
+    def key_params(cls, params: dict, backend: str) -> dict:
+        """``pool_sizes`` is always expanded away before a trial is keyed: left out, so keys stay as they were."""
+        return {k: v for k, v in params.items() if not (k == "pool_sizes" and v is None)}
 
     def _teacher(self, backend):
         cfg, _ = self.config.parts()
