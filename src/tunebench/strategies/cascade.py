@@ -173,6 +173,7 @@ class Cascade(Distill):
             log.warning("cascade: no threshold reaches %s on dev (best %.3f at fallback %.3f); using that point",
                         target, chosen.accuracy, chosen.fallback_rate)
         on_test_point = at(table(on_test), chosen.threshold)
+        test_curve = curve(table(on_test))  # the test point at the chosen threshold routes as curve[curve_index]
         back = on_test["confidence"] < chosen.threshold
         api = costs.api.get(teacher_model)
         api_dollars = 0.0 if api is None else float(np.sum(
@@ -184,7 +185,8 @@ class Cascade(Distill):
             "teacher": {"strategy": cfg.teacher["strategy"], "model": cfg.teacher["model"]},
             "target": cfg.target, "target_met": met, "threshold": chosen.threshold,
             "dev": chosen.to_dict(), "test": on_test_point.to_dict(),
-            "curve": [p.to_dict() for p in curve(table(on_test))],
+            "curve": [p.to_dict() for p in test_curve],
+            "curve_index": int(np.searchsorted([p.threshold for p in test_curve], chosen.threshold)),
             "dev_pareto": [p.to_dict() for p in pareto(dev_curve)],
             "student": {"test_accuracy": float(on_test["student"].mean()), "latency_ms": round(student_ms, 3),
                         "cost_per_request": student_cost},
