@@ -14,6 +14,8 @@ from tunebench.cli import app
 from tunebench.config.costs import ApiPrice, CostConfig
 from tunebench.errors import ConfigError
 from tunebench.evaluation.cost import price
+from tunebench.store import artifacts
+from tunebench.store.results import Store
 from tunebench.strategies import registry
 from tunebench.strategies.base import Output, Predictor, StrategyConfig, as_texts
 from tunebench.strategies.cascade import CascadePredictor
@@ -165,11 +167,11 @@ def test_saved_artifact_is_the_student_with_the_threshold_beside_it(tmp_path, ti
 def study_doc(tmp_path, toy_files, model_dir, strategies: list) -> dict:
     return {"name": "casc", "task": {"data": {k: str(v) for k, v in toy_files.items()}, "text": "text",
                                      "label": "label", "labels": {"neg": "negative", "pos": "positive"}},
-            "models": [{"name": "tiny", "backend": "encoder", "path": str(model_dir), "precision": "fp32"}],
+            "model": {"name": "tiny", "backend": "encoder", "path": str(model_dir), "precision": "fp32"},
             "strategies": strategies, "seeds": [0], "train_sizes": [16], "store": str(tmp_path / "runs")}
 
 
-def test_cascade_trial_is_a_candidate_like_any_other(tmp_path, toy_files, tiny_model_dir):
+def test_cascade_trial_is_a_candidate_like_any_other(tmp_path, toy_files, tiny_model_dir, tiny_backend, monkeypatch):
     params = {"teacher": TEACHER, "student": STUDENT, "pool": "train", "pool_size": 12,
               "target": {"max_fallback": 0.5}}
     path = tmp_path / "study.yaml"
@@ -200,3 +202,10 @@ def test_cascade_trial_is_a_candidate_like_any_other(tmp_path, toy_files, tiny_m
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Cascade: the student with the teacher behind it" in html and 'id="fig-cascade"' in html
     assert (tmp_path / "rep" / "figures" / "cascade.png").is_file()
+
+    store = Store(tmp_path / "runs", create=False)  # its artifact loads as the student, and says so
+    row = next(r for r in store.trials("casc") if r["strategy"] == "cascade")
+    warned = []
+    monkeypatch.setattr(artifacts.log, "warning", lambda msg, *args: warned.append(msg % args))
+    loaded = artifacts.open_trial(store, "casc", row, tiny_backend)
+    assert loaded.predictor.strategy == "linear_probe" and "is a cascade: its artifact is the student" in warned[0]
