@@ -72,6 +72,9 @@ class CascadePredictor(Predictor):
         """The cascade's output and, per input, whether it fell back to the teacher."""
         inputs = list(inputs)
         out = self.student.run(inputs)
+        if out.scores is None:  # a student that answers without class scores: its scored labels, as on dev
+            out.scores = np.asarray(self.student.predict_scores(inputs))
+            out.predictions = out.scores.argmax(axis=1)
         back = confidence(out.scores) < self.threshold
         preds = np.asarray(out.predictions, dtype=np.int64).copy()
         prompt = list(out.prompt_tokens) or [0] * len(inputs)
