@@ -266,7 +266,7 @@ def test_dry_run_estimate_equals_the_calls_the_run_makes(tmp_path, toy_files, ti
 
 # ---- the cascade curve -------------------------------------------------------------------------------------------
 def cascade_table(shift: float = 0.0):
-    from tunebench.analysis.cascade import CascadeTable
+    from tunebench.evaluation.cascade import CascadeTable
 
     conf = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.55, 0.4, 0.3]) - shift
     return CascadeTable(conf, np.array([1, 1, 1, 0, 1, 0, 0, 1]), np.array([1, 1, 0, 1, 1, 1, 1, 0]),
@@ -274,7 +274,7 @@ def cascade_table(shift: float = 0.0):
 
 
 def test_cascade_curve_on_a_hand_made_table():
-    from tunebench.analysis.cascade import at, curve
+    from tunebench.evaluation.cascade import at, curve
 
     table = cascade_table()
     everything = curve(table)
@@ -293,7 +293,7 @@ def test_cascade_curve_on_a_hand_made_table():
 
 
 def test_cascade_threshold_is_chosen_on_dev_for_a_target():
-    from tunebench.analysis.cascade import at, check_target, choose, curve, select_on_dev
+    from tunebench.evaluation.cascade import at, check_target, choose, curve, select_on_dev
 
     dev = curve(cascade_table())
     assert choose(dev, {"min_accuracy": 0.75}).threshold == 0.6  # the least fallback that reaches it

@@ -13,9 +13,9 @@ from tunebench.errors import CapabilityError, ConfigError
 from tunebench.strategies import load_predictor, registry
 
 EXPECTED = {"zero_shot", "few_shot", "chain_of_thought", "linear_probe", "soft_prompt", "lora", "full",
-            "gradual_unfreeze", "hybrid", "prompt_search", "distill"}
+            "gradual_unfreeze", "hybrid", "prompt_search", "distill", "cascade"}
 CAUSAL_ONLY = {"chain_of_thought", "hybrid"}
-COMPOSED = {"distill"}  # a teacher and a student: tests/test_distill.py runs it (it needs a pool to label)
+COMPOSED = {"distill", "cascade"}  # a teacher and a student: tests/test_distill.py and test_cascade.py run them
 QUICK = {"epochs": 2, "batch_size": 16, "max_length": 32}
 BACKENDS = ["encoder", "llama", "gpt2"]
 
@@ -30,7 +30,7 @@ def quick_config(name: str, backend: str = "encoder"):
         params["shots"] = 2
     if name == "chain_of_thought":
         params["max_new_tokens"] = 12
-    if name == "distill":
+    if name in COMPOSED:
         params = {"teacher": {"strategy": "zero_shot"}, "student": {"strategy": "linear_probe", "params": QUICK}}
     if name == "hybrid":
         params = {"tune": "lora", "prompt": "few_shot", "prompt_params": {"shots": 1},

@@ -92,7 +92,7 @@ class Group:
         keys = ("train_seconds", "adapt_seconds", "latency_ms_p50", "latency_ms_p95", "latency_ms_mean",
                 "prompt_tokens_mean", "completion_tokens_mean", "tokens_per_request", "throughput_per_s",
                 "peak_memory_mb", "trainable_params", "train_examples_per_s", "upfront_dollars", "teacher_seconds",
-                "labelling_calls", "labelling_tokens", "labelling_dollars")
+                "labelling_calls", "labelling_tokens", "labelling_dollars", "api_dollars_per_request")
         return {k: v for k in keys if (v := self.cost_mean(k)) is not None}
 
     def distill(self) -> dict | None:
@@ -106,6 +106,24 @@ class Group:
                 "agreement_mean": float(np.mean(agree)) if agree else None,
                 "seeds": [{"seed": seed, "teacher_key": d.get("teacher_key"), "labelling": d["labelling"],
                            "pool": d["pool"], "audit": d["audit"]} for seed, d in recs]}
+
+    def cascade(self) -> dict | None:
+        """A cascade group's threshold, chosen on dev, and its test curve per seed, with the mean test accuracy and
+        fallback rate of the chosen points and of the student and teacher alone."""
+        recs = [(r["seed"], r["record"].get("cascade")) for r in self.rows]
+        recs = [(seed, c) for seed, c in recs if c]
+        if not recs:
+            return None
+
+        def mean(get) -> float:
+            return float(np.mean([get(c) for _, c in recs]))
+
+        return {"teacher": recs[0][1]["teacher"], "target": recs[0][1]["target"],
+                "accuracy_mean": mean(lambda c: c["test"]["accuracy"]),
+                "fallback_mean": mean(lambda c: c["test"]["fallback_rate"]),
+                "student_accuracy_mean": mean(lambda c: c["student"]["test_accuracy"]),
+                "teacher_accuracy_mean": mean(lambda c: c["teacher_alone"]["test_accuracy"]),
+                "seeds": [{"seed": seed, **c} for seed, c in recs]}
 
     @property
     def latency_samples(self) -> list[float]:
@@ -378,6 +396,7 @@ class Evidence:
             "groups": [b.to_dict() for b in self.by_group(g)],
             "judge": g.judge(),
             "distill": g.distill(),
+            "cascade": g.cascade(),
         }
 
     def to_dict(self) -> dict:

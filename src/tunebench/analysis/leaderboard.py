@@ -74,8 +74,8 @@ def trial_json(row: dict) -> dict:
             "seed": row["seed"], "train_size": row["train_size"], "metrics": row["metrics"], "cost": row["cost"],
             "history": row["history"], "artifact": row["artifact"], "key": row["key"],
             "prompt": row["record"].get("prompt"), "model": row["record"].get("model"),
-            "search": row["record"].get("search"), **({"distill": row["record"]["distill"]}
-                                                      if row["record"].get("distill") else {})}
+            "search": row["record"].get("search"),
+            **{k: row["record"][k] for k in ("distill", "cascade") if row["record"].get(k)}}
 
 
 EDGE = 0.02  # a searched value within 2% of its range's end (in log space for log ranges) sits at the edge

@@ -102,6 +102,34 @@ def print_distill_curves(curves: list[dict], metric: str, console: Console) -> N
             console.print(f"  {escape(e['text'])}", highlight=False)
 
 
+def print_cascade(rows: list[dict], console: Console) -> None:
+    """Each cascade trial: the threshold chosen on dev for its target, what that point gives on test beside the
+    student and the teacher alone, and the whole test curve."""
+    for r in sorted((r for r in rows if r["record"].get("cascade")), key=lambda r: (r["label"], r["seed"])):
+        c = r["record"]["cascade"]
+        t, dev, test = c["teacher"], c["dev"], c["test"]
+        target = ", ".join(f"{k} {v:g}" for k, v in (c["target"] or {}).items()) or "none (the most accurate on dev)"
+        console.print(f"[bold]{escape(r['label'])}[/] seed {r['seed']}: cascade to teacher {t['strategy']} "
+                      f"@{t['model']}; target {target}" + ("" if c["target_met"] else " (not reached on dev)"),
+                      highlight=False)
+        console.print(f"  chosen on dev: threshold {c['threshold']:.4f} (dev accuracy {dev['accuracy']:.3f}, fallback "
+                      f"{dev['fallback_rate']:.1%}); on test: accuracy {test['accuracy']:.3f}, fallback "
+                      f"{test['fallback_rate']:.1%}, cost per 1k requests {1000 * test['cost_per_request']:.4g}, "
+                      f"latency p50/p95 {test['latency_ms_p50']:.1f}/{test['latency_ms_p95']:.1f} ms; student alone "
+                      f"{c['student']['test_accuracy']:.3f}, teacher alone {c['teacher_alone']['test_accuracy']:.3f}",
+                      highlight=False)
+        table = Table(title="  cascade curve on test", title_justify="left", box=None, padding=(0, 2))
+        for col in ("threshold", "accuracy", "fallback", "cost/1k", "p50 ms", "p95 ms"):
+            table.add_column(col, justify="right")
+        for i, p in enumerate(c["curve"]):
+            table.add_row(f"{p['threshold']:.4f}" + (" *" if i == c.get("curve_index") else ""), f"{p['accuracy']:.3f}",
+                          f"{p['fallback_rate']:.1%}", f"{1000 * p['cost_per_request']:.4g}",
+                          f"{p['latency_ms_p50']:.1f}", f"{p['latency_ms_p95']:.1f}")
+        console.print(table)
+        console.print("  * routes as the threshold chosen on dev; serving a cascade is not built yet (the saved "
+                      "artifact is the student)", highlight=False)
+
+
 def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:
     table = Table(title=f"trials ({metric} on test)", title_justify="left")
     for col in ("id", "strategy", "seed", "train n", metric):
@@ -405,6 +433,7 @@ def show(study: str = StudyArg, store: Optional[str] = StoreOpt,
         except TunebenchError as exc:
             fail(exc)
         print_distill_curves(curves, metric, out)
+    print_cascade(rows, out)
 
 
 def list_studies(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:

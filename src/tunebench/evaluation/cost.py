@@ -94,7 +94,8 @@ def price(cost: dict, model: str, table) -> Pricing:
     Upfront: training (or adaptation) seconds x the training hardware's hourly rate, plus money already spent on
     API calls (``upfront_dollars``: a distill teacher's labelling on a priced API). Per request: for a model in
     ``table.api``, mean prompt and completion tokens x the API's prices; otherwise mean single-request latency x
-    the serving hardware's hourly rate / ``table.concurrency``.
+    the serving hardware's hourly rate / ``table.concurrency``, plus ``api_dollars_per_request`` where a trial
+    measured API spend per request of its own (a cascade's teacher on the inputs that fell back).
     """
     upfront = cost.get("train_seconds", 0.0) / HOURS * table.train_per_hour + cost.get("upfront_dollars", 0.0)
     api = table.api.get(model)
@@ -103,7 +104,10 @@ def price(cost: dict, model: str, table) -> Pricing:
                + cost.get("completion_tokens_mean", 0.0) * api.output_per_1m) / 1e6
         return Pricing(upfront, per, "api tokens")
     latency_s = (cost.get("latency_ms_mean") or cost.get("latency_ms_p50") or 0.0) / 1000
-    return Pricing(upfront, latency_s / HOURS * table.serve_per_hour / table.concurrency, "serving time")
+    serving = latency_s / HOURS * table.serve_per_hour / table.concurrency
+    if cost.get("api_dollars_per_request"):  # a cascade: its teacher's API tokens on the inputs that fell back
+        return Pricing(upfront, serving + cost["api_dollars_per_request"], "serving time + api tokens")
+    return Pricing(upfront, serving, "serving time")
 
 
 def break_even(prompting: Pricing, tuning: Pricing) -> dict:

@@ -32,6 +32,7 @@ FIGURES = {
     "confusion": "Confusion matrices",
     "groups": "Results by group",
     "break_even": "Cost over the horizon by request volume",
+    "cascade": "Cascade curves on test",
 }
 
 
@@ -67,6 +68,9 @@ def figures(doc: dict) -> dict[str, bytes]:
     cm = plots.confusion(a)
     if cm is not None:
         out["confusion"] = cm
+    curves = plots.cascade(a)
+    if curves is not None:
+        out["cascade"] = curves
     by_group = plots.groups(a)
     if by_group is not None:
         out["groups"] = by_group

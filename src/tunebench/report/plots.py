@@ -252,3 +252,27 @@ def groups(a: dict) -> bytes | None:
                   fontsize=7, frameon=False, loc="upper left", ncol=min(4, max(1, len(names))))
         ax.grid(alpha=0.3, axis="x")
     return _png(fig)
+
+
+def cascade(a: dict) -> bytes | None:
+    """Each cascade's test curve (first seed): accuracy against the share of inputs sent to the teacher, with the
+    point chosen on dev ringed; the student alone is the curve's left end, the teacher alone its right end."""
+    rows = [s for s in a["strategies"] if s.get("cascade")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(rows):
+        run = s["cascade"]["seeds"][0]
+        colour = colours[i % len(colours)]
+        pts = sorted(run["curve"], key=lambda p: p["fallback_rate"])
+        ax.step([p["fallback_rate"] for p in pts], [p["accuracy"] for p in pts], where="post", color=colour,
+                label=f"{s['label']} (seed {run['seed']})")
+        ax.scatter([run["test"]["fallback_rate"]], [run["test"]["accuracy"]], s=90, facecolors="none",
+                   edgecolors=colour, linewidths=1.6, zorder=3)
+    ax.set_xlabel("fallback rate on test (share of inputs answered by the teacher)")
+    ax.set_ylabel("accuracy on test")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    return _png(fig)

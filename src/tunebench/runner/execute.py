@@ -195,6 +195,10 @@ def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, 
                      "labelling_dollars": lab["dollars"], "upfront_dollars": lab["dollars"] if api else 0.0})
         distilled["teacher_key"] = peer_trial_key(study, data, teacher["strategy"], config.parts()[0],
                                                   teacher["model"] or spec.model, spec.seed, len(train))
+    cascade = getattr(predictor, "cascade", None)
+    if cascade:  # the chosen point is the trial: the teacher's API tokens on the inputs that fell back are per request
+        metrics["fallback_rate"] = cascade["test"]["fallback_rate"]
+        cost["api_dollars_per_request"] = cascade["api_dollars_per_request"]
     result = getattr(predictor, "train_result", None)
     if result:
         best = result.history[result.best_epoch - 1]
@@ -227,6 +231,8 @@ def _record(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backen
         record["prompt_search"] = prompt_searched
     if getattr(predictor, "distill", None):
         record["distill"] = predictor.distill
+    if getattr(predictor, "cascade", None):
+        record["cascade"] = predictor.cascade
     if m.output.generated is not None:
         record["sample_outputs"] = [{"input": r["input"], "output": g} for r, g in
                                     zip(records[:3], m.output.generated[:3])]

@@ -62,4 +62,8 @@ def open_trial(store: Store, study: str, row: dict, backend=None) -> LoadedTrial
         backend = load_backend(mc)
     predictor = load_predictor(artifact, backend)
     log.info("loaded trial %s (%s) from %s", row["key"][:8], row["label"], artifact)
+    if row["record"].get("cascade"):
+        log.warning("trial %s is a cascade: its artifact is the student, which loads and serves alone (the teacher "
+                    "behind it, at threshold %.4f, is not built into serving or export)", row["key"][:8],
+                    row["record"]["cascade"]["threshold"])
     return LoadedTrial(study, row, mc, backend, predictor, cfg.task.type, cfg.task.model_dump(), artifact)

@@ -419,6 +419,7 @@ class Distill(Strategy):
         taught = teacher.adapt(teacher_backend, dataclasses.replace(task, train=train, unlabelled=None), train=train,
                                dev=dev)
         teacher_s = time.perf_counter() - t0
+        self.taught = taught  # the adapted teacher, for a subclass that keeps it beside the student (cascade)
         teacher_model = cfg.teacher["model"] or ""
         calls = planned_calls(cfg, pool)
         run = label(taught, pool, calls, cfg.budget.get("dollars"), CallPrice(teacher_model, self.costs),

@@ -5,7 +5,8 @@ and the two models' costs and latencies; nothing is loaded or served. An input w
 the threshold falls back: its answer is the teacher's, and it pays for both models (the student ran first). The
 threshold is chosen on dev for a target and then read on test, so the test curve never picks its own point.
 
-Not wired into studies or ``tunebench serve`` yet: this is the analysis a cascade trial will store.
+The ``cascade`` strategy (:mod:`tunebench.strategies.cascade`) builds these tables on dev and test and stores the
+curve with its trial; ``tunebench serve`` does not serve a cascade yet.
 """
 
 from __future__ import annotations
@@ -117,3 +118,21 @@ def select_on_dev(dev: CascadeTable, test: CascadeTable, target: dict) -> dict[s
     return {"target": dict(target), "dev": None if chosen is None else chosen.to_dict(),
             "test": None if chosen is None else at(test, chosen.threshold).to_dict(),
             "curve": [p.to_dict() for p in curve(test)]}
+
+
+def pareto(points: list[CascadePoint]) -> list[CascadePoint]:
+    """The points no other point beats on both counts (as accurate or more with less fallback, or more accurate
+    with no more fallback), by fallback rate: what a user picks from when no target is set.
+
+    Example:
+        >>> pts = [CascadePoint(t, a, f, 0.0, 0.0, 0.0) for t, a, f in [(0, .6, 0), (.5, .6, .3), (.7, .9, .5),
+        ...                                                              (1, .8, 1)]]
+        >>> [p.threshold for p in pareto(pts)]
+        [0, 0.7]
+    """
+    front, best = [], -np.inf
+    for p in sorted(points, key=lambda p: (p.fallback_rate, -p.accuracy)):
+        if p.accuracy > best:
+            front.append(p)
+            best = p.accuracy
+    return front
