@@ -144,3 +144,27 @@ def test_store_in_the_study_is_relative_to_the_study_file(tmp_path):
     base = {"name": "s", "task": {"data": "x.csv", "text": "t", "label": "l"}, "strategies": ["zero_shot"]}
     assert parse_study({**base, "store": "runs"}).store_path(tmp_path) == tmp_path / "runs"
     assert parse_study(base).store_path(tmp_path) == Path("tunebench-runs")  # default: the working directory
+
+
+def test_a_study_of_several_models_reopens_its_trials(tmp_path, toy_files, tiny_model_dir):
+    """The stored config of a `models:` study (its dump carries the default `model` too) loads again: serve, export
+    and the judge's comparisons open trials through it."""
+    from tunebench.analysis.selection import load_trial
+    from tunebench.config import StudyConfig
+
+    doc = toy_study(tmp_path, toy_files, tiny_model_dir, seeds=[0], train_sizes=["all"],
+                    strategies=[{"linear_probe": {}}])
+    model = doc.pop("model")
+    doc["models"] = [{**model, "name": "a"}, {**model, "name": "b", "precision": "auto"}]  # two identities
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    stored = StudyConfig.model_validate(doc).model_dump()
+    with pytest.raises(ValueError, match="not both"):  # what reopening did before: the dump is not a written config
+        StudyConfig.model_validate(stored)
+    assert [m.name for m in StudyConfig.from_stored(stored).all_models()] == ["a", "b"]
+    keys = {t["model"]: t["key"] for t in json.loads(result.stdout)["trials"]}
+    for name in ("a", "b"):
+        loaded = load_trial(doc["store"], "toy-ladder", keys[name])
+        assert loaded.model_config.name == name and loaded.predictor.predict(["good"]).shape == (1,)

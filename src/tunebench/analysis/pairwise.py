@@ -75,7 +75,7 @@ def compare_trials(store: Store, study: str, a: str, b: str, *, config: StudyCon
     study's config when not given); ``config``: the study as read from its YAML (default: as stored by its last
     run), so ``pairwise: true`` added to the file needs no run."""
     doc = store.study_config(study)
-    cfg = config if config is not None else StudyConfig.model_validate(doc["config"])
+    cfg = config if config is not None else StudyConfig.from_stored(doc["config"])
     judge = cfg.judge
     if judge is None:
         raise ConfigError(f"study '{study}' has no judge; add metrics: [{{judge: {{model: NAME, pairwise: true}}}}] "

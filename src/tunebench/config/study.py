@@ -185,6 +185,14 @@ class StudyConfig(_Strict):
             raise ValueError("give a non-empty list of models")
         return [{"path": m} if isinstance(m, str) else m for m in v]
 
+    @classmethod
+    def from_stored(cls, doc: dict) -> StudyConfig:
+        """A study config as a store saved it (``model_dump()``): the dump carries ``model`` (its default) beside
+        ``models``, which a written config may not; the default is dropped before validating."""
+        if doc.get("models") is not None:
+            doc = {k: v for k, v in doc.items() if k != "model"}
+        return cls.model_validate(doc)
+
     @model_validator(mode="after")
     def _check_models(self) -> StudyConfig:
         if self.models is not None and "model" in self.model_fields_set:

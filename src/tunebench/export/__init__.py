@@ -157,7 +157,7 @@ def prepare_export(store_root: str | Path, study: str, *, trial: str | None, bes
     st = Store(store_root, create=False)
     row = find_trial(st, study, trial, best=best)
     try:  # check the format before the (slow) model load; load_trial reports a config that no longer fits
-        models = {m.name: m for m in StudyConfig.model_validate(st.study_config(study)["config"]).all_models()}
+        models = {m.name: m for m in StudyConfig.from_stored(st.study_config(study)["config"]).all_models()}
         model = models.get(row["record"].get("model")) or next(iter(models.values()))
     except Exception:
         model = None

@@ -49,7 +49,7 @@ def open_trial(store: Store, study: str, row: dict, backend=None) -> LoadedTrial
     (:func:`tunebench.analysis.selection.find_trial`)."""
     doc = store.study_config(study)["config"]
     try:
-        cfg = StudyConfig.model_validate(doc)
+        cfg = StudyConfig.from_stored(doc)
     except Exception as exc:  # a store written by another version
         raise StoreError(f"study '{study}': its stored config no longer validates: {exc}") from None
     models = {m.name: m for m in cfg.all_models()}
