@@ -275,15 +275,23 @@ def test_a_tiny_model_behind_tunebench_serve_as_judge_gives_missing_not_zero(tmp
     monkeypatch.setenv("TB_TEST_KEY", KEY)
     doc = {"name": "judged", "task": {"type": "generation", "data": files, "text": "text", "target": "label"},
            "model": remote(server, name="tiny", api="chat"),
-           "strategies": [{"zero_shot": {"template": TEMPLATE, "max_new_tokens": 3, "models": ["tiny"]}}],
+           "strategies": [{"zero_shot": {"template": TEMPLATE, "max_new_tokens": 3, "models": ["tiny"]}},
+                          {"zero_shot": {"template": "Say the colour of {{ text }}:", "max_new_tokens": 3,
+                                         "models": ["tiny"]}}],
            "metrics": [{"judge": {"model": "tiny", "criteria": ["correct"], "repeats": 1, "max_new_tokens": 8,
-                                  "max_items": 3}}],
+                                  "max_items": 3, "pairwise": True}}],
            "consistency": {"perturbations": [], "max_items": 2}, "store": "runs"}
     path = tmp_path / "judged.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     r = run(path)
     assert r.exit_code == 0, r.output
-    j = json.loads(r.stdout)["trials"][0]["metrics"]["judge"]
+    trials = json.loads(r.stdout)["trials"]
+    j = trials[0]["metrics"]["judge"]
     assert (j["calls"], j["retried"], j["missing"], j["missing_rate"]) == (3, 3, 3, 1.0)
     assert j["overall"] is None and j["items_scored"] == 0 and j["scores"] == {"correct": None}
     assert j["cost"]["requests"] == 6 and j["cost"]["prompt_tokens"] > 0  # usage came back over HTTP
+    # pairwise over the same server: both orders asked, retried, missing; no all-missing result is stored
+    r = runner.invoke(app, ["judge", str(path), "--pair", trials[0]["key"], trials[1]["key"], "--json"])
+    assert r.exit_code != 0 and "no item could be compared" in " ".join(r.output.split()).lower(), r.output
+    r = runner.invoke(app, ["judge", str(path), "--pair", trials[0]["key"], trials[1]["key"], "--json"])
+    assert r.exit_code != 0  # asked again, not read back: nothing was stored
