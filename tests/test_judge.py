@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,17 @@ from sklearn.metrics import cohen_kappa_score
 from typer.testing import CliRunner
 
 from tests.conftest import write_csv
+from tests.scripted import chat_completion, send_json, serving
 from tunebench.backends.openai_api import RemoteError
 from tunebench.cli import app
 from tunebench.config import read_study
 from tunebench.errors import ConfigError
-from tunebench.evaluation.judge import Judge, human_agreement, round_half_up, trust_warnings
+from tunebench.evaluation.judge import (
+    Judge,
+    human_agreement,
+    round_half_up,
+    trust_warnings,
+)
 from tunebench.store import Store
 from tunebench.store.prompts import PromptRegistry
 
@@ -236,15 +241,7 @@ class JudgeEndpoint(BaseHTTPRequestHandler):
                     "cloud": '{"correct": 2, "tone": %d}' % (2 if self.seen[prompt] == 1 else 3),
                     "grass": 'Scores: {"correct": 1, "tone": 1}',
                     "flame": '{"correct": 3, "tone": 3}' if retry else '{"correct": 6, "tone": 1}'}[_word(prompt)]
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": text}}],
-                           "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, chat_completion(text))
 
     def log_message(self, *args):
         pass
@@ -253,10 +250,8 @@ class JudgeEndpoint(BaseHTTPRequestHandler):
 @pytest.fixture()
 def endpoint():
     JudgeEndpoint.seen, JudgeEndpoint.requests = Counter(), []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), JudgeEndpoint)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    with serving(JudgeEndpoint) as url:
+        yield url
 
 
 def test_a_study_judged_over_http_stores_hand_checked_figures(tmp_path, tiny_llama_dir, endpoint):

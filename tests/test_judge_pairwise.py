@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,14 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from tests.conftest import write_csv
+from tests.scripted import chat_completion, send_json, serving
 from tests.test_judge import WORDS6, Scripted, _study, _write
 from tunebench.analysis.pairwise import compare_trials
 from tunebench.backends.openai_api import RemoteError
 from tunebench.cli import app
 from tunebench.config import read_study
-from tunebench.errors import JudgeError
 from tunebench.config.judge import JudgeConfig
+from tunebench.errors import JudgeError
 from tunebench.evaluation.judge import PairwiseJudge, compare_answers, mean_interval
 from tunebench.store import Store
 
@@ -89,15 +89,7 @@ class PairEndpoint(BaseHTTPRequestHandler):
             reply = verdict(prompt, "could not be used" in prompt)
         else:
             reply = json.dumps({"correct": 4})
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": reply}}],
-                           "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, chat_completion(reply))
 
     def log_message(self, *args):
         pass
@@ -106,10 +98,8 @@ class PairEndpoint(BaseHTTPRequestHandler):
 @pytest.fixture()
 def endpoint():
     PairEndpoint.requests = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), PairEndpoint)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    with serving(PairEndpoint) as url:
+        yield url
 
 
 def test_judge_pair_over_http_is_stored_and_shown(tmp_path, tiny_llama_dir, endpoint):
