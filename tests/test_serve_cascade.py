@@ -18,6 +18,8 @@ from tests.test_remote import KEY, TEMPLATE, Server
 from tunebench.backends import load_backend
 from tunebench.cli import app
 from tunebench.config import StudyConfig
+from tunebench.errors import CapabilityError
+from tunebench.serve import trial_engine
 from tunebench.store import Store
 from tunebench.store import artifacts
 from tunebench.strategies import load_predictor
@@ -134,8 +136,11 @@ def test_cascade_served_over_http_routes_by_the_threshold_and_counts_fallbacks(c
     assert sum(teacher_out.prompt_tokens) > 0
 
 
-def test_export_refuses_a_cascade(cascade_store):
+def test_export_and_raw_serving_refuse_a_cascade(cascade_store, monkeypatch):
+    monkeypatch.setenv("TB_TEST_KEY", KEY)
     row = next(r for r in Store(cascade_store, create=False).trials("casc") if r["strategy"] == "cascade")
     r = runner.invoke(app, ["export", "casc", "--trial", row["key"][:8], "--format", "merged",
                             "--store", str(cascade_store)])
     assert r.exit_code != 0 and "two models and a threshold" in " ".join(r.output.split())
+    with pytest.raises(CapabilityError, match="is a cascade of two models"):
+        trial_engine(cascade_store, "casc", row["key"][:8], best=False, raw=True)
