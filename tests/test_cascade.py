@@ -4,6 +4,7 @@ a target, the whole test curve stored, the chosen point measured and compared as
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ from typer.testing import CliRunner
 
 from tunebench.cli import app
 from tunebench.config.costs import ApiPrice, CostConfig
-from tunebench.errors import ConfigError
+from tests.conftest import toy_rows
+from tunebench.errors import ConfigError, StoreError
 from tunebench.evaluation.cost import price
 from tunebench.store import artifacts
 from tunebench.store.results import Store
 from tunebench.strategies import registry
 from tunebench.strategies.base import Output, Predictor, StrategyConfig, as_texts
-from tunebench.strategies.cascade import CascadePredictor
+from tunebench.strategies.cascade import CascadePredictor, confidence
 from tunebench.strategies.distill import Distill
 
 QUICK = {"epochs": 1, "batch_size": 16, "max_length": 32}
@@ -153,15 +155,31 @@ def test_bad_config_names_the_field(params, field):
         registry.get("cascade").config_from_dict(params)
 
 
-def test_saved_artifact_is_the_student_with_the_threshold_beside_it(tmp_path, tiny_backend, toy_task):
-    student = registry.get("linear_probe")(registry.get("linear_probe").config_from_dict(QUICK), seed=0).adapt(
-        tiny_backend, toy_task, train=toy_task.train, dev=toy_task.dev)
-    CascadePredictor(student, Scripted({}), 0.7).save(tmp_path / "a")
+def test_saved_artifact_holds_both_models_and_loads_with_the_teacher_as_a_peer(tmp_path, tiny_backend, toy_task):
+    def adapted(name, params):
+        cls = registry.get(name)
+        return cls(cls.config_from_dict(params), seed=0).adapt(tiny_backend, toy_task, train=toy_task.train,
+                                                               dev=toy_task.dev)
+
+    student, teacher = adapted("linear_probe", QUICK), adapted("few_shot", {"shots": 2})
+    texts = toy_task.test.texts
+    threshold = float(np.median(confidence(student.predict_scores(texts))))
+    cascade_pred = CascadePredictor(student, teacher, threshold, "tiny")
+    measured = cascade_pred.run(texts)
+    cascade_pred.save(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "cascade.json").read_text())["threshold"] == threshold
     from tunebench.strategies import load_predictor
 
-    loaded = load_predictor(tmp_path / "a", tiny_backend)
-    assert type(loaded) is type(student)
-    assert json.loads((tmp_path / "a" / "cascade.json").read_text())["threshold"] == 0.7
+    assert type(load_predictor(tmp_path / "a" / "student", tiny_backend)) is type(student)
+    with pytest.raises(StoreError, match="teacher's model \('tiny'\)"):
+        load_predictor(tmp_path / "a", tiny_backend)
+    with pytest.raises(StoreError, match="model 'tiny', which was not loaded"):
+        load_predictor(tmp_path / "a", tiny_backend, peers={"other": tiny_backend})
+    loaded = load_predictor(tmp_path / "a", tiny_backend, peers={"tiny": tiny_backend})
+    out, back = loaded.route(texts)
+    assert out.predictions.tolist() == measured.predictions.tolist() and out.prompt_tokens == measured.prompt_tokens
+    assert 0 < back.sum() < len(texts) and (loaded.requests, loaded.fallbacks) == (len(texts), int(back.sum()))
+    assert out.predictions[back].tolist() == teacher.predict([t for t, b in zip(texts, back) if b]).tolist()
 
 
 def study_doc(tmp_path, toy_files, model_dir, strategies: list) -> dict:
@@ -203,9 +221,19 @@ def test_cascade_trial_is_a_candidate_like_any_other(tmp_path, toy_files, tiny_m
     assert "Cascade: the student with the teacher behind it" in html and 'id="fig-cascade"' in html
     assert (tmp_path / "rep" / "figures" / "cascade.png").is_file()
 
-    store = Store(tmp_path / "runs", create=False)  # its artifact loads as the student, and says so
+    store = Store(tmp_path / "runs", create=False)  # its artifact loads as the cascade, the teacher on its model
     row = next(r for r in store.trials("casc") if r["strategy"] == "cascade")
+    loaded = artifacts.open_trial(store, "casc", row, tiny_backend)
+    assert isinstance(loaded.predictor, CascadePredictor) and loaded.predictor.teacher.strategy == "few_shot"
+    measured = store.items([row["key"]])[row["key"]]["predictions"]
+    assert loaded.predictor.run([t for t, _ in toy_rows(16, 3)]).predictions.tolist() == measured
+
+    # an artifact written before cascades saved their teacher (the student, with cascade.json) loads as the student
+    artifact = store.artifact_path(row)
+    shutil.rmtree(artifact / "teacher")
+    for f in (artifact / "student").iterdir():
+        f.replace(artifact / f.name)
     warned = []
     monkeypatch.setattr(artifacts.log, "warning", lambda msg, *args: warned.append(msg % args))
     loaded = artifacts.open_trial(store, "casc", row, tiny_backend)
-    assert loaded.predictor.strategy == "linear_probe" and "is a cascade: its artifact is the student" in warned[0]
+    assert loaded.predictor.strategy == "linear_probe" and "whose artifact holds only the student" in warned[0]

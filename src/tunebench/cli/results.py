@@ -126,8 +126,8 @@ def print_cascade(rows: list[dict], console: Console) -> None:
                           f"{p['fallback_rate']:.1%}", f"{1000 * p['cost_per_request']:.4g}",
                           f"{p['latency_ms_p50']:.1f}", f"{p['latency_ms_p95']:.1f}")
         console.print(table)
-        console.print("  * routes as the threshold chosen on dev; serving a cascade is not built yet (the saved "
-                      "artifact is the student)", highlight=False)
+        console.print("  * routes as the threshold chosen on dev (what `tunebench serve` on the trial routes by)",
+                      highlight=False)
 
 
 def print_trial_ids(rows: list[dict], metric: str, console: Console) -> None:

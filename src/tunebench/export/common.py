@@ -48,6 +48,10 @@ def check_format(strategy: str, params: dict | None, backend: str, fmt: str, tri
         raise CapabilityError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
     kind = weights_kind(strategy, params)
     what = f"{trial} ({strategy})"
+    if strategy == "cascade":
+        raise CapabilityError(f"{what} is two models and a threshold (a student with its teacher behind it), which no "
+                              "export format holds; serve it with `tunebench serve STUDY --trial ID`, or run the "
+                              "student's strategy as a trial of its own (or a distill trial) to export a student")
     if fmt == "hf" and kind == "full":
         raise CapabilityError(f"{what} changed the model's own weights, so there is no adapter to export alone; "
                               "use --format merged (the tuned weights, loadable by plain transformers)")

@@ -74,6 +74,9 @@ def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool,
         raise ConfigError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
     loaded = load_trial(store_root, study, trial, best=best, metric=metric)
     if raw:
+        if loaded.row["strategy"] == "cascade":
+            raise CapabilityError(f"--raw serves one tuned LM as a plain model; trial {loaded.key[:8]} is a cascade of "
+                                  "two models (serve it without --raw)")
         if runtime == "onnx":
             raise CapabilityError("--raw serves a causal LM, which has no ONNX runtime here; use --runtime torch")
         if loaded.backend.name != "causal":

@@ -226,7 +226,17 @@ class TrialEngine(Engine):
                 **({"onnx_recheck": {"margin": self.predictor.recheck_margin, "rechecked": self.predictor.rechecked,
                                      "scored": self.predictor.scored}}
                    if hasattr(self.predictor, "recheck_margin") else {}),
+                **({"cascade": self.cascade_counts()} if hasattr(self.predictor, "fallbacks") else {}),
                 "metrics": {k: v for k, v in row["metrics"].items() if isinstance(v, (int, float))}}
+
+    def cascade_counts(self) -> dict:
+        """A cascade's routing since the server started: inputs answered, those sent to the teacher, their share."""
+        p = self.predictor
+        teacher = (self.loaded.row["record"].get("cascade") or {}).get("teacher") or {}
+        return {"threshold": p.threshold, "teacher": {"strategy": teacher.get("strategy"), "model": p.teacher_model,
+                                                      "base_model": getattr(p.teacher.backend, "model_id", None)},
+                "requests": p.requests, "fallbacks": p.fallbacks,
+                "fallback_rate": round(p.fallbacks / p.requests, 6) if p.requests else None}
 
     def record(self, x: Any, where: str) -> dict:
         """A request input as a prompt record: a text, or (tasks with several fields) an object of the fields."""

@@ -11,6 +11,7 @@ from ..backends import load_backend
 from ..config import ModelConfig, StudyConfig
 from ..errors import StoreError
 from ..strategies import load_predictor
+from ..strategies.cascade import TEACHER_DIR
 from .results import Store
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,18 @@ def open_trial(store: Store, study: str, row: dict, backend=None) -> LoadedTrial
     mc = models[model_name]
     if backend is None:
         backend = load_backend(mc)
-    predictor = load_predictor(artifact, backend)
+    peers = {}
+    cascade = row["record"].get("cascade")
+    if cascade and (artifact / TEACHER_DIR).is_dir():  # the teacher serves on its own model, loaded here
+        teacher = (cascade.get("teacher") or {}).get("model") or model_name
+        if teacher not in models:
+            raise StoreError(f"trial {row['key'][:8]}: its cascade's teacher model '{teacher}' is not in the study's "
+                             "config any more")
+        peers[teacher] = backend if teacher == model_name else load_backend(models[teacher])
+    elif cascade:  # written before cascades saved their teacher: the student alone
+        log.warning("trial %s is a cascade whose artifact holds only the student (written by an older version), "
+                    "which loads and serves alone without the teacher behind it; run the trial again to serve the "
+                    "cascade", row["key"][:8])
+    predictor = load_predictor(artifact, backend, peers)
     log.info("loaded trial %s (%s) from %s", row["key"][:8], row["label"], artifact)
-    if row["record"].get("cascade"):
-        log.warning("trial %s is a cascade: its artifact is the student, which loads and serves alone (the teacher "
-                    "behind it, at threshold %.4f, is not built into serving or export)", row["key"][:8],
-                    row["record"]["cascade"]["threshold"])
     return LoadedTrial(study, row, mc, backend, predictor, cfg.task.type, cfg.task.model_dump(), artifact)

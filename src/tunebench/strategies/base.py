@@ -187,6 +187,7 @@ class Predictor(ABC):
     backend: Any = None
     kinds: ClassVar[dict[str, type]] = {}
     streams: bool = False  # whether run(inputs, stream=...) passes answers on while they are generated
+    peered: ClassVar[bool] = False  # True: loads with other models' backends (``_load_peered``), a cascade's teacher
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -253,6 +254,11 @@ class Predictor(ABC):
     @classmethod
     @abstractmethod
     def _load(cls, directory: Path, backend, strategy: str, config: StrategyConfig, labels: list[str]) -> Predictor: ...
+
+    @classmethod
+    def _load_peered(cls, directory: Path, backend, peers: dict[str, Any], labels: list[str]) -> Predictor:
+        """Load a predictor that uses other models too (``peered``): ``peers`` maps their names to backends."""
+        raise NotImplementedError(f"{cls.__name__} loads with _load")
 
 
 class Strategy(ABC):
@@ -420,14 +426,17 @@ registry = Registry()
 register = registry.register
 
 
-def load_predictor(directory: str | Path, backend) -> Predictor:
-    """Load a saved predictor; ``backend`` must be the model it was adapted from."""
+def load_predictor(directory: str | Path, backend, peers: Mapping[str, Any] | None = None) -> Predictor:
+    """Load a saved predictor; ``backend`` must be the model it was adapted from, and ``peers`` (model name ->
+    backend) the other models it uses (a cascade's teacher)."""
     directory = Path(directory)
     meta_path = directory / PREDICTOR_FILE
     if not meta_path.is_file():
         raise StoreError(f"{directory}: no saved predictor ({PREDICTOR_FILE} missing)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     cls = registry.get(meta["strategy"])
-    config = cls.config_from_dict(meta["config"])
     predictor_cls = Predictor.kinds.get(meta.get("kind", ""), cls.predictor_cls)
+    if predictor_cls.peered:
+        return predictor_cls._load_peered(directory, backend, dict(peers or {}), meta["labels"])
+    config = cls.config_from_dict(meta["config"])
     return predictor_cls._load(directory, backend, meta["strategy"], config, meta["labels"])

@@ -9,8 +9,11 @@ cascade at the chosen threshold, so the runner measures it like any other candid
 single-request latency (the teacher's time included where an input falls back) and tokens are the cascade's.
 
 It is a strategy of its own rather than a key of ``distill`` so that a study holding both compares the student
-alone with the student behind its fallback, each a row of the leaderboard. Its saved artifact is the student's
-(with ``cascade.json`` beside it, naming the threshold and the teacher); serving a cascade is not built yet.
+alone with the student behind its fallback, each a row of the leaderboard. Its saved artifact holds both models:
+``student/`` and ``teacher/`` (each a predictor artifact of its own: the student's weights, the teacher's template and
+demonstrations) and ``cascade.json`` (the threshold and the teacher's strategy and model). It loads with the teacher's
+model handed over as a peer (``load_predictor(dir, backend, peers={teacher model: its backend})``), which is how
+``tunebench serve`` serves the cascade: the student locally, the teacher through its own backend.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ import numpy as np
 
 from ..config.costs import CostConfig
 from ..data import Split
-from ..errors import CapabilityError, ConfigError
+from ..errors import ConfigError, StoreError
 from ..evaluation.cascade import CascadeTable, at, check_target, choose, curve, pareto
 from ..evaluation.cost import latency_ms, price
-from .base import Output, Predictor, doc, register
+from .base import PREDICTOR_FILE, Output, Predictor, doc, load_predictor, register
 from .distill import Distill, DistillConfig, softmax
 
 log = logging.getLogger(__name__)
 
 LATENCY_ITEMS = 16  # single requests timed per model for the curve's latency and serving cost
+STUDENT_DIR, TEACHER_DIR, CASCADE_FILE = "student", "teacher", "cascade.json"  # the parts of a cascade's artifact
 
 
 @dataclass
@@ -60,13 +64,21 @@ def confidence(scores: np.ndarray) -> np.ndarray:
 
 
 class CascadePredictor(Predictor):
-    """The student, with the inputs it is less sure of than ``threshold`` answered by the teacher."""
+    """The student, with the inputs it is less sure of than ``threshold`` answered by the teacher.
 
-    def __init__(self, student: Predictor, teacher: Predictor, threshold: float):
+    ``requests`` and ``fallbacks`` count the inputs it has routed and those that went to the teacher (what a server
+    reports); ``teacher_model`` names the study model the teacher runs on (what loading it needs as a peer)."""
+
+    kind = "cascade"
+    peered = True
+
+    def __init__(self, student: Predictor, teacher: Predictor, threshold: float, teacher_model: str | None = None):
         super().__init__("cascade", student.config, student.labels)
         self.student, self.teacher, self.threshold = student, teacher, float(threshold)
+        self.teacher_model = teacher_model
         self.backend = student.backend
         self.train_result = getattr(student, "train_result", None)  # the student's epochs, as the runner reads them
+        self.requests = self.fallbacks = 0
 
     def route(self, inputs) -> tuple[Output, np.ndarray]:
         """The cascade's output and, per input, whether it fell back to the teacher."""
@@ -86,6 +98,8 @@ class CascadePredictor(Predictor):
             for j, i in enumerate(idx):  # a fallback pays for both models' tokens
                 prompt[i] += int(taught.prompt_tokens[j]) if j < len(taught.prompt_tokens) else 0
                 completion[i] += int(taught.completion_tokens[j]) if j < len(taught.completion_tokens) else 0
+        self.requests += len(inputs)
+        self.fallbacks += len(idx)
         return Output(preds, prompt, completion), back
 
     def run(self, inputs) -> Output:
@@ -104,20 +118,46 @@ class CascadePredictor(Predictor):
         return out
 
     def save(self, directory) -> None:
-        """The student's artifact (it loads as the student), with ``cascade.json`` naming the threshold and the
-        teacher beside it: serving a cascade (the teacher behind the student) is not built yet."""
-        self.student.save(directory)
-        self._save(Path(directory))
+        """Both models, each as its own artifact (``student/``, ``teacher/``), with ``cascade.json`` naming the
+        threshold and the teacher's model. (The predictor file names no strategy config: the parts carry theirs.)"""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.student.save(directory / STUDENT_DIR)
+        self.teacher.save(directory / TEACHER_DIR)
+        self._save(directory)
+        meta = {"kind": self.kind, "strategy": "cascade", "config": {}, "labels": self.labels}
+        (directory / PREDICTOR_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     def _save(self, directory: Path) -> None:
-        meta = {"threshold": self.threshold, "teacher": getattr(self, "cascade", {}).get("teacher"),
-                "note": "this artifact is the cascade's student; serving the cascade with its teacher is not built"}
-        (directory / "cascade.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        teacher = dict(getattr(self, "cascade", {}).get("teacher") or {})
+        teacher.setdefault("model", self.teacher_model)
+        meta = {"threshold": self.threshold, "teacher": teacher, "student": STUDENT_DIR, "teacher_dir": TEACHER_DIR}
+        (directory / CASCADE_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
     def _load(cls, directory: Path, backend, strategy: str, config, labels: list[str]) -> Predictor:
-        raise CapabilityError(f"{directory}: a cascade is saved as its student, which loads as the student; loading "
-                              "the cascade with its teacher is not built")
+        return cls._load_peered(directory, backend, {}, labels)
+
+    @classmethod
+    def _load_peered(cls, directory: Path, backend, peers: dict, labels: list[str]) -> Predictor:
+        """The student on ``backend``, the teacher on ``peers[teacher model]`` (``backend`` when the teacher ran on
+        the student's own model)."""
+        meta = json.loads((directory / CASCADE_FILE).read_text(encoding="utf-8"))
+        model = (meta.get("teacher") or {}).get("model")
+        if model in peers:
+            teacher_backend = peers[model]
+        elif not peers:
+            raise StoreError(f"{directory}: a cascade loads with its teacher's model ('{model}') handed over as a "
+                             "peer; open the trial from its store (tunebench serve STUDY --trial ID)")
+        else:
+            raise StoreError(f"{directory}: the cascade's teacher runs on model '{model}', which was not loaded "
+                             f"(loaded: {', '.join(sorted(peers))})")
+        student = load_predictor(directory / meta.get("student", STUDENT_DIR), backend)
+        teacher = load_predictor(directory / meta.get("teacher_dir", TEACHER_DIR), teacher_backend)
+        if list(teacher.labels) != list(student.labels):
+            raise StoreError(f"{directory}: the teacher's labels {teacher.labels} differ from the student's "
+                             f"{student.labels}")
+        return cls(student, teacher, meta["threshold"], model)
 
 
 def _side(student: Predictor, teacher: Predictor, split: Split) -> dict[str, Any]:
@@ -182,7 +222,7 @@ class Cascade(Distill):
         api_dollars = 0.0 if api is None else float(np.sum(
             (on_test["prompt_tokens"] * api.input_per_1m + on_test["completion_tokens"] * api.output_per_1m)[back])
             / 1e6 / len(back))
-        predictor = CascadePredictor(student, teacher, chosen.threshold)
+        predictor = CascadePredictor(student, teacher, chosen.threshold, teacher_model)
         predictor.distill = student.distill
         predictor.cascade = {
             "teacher": {"strategy": cfg.teacher["strategy"], "model": cfg.teacher["model"]},
