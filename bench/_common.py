@@ -27,3 +27,30 @@ def task_config(kind: str = "classification"):
     from tunebench.config import TaskConfig
 
     return TaskConfig.model_construct(type=kind, instruction=None, text=["text"], label="label", target=None)
+
+
+def read_banking(path: Path) -> tuple[list[str], list[str]]:
+    """BANKING77's CSV (``text,category``): texts and intent names."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["category"] for r in rows]
+
+
+def per_class(labels, idx, n: int, rng):
+    """``n`` of ``idx`` per class (all of a smaller class), drawn by ``rng``, sorted."""
+    import numpy as np
+
+    out = []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        out.extend(rng.choice(members, size=min(n, len(members)), replace=False).tolist())
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def write_rows(path: Path, texts: list[str], cats: list[str] | None, idx) -> str:
+    """Rows ``idx`` of a BANKING77-shaped table as a ``text,category`` CSV (``cats`` None: the text column only)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text"] if cats is None else ["text", "category"])
+        w.writerows([texts[i]] if cats is None else [texts[i], cats[i]] for i in idx)
+    return str(path)

@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA  # noqa: E402
+from _common import DATA, per_class, read_banking, write_rows  # noqa: E402
 
 HAND_ZERO_SHOT = ["{{ label }}", "A customer asks about {{ label }}.", "Banking question: {{ label }}",
                   "I need help with {{ label }}."]
@@ -48,28 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-calls", type=int, default=None, help="prompt_search budget (default: its own default)")
     p.add_argument("--keep", type=Path, default=None, help="keep the study and its store here")
     return p.parse_args(argv)
-
-
-def read_banking(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [r["text"] for r in rows], [r["category"] for r in rows]
-
-
-def per_class(labels: np.ndarray, idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    out = []
-    for c in np.unique(labels[idx]):
-        members = idx[labels[idx] == c]
-        out.extend(rng.choice(members, size=min(n, len(members)), replace=False).tolist())
-    return np.sort(np.asarray(out, dtype=np.int64))
-
-
-def write(path: Path, texts: list[str], cats: list[str], idx: np.ndarray) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "category"])
-        w.writerows([texts[i], cats[i]] for i in idx)
-    return str(path)
 
 
 def main(argv=None) -> int:
@@ -96,7 +73,7 @@ def main(argv=None) -> int:
     dev = per_class(y, np.setdiff1d(pool, train), args.dev, rng)
     work = args.keep or Path(tempfile.mkdtemp(prefix="tunebench-prompt-search-"))
     work.mkdir(parents=True, exist_ok=True)
-    files = {k: write(work / f"{k}.csv", texts, cats, idx) for k, idx in (("train", train), ("dev", dev),
+    files = {k: write_rows(work / f"{k}.csv", texts, cats, idx) for k, idx in (("train", train), ("dev", dev),
                                                                           ("test", test))}
     shots = [s for s in (1, 2, 4, 8, 16) if s <= args.train]
     few = [{"few_shot": {"shots": s, "classifier": c, **({"k": 5} if c == "knn" else {})}}
