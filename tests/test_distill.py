@@ -307,3 +307,38 @@ def test_cascade_threshold_is_chosen_on_dev_for_a_target():
         check_target({"min_accuracy": 2})
     with pytest.raises(ConfigError, match="target: give one of"):
         check_target({"accuracy": 0.9})
+
+
+# ---- the teacher's own trial is reused -----------------------------------------------------------------------------
+def test_teacher_reuses_the_studys_own_trial_of_it(tmp_path, toy_files, tiny_model_dir, monkeypatch):
+    """A study that has the teacher's own trial (same key) labels with its stored predictor instead of adapting the
+    teacher again, charges that trial's adaptation time, and trains the same student as a study without it."""
+    cls = registry.get("few_shot")
+    adapted = []
+    real = cls.adapt
+    monkeypatch.setattr(cls, "adapt", lambda self, *a, **k: adapted.append(1) or real(self, *a, **k))
+    params = {"teacher": TEACHER, "student": STUDENT, "pool": "train", "budget": {"calls": 9}}
+
+    def run(where, strategies):
+        doc = {**study_doc(where, toy_files, tiny_model_dir, params), "strategies": strategies}
+        path = where / "study.yaml"
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        out = runner.invoke(app, ["run", str(path), "--json"])
+        assert out.exit_code == 0, out.output
+        return {t["strategy"]: t for t in json.loads(out.stdout)["trials"]}
+
+    (tmp_path / "a").mkdir()
+    both = run(tmp_path / "a", [{"few_shot": TEACHER["params"]}, {"distill": params}])
+    assert len(adapted) == 1  # the own trial adapted the teacher; distill adopted it
+    d = both["distill"]["distill"]
+    assert d["teacher_reused"] is True and d["teacher_key"] == both["few_shot"]["key"]
+    stored = json.loads((tmp_path / "a" / "runs" / "artifacts" / both["few_shot"]["key"] / "adapted.json")
+                        .read_text())
+    assert d["teacher_seconds"] == round(stored["adapt_seconds"], 4)
+    assert both["distill"]["cost"]["train_seconds"] >= stored["adapt_seconds"]  # still the labels' upfront cost
+
+    (tmp_path / "b").mkdir()
+    alone = run(tmp_path / "b", [{"distill": params}])
+    assert len(adapted) == 2 and alone["distill"]["distill"]["teacher_reused"] is False
+    assert alone["distill"]["distill"]["audit"] == d["audit"]  # the same teacher labels
+    assert alone["distill"]["metrics"]["accuracy"] == both["distill"]["metrics"]["accuracy"]

@@ -61,7 +61,7 @@ def print_distill(rows: list[dict], console: Console) -> None:
         d = r["record"]["distill"]
         lab, pool, audit, t = d["labelling"], d["pool"], d["audit"], d["teacher"]
         console.print(f"[bold]{escape(r['label'])}[/] seed {r['seed']}: teacher {t['strategy']} @{t['model']} "
-                      f"(key {d.get('teacher_key') or '-'}); labelled {lab['calls']} of {pool['size']} pool inputs "
+                      f"(key {d.get('teacher_key') or '-'}{', its stored predictor' if d.get('teacher_reused') else ''}); labelled {lab['calls']} of {pool['size']} pool inputs "
                       f"({lab['prompt_tokens'] + lab['completion_tokens']} tokens, {lab['dollars']:.4f} dollars, "
                       f"{lab['seconds']:.1f}s), trained on {pool['kept']}"
                       + (" (soft labels)" if pool.get("soft") else ""), highlight=False)

@@ -6,6 +6,7 @@ the same function runs in this process, in a Ray worker or in a retry.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,11 +21,13 @@ from ..config import StudyConfig
 from ..config.judge import JudgeConfig
 from ..config.metrics import headline_metrics
 from ..data import Split, TaskData
+from ..errors import StoreError
 from ..evaluation.cost import PeakMemory
 from ..evaluation.judge import judge_test
 from ..evaluation.measure import Measurement, cost_of, measure, versions
 from ..progress import StudyReporter
-from ..store.locations import ArtifactRoot
+from ..store.locations import ArtifactRoot, local_copy
+from ..strategies import Strategy, load_predictor
 from .cv import cross_validate
 from .plan import peer_trial_key
 from .search import run_search
@@ -33,6 +36,7 @@ from .spec import TrialSpec, set_seed, train_subset
 log = logging.getLogger(__name__)
 
 BackendFor = Callable[[str], Backend]  # a study model's name -> its (loaded) backend
+ADAPTED_FILE = "adapted.json"  # beside a trial's saved predictor: its key and adaptation seconds (for reuse)
 
 
 @dataclass
@@ -72,7 +76,8 @@ def execute_staged(spec: TrialSpec, study: StudyConfig, data: TaskData, staging:
     """:func:`execute` with the artifact written to ``spec``'s staging location: directly on a directory root, via
     a local temporary directory and an upload on a URL root (``s3://...``)."""
     loc = staging.location(spec.key)
-    opts = {"backend": backend, "reporter": reporter, "judge_backend": judge_backend, "backend_for": backend_for}
+    opts = {"backend": backend, "reporter": reporter, "judge_backend": judge_backend, "backend_for": backend_for,
+            "artifacts": staging.root}
     if loc is None or staging.root.is_local:
         result = execute(spec, study, data, Path(loc) if loc else None, **opts)
     else:
@@ -95,11 +100,13 @@ def peer_backends(spec: TrialSpec, study: StudyConfig, backend_for: BackendFor |
 
 def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: Path | None, *,
             backend: Backend | None = None, reporter: StudyReporter | None = None,
-            judge_backend: Backend | None = None, backend_for: BackendFor | None = None) -> TrialResult:
+            judge_backend: Backend | None = None, backend_for: BackendFor | None = None,
+            artifacts: ArtifactRoot | None = None) -> TrialResult:
     """Run ``spec`` on ``data`` and write its predictor into ``artifact_dir`` (None: measure only); a study with a
     judge then has the test answers judged (``judge_backend``: the judge's model, loaded here when not given).
     ``backend_for`` (optional) gives the backend of another study model a strategy uses (a distill teacher's);
-    without it such a model is loaded."""
+    without it such a model is loaded. ``artifacts`` (the store's artifact root, optional) is where a strategy
+    that can reuse another trial's predictor (a distill teacher's own trial) finds it."""
     reporter = reporter or StudyReporter()
     if backend is None:
         backend = backend_for(spec.model) if backend_for is not None else load_backend(
@@ -123,9 +130,10 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
             search_s = searched.seconds
             config = cls.config_from_dict(searched.best_params)
             set_seed(spec.seed)  # the refit is seeded exactly like an unsearched trial
+        strategy = cls(config, seed=spec.seed, reporter=reporter, peers=peers, costs=study.costs)
+        adopt_stored(strategy, spec, study, data, len(train), artifacts, backend, peers)
         t0 = time.perf_counter()
-        predictor = cls(config, seed=spec.seed, reporter=reporter, peers=peers, costs=study.costs).adapt(
-            backend, data, train=train, dev=dev)
+        predictor = strategy.adapt(backend, data, train=train, dev=dev)
         adapt_s = time.perf_counter() - t0
         m = measure(predictor, data, seed=spec.seed, consistency=study.consistency, clock=time.perf_counter,
                     reporter=reporter)
@@ -138,10 +146,38 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
     written = None
     if artifact_dir is not None and is_main_process():  # under `accelerate launch`, one process writes
         predictor.save(artifact_dir)
+        (Path(artifact_dir) / ADAPTED_FILE).write_text(json.dumps({"key": spec.key, "adapt_seconds": adapt_s}),
+                                                       encoding="utf-8")
         written = artifact_dir
     log.info("trial %s seed=%d n=%d: %s", spec.name, spec.seed, row["train_size"],
              ", ".join(f"{k} {m.metrics[k]:.4f}" for k in headline_metrics(m.metrics)))
     return TrialResult(row, m.items, (data.fingerprints()["test"], m.truth), written)
+
+
+def adopt_stored(strategy: Strategy, spec: TrialSpec, study: StudyConfig, data: TaskData, n_train: int,
+                 artifacts: ArtifactRoot | None, backend: Backend, peers: dict[str, Backend]) -> None:
+    """Hand ``strategy`` the stored predictor of the trial it may reuse (a distill teacher's own trial: same key)
+    when the artifact root holds it with its adaptation time; otherwise it adapts its own."""
+    reusable = strategy.reusable_trial(strategy.config)
+    if reusable is None or artifacts is None:
+        return
+    name, cfg, model = reusable
+    key = peer_trial_key(study, data, name, cfg, model or spec.model, spec.seed, n_train)
+    loc = artifacts.final(key)
+    if not artifacts.exists(loc):
+        return
+    directory = local_copy(loc)
+    adapted = directory / ADAPTED_FILE
+    if not adapted.is_file():  # stored before adaptation times were kept: what it cost is unknown, adapt again
+        return
+    seconds = float(json.loads(adapted.read_text(encoding="utf-8"))["adapt_seconds"])
+    try:
+        predictor = load_predictor(directory, peers.get(model, backend) if model else backend)
+    except (StoreError, OSError, ValueError, KeyError) as exc:
+        log.warning("trial %s: the stored trial %s could not be loaded (%s); adapting it again", spec.name,
+                    key[:8], exc)
+        return
+    strategy.adopt(predictor, seconds, key)
 
 
 def _judge(spec: TrialSpec, study: StudyConfig, data: TaskData, m: Measurement, backend: Backend | None,

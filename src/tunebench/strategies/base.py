@@ -285,6 +285,18 @@ class Strategy(ABC):
         self.costs = costs  # the study's price table (a strategy that pays per call budgets with it)
 
     @classmethod
+    def reusable_trial(cls, config: StrategyConfig) -> tuple[str, StrategyConfig, Optional[str]] | None:
+        """A trial of the study whose adapted predictor this strategy may adopt instead of adapting its own (a
+        distill teacher): ``(strategy, config, model or None for the trial's own)``; the runner looks its artifact
+        up by the key that trial has and hands it to :meth:`adopt`. None by default."""
+        return None
+
+    def adopt(self, predictor: "Predictor", seconds: float, key: str) -> None:
+        """Use ``predictor`` (the stored trial :meth:`reusable_trial` names, key ``key``, which took ``seconds`` to
+        adapt) instead of adapting it again."""
+        raise NotImplementedError(f"strategy '{self.name}' reuses no trial")
+
+    @classmethod
     def peer_models(cls, config: StrategyConfig) -> dict[str, str]:
         """Models besides the trial's own that a trial of ``config`` uses, as ``{field: model name}`` (a distill
         teacher's). The runner hands their backends over as ``peers``; none by default."""

@@ -373,6 +373,15 @@ class Distill(Strategy):
         """``pool_sizes`` is always expanded away before a trial is keyed: left out, so keys stay as they were."""
         return {k: v for k, v in params.items() if not (k == "pool_sizes" and v is None)}
 
+    @classmethod
+    def reusable_trial(cls, config: DistillConfig) -> tuple[str, Any, Optional[str]]:
+        return config.teacher["strategy"], config.parts()[0], config.teacher["model"]
+
+    def adopt(self, predictor: Predictor, seconds: float, key: str) -> None:
+        """The teacher the study's own trial of it (key ``key``) adapted: labelling starts from it, and its
+        adaptation seconds are still what the student's labels cost."""
+        self.adopted = (predictor, seconds, key)
+
     def _teacher(self, backend):
         cfg, _ = self.config.parts()
         name = self.config.teacher["model"]
@@ -414,11 +423,17 @@ class Distill(Strategy):
         cfg = self.config
         pool = labelling_pool(cfg, task, train, self.seed)
         teacher, teacher_backend = self._teacher(backend)
-        t0 = time.perf_counter()
-        # neither model is handed a task that holds the pool's gold labels (train's other rows, the unlabelled file)
-        taught = teacher.adapt(teacher_backend, dataclasses.replace(task, train=train, unlabelled=None), train=train,
-                               dev=dev)
-        teacher_s = time.perf_counter() - t0
+        adopted = getattr(self, "adopted", None)
+        if adopted is not None:  # the study's own trial of the teacher (same key) already adapted it
+            taught, teacher_s, reused = adopted
+            log.info("distill: the teacher is trial %s's stored predictor (adapted in %.1fs), not adapted again",
+                     reused[:8], teacher_s)
+        else:
+            t0 = time.perf_counter()
+            # neither model is handed a task holding the pool's gold labels (train's other rows, the unlabelled file)
+            taught = teacher.adapt(teacher_backend, dataclasses.replace(task, train=train, unlabelled=None),
+                                   train=train, dev=dev)
+            teacher_s, reused = time.perf_counter() - t0, None
         self.taught = taught  # the adapted teacher, for a subclass that keeps it beside the student (cascade)
         teacher_model = cfg.teacher["model"] or ""
         calls = planned_calls(cfg, pool)
@@ -452,7 +467,7 @@ class Distill(Strategy):
             "teacher": {"strategy": cfg.teacher["strategy"], "model": cfg.teacher["model"],
                         "params": teacher.config.to_dict(), "prompt": taught.prompt_info()},
             "student": {"strategy": student.name, "params": student.config.to_dict()},
-            "teacher_seconds": round(teacher_s, 4), "labelling": run.to_dict(),
+            "teacher_seconds": round(teacher_s, 4), "teacher_reused": reused is not None, "labelling": run.to_dict(),
             "pool": {"source": cfg.pool, "size": len(pool), "labelled": run.calls, "kept": int(kept.sum()),
                      "soft": taught_split.soft is not None},
             "audit": audit}
