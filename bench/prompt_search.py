@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     ok = True
     for base in ("zero_shot", "few_shot"):
         a, b = items[best["prompt_search"]["key"]], items[best[base]["key"]]
-        cmp = compare(fns["prompt_search"], fns[base],
-                      correct_pairs=[(a["scores"]["accuracy"], b["scores"]["accuracy"])], seed=0)
+        pairs = [((args.seed, args.seed), a["scores"]["accuracy"], b["scores"]["accuracy"])]  # one seed each
+        cmp = compare(fns["prompt_search"], fns[base], correct_pairs=pairs, seed=0)
         sig = not cmp.tied and cmp.diff > 0
         ok = ok and sig
         print(f"prompt_search - best hand-written {base}: {100 * cmp.diff:+.2f} pt, 95% CI "
