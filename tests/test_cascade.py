@@ -110,6 +110,8 @@ def test_curve_on_a_scripted_pair_with_the_threshold_chosen_on_dev(scripted, tin
     assert c["teacher_alone"]["cost_per_request"] == pytest.approx(1.1)
     assert c["test"]["cost_per_request"] == pytest.approx(student_cost + 3 / 16 * 1.1)
     assert c["api_dollars_per_request"] == pytest.approx(3 / 16 * 1.1)
+    # choosing the threshold asked the teacher about all 16 dev items: upfront dollars, apart from per request
+    assert c["selection"]["items"] == 16 and c["selection"]["dollars"] == pytest.approx(16 * 1.1)
     assert c["dev_pareto"][-1]["accuracy"] == 1.0
 
     # the predictor routes as the record says: items 0-2 answered by the teacher, the rest by the student
@@ -202,6 +204,9 @@ def test_cascade_trial_is_a_candidate_like_any_other(tmp_path, toy_files, tiny_m
     assert trial["metrics"]["accuracy"] == c["test"]["accuracy"]  # the measured trial is the chosen point
     assert trial["metrics"]["fallback_rate"] == c["test"]["fallback_rate"] <= 1
     assert trial["cost"]["labelling_calls"] == 12 and len(c["curve"]) >= 2
+    cost = trial["cost"]  # upfront: the teacher's adaptation and labelling, and both models over dev for the threshold
+    assert cost["selection_seconds"] == c["selection"]["seconds"] > 0 and c["selection"]["items"] == 16
+    assert cost["train_seconds"] >= cost["teacher_seconds"] + cost["selection_seconds"] - 1e-3
 
     shown = runner.invoke(app, ["show", "casc", "--store", str(tmp_path / "runs")])
     assert shown.exit_code == 0, shown.output

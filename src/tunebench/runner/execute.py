@@ -235,6 +235,12 @@ def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, 
     if cascade:  # the chosen point is the trial: the teacher's API tokens on the inputs that fell back are per request
         metrics["fallback_rate"] = cascade["test"]["fallback_rate"]
         cost["api_dollars_per_request"] = cascade["api_dollars_per_request"]
+        sel = cascade.get("selection")
+        if sel:  # both models over dev to choose the threshold: upfront, like the teacher's labelling
+            api = (cascade["teacher"]["model"] or spec.model) in study.costs.api
+            cost["train_seconds"] = round(cost["train_seconds"] + (0.0 if api else sel["seconds"]), 4)
+            cost["upfront_dollars"] = round(cost.get("upfront_dollars", 0.0) + sel["dollars"], 6)
+            cost["selection_seconds"] = sel["seconds"]
     result = getattr(predictor, "train_result", None)
     if result:
         best = result.history[result.best_epoch - 1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -195,7 +196,10 @@ class Cascade(Distill):
         student = super().adapt(backend, task, train=train, dev=dev)
         teacher = self.taught
         cfg, costs = self.config, self.costs or CostConfig()
-        on_dev, on_test = _side(student, teacher, dev), _side(student, teacher, task.test)
+        t0 = time.perf_counter()
+        on_dev = _side(student, teacher, dev)  # choosing the threshold is part of building the cascade: upfront
+        dev_s = time.perf_counter() - t0
+        on_test = _side(student, teacher, task.test)  # measurement, like any trial's pass over test
         sample = task.test.records()
         student_ms = float(np.mean(latency_ms(student.predict, sample, n=LATENCY_ITEMS)))
         teacher_ms = float(np.mean(latency_ms(teacher.predict, sample, n=LATENCY_ITEMS)))
@@ -219,6 +223,8 @@ class Cascade(Distill):
         test_curve = curve(table(on_test))  # the test point at the chosen threshold routes as curve[curve_index]
         back = on_test["confidence"] < chosen.threshold
         api = costs.api.get(teacher_model)
+        dev_dollars = 0.0 if api is None else float(np.sum(
+            on_dev["prompt_tokens"] * api.input_per_1m + on_dev["completion_tokens"] * api.output_per_1m) / 1e6)
         api_dollars = 0.0 if api is None else float(np.sum(
             (on_test["prompt_tokens"] * api.input_per_1m + on_test["completion_tokens"] * api.output_per_1m)[back])
             / 1e6 / len(back))
@@ -235,7 +241,8 @@ class Cascade(Distill):
                         "cost_per_request": student_cost},
             "teacher_alone": {"test_accuracy": float(on_test["teacher"].mean()), "latency_ms": round(teacher_ms, 3),
                               "cost_per_request": teacher_cost},
-            "api_dollars_per_request": api_dollars}
+            "api_dollars_per_request": api_dollars,
+            "selection": {"items": len(dev), "seconds": round(dev_s, 4), "dollars": round(dev_dollars, 6)}}
         log.info("cascade: threshold %.4f chosen on dev (accuracy %.3f, fallback %.3f); on test accuracy %.3f, "
                  "fallback %.3f", chosen.threshold, chosen.accuracy, chosen.fallback_rate, on_test_point.accuracy,
                  on_test_point.fallback_rate)
