@@ -139,6 +139,8 @@ def main(argv=None) -> int:
 
     print()
     gap, _ = paired("distill", "prompt_search")
+    paired("cascade", "prompt_search")
+    paired("cascade", "distill")
     paired("gold", "distill")
     ratio = prices["prompt_search"].per_request / max(prices["distill"].per_request, 1e-12)
     print(f"cost per request, teacher / student: {ratio:.2f}x (both from measured single-request latency on this "

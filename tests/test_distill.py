@@ -342,3 +342,53 @@ def test_teacher_reuses_the_studys_own_trial_of_it(tmp_path, toy_files, tiny_mod
     assert len(adapted) == 2 and alone["distill"]["distill"]["teacher_reused"] is False
     assert alone["distill"]["distill"]["audit"] == d["audit"]  # the same teacher labels
     assert alone["distill"]["metrics"]["accuracy"] == both["distill"]["metrics"]["accuracy"]
+
+
+def test_trials_sharing_a_teacher_buy_each_label_once(tmp_path, toy_files, tiny_model_dir, spy):
+    """Pool sizes of one curve share their teacher: the larger pool replays the smaller one's labels (its prefix)
+    instead of asking again, at what they cost then, and trains the same student as when it labels them all."""
+    params = {"teacher": TEACHER, "student": STUDENT, "pool": "train", "pool_sizes": [6, 12]}
+
+    def run(where, params):
+        where.mkdir()
+        path = where / "study.yaml"
+        path.write_text(yaml.safe_dump(study_doc(where, toy_files, tiny_model_dir, params)), encoding="utf-8")
+        dry = json.loads(runner.invoke(app, ["run", str(path), "--dry-run", "--json"]).stdout)
+        planned.append([(e["calls"], e["reused"]) for e in dry["spend"]])
+        out = runner.invoke(app, ["run", str(path), "--json"])
+        assert out.exit_code == 0, out.output
+        return {t["distill"]["pool"]["size"]: t for t in json.loads(out.stdout)["trials"]}
+
+    planned = []
+    curve = run(tmp_path / "curve", params)
+    assert planned[0] == [(6, 0), (12, 6)]  # the dry run counts the labels the smaller pool buys first
+    small, large = spy[-2], spy[-1]
+    assert (small.calls, small.reused) == (6, 0) and (large.calls, large.reused) == (12, 6)
+    assert large.predictions[:6].tolist() == small.predictions.tolist()
+    assert large.reused_dollars == pytest.approx(small.dollars)  # bought once, counted in both recipes
+    lab = curve[12]["distill"]["labelling"]
+    assert lab["reused"] == 6 and lab["seconds"] >= small.seconds
+    files = list((tmp_path / "curve" / "runs" / "artifacts" / ".teacher-labels").glob("*/*.json"))
+    assert len(files) == 2  # one file per trial that labelled, under the teacher's key
+
+    alone = run(tmp_path / "alone", {**params, "pool_sizes": None, "pool_size": 12})
+    assert planned[1] == [(12, 0)] and spy[-1].reused == 0
+    assert spy[-1].predictions.tolist() == large.predictions.tolist()
+    assert alone[12]["metrics"]["accuracy"] == curve[12]["metrics"]["accuracy"]
+    assert alone[12]["distill"]["audit"] == curve[12]["distill"]["audit"]
+
+
+def test_label_cache_ignores_a_torn_file_and_keeps_one_file_per_trial(tmp_path, caplog):
+    from tunebench.store.labels import LabelCache
+    from tunebench.store.locations import ArtifactRoot
+
+    root = ArtifactRoot(tmp_path)
+    entry = {"label": 1, "scores": [0.1, 0.9], "prompt_tokens": 3, "completion_tokens": 1, "cost": 0.5,
+             "seconds": 0.01}
+    LabelCache(root, "teacher", "trial-a").add(["x", "y"], [entry, {**entry, "label": 0}])
+    LabelCache(root, "teacher", "trial-b").add(["z"], [{**entry, "label": 2}])
+    (tmp_path / ".teacher-labels" / "teacher" / "trial-c.json").write_text("{\"items\": ", encoding="utf-8")
+    found = LabelCache(root, "teacher", "trial-d").lookup(["y", "z", "w"])
+    assert [f and f["label"] for f in found] == [0, 2, None]
+    assert "trial-c.json unreadable" in caplog.text
+    assert LabelCache(root, "other-teacher", "trial-d").lookup(["x"]) == [None]  # another teacher answers apart

@@ -99,9 +99,10 @@ def test_dry_run_sums_the_pool_sizes(tmp_path, toy_files, tiny_model_dir):
     assert dry.exit_code == 0, dry.output
     plan = json.loads(dry.stdout)
     assert plan["pending"] == 2 and [e["calls"] for e in plan["spend"]] == [5, 12]  # the call budget caps each trial
-    assert [e["pool"] for e in plan["spend"]] == [5, 20]
+    assert [e["pool"] for e in plan["spend"]] == [5, 20] and [e["reused"] for e in plan["spend"]] == [0, 5]
     text = " ".join(runner.invoke(app, ["run", path, "--dry-run"]).stdout.split())
-    assert "total: 17 teacher calls" in text
+    assert "12 (5 reused)" in text  # the larger pool starts with the smaller one, whose labels it reuses
+    assert "total: 12 teacher calls (5 more labels reused" in text
 
 
 # ---- the exchange rate on a hand-made table -----------------------------------------------------------------------

@@ -192,12 +192,16 @@ def _dry_run(cfg: StudyConfig, base: Path, store: Optional[str], as_json: bool) 
     for e in plan["spend"]:
         money = "-" if e["dollars"] is None else f"{cur}{e['dollars']:.4f}"
         budget = ", ".join(f"{k} {v:g}" for k, v in e["budget"].items()) or "none"
-        table.add_row(escape(e["trial"]), str(e["seed"]), escape(e["teacher"]), str(e["pool"]), str(e["calls"]),
+        calls = str(e["calls"]) + (f" ({e['reused']} reused)" if e.get("reused") else "")
+        table.add_row(escape(e["trial"]), str(e["seed"]), escape(e["teacher"]), str(e["pool"]), calls,
                       f"~{e['input_tokens']}", money, budget)
     out.print(table)
-    total = sum(e["calls"] for e in plan["spend"])
+    total = sum(e["calls"] - e.get("reused", 0) for e in plan["spend"])
+    reused = sum(e.get("reused", 0) for e in plan["spend"])
     dollars = [e["dollars"] for e in plan["spend"] if e["dollars"] is not None]
-    out.print(f"total: {total} teacher calls" + (f", about {cur}{sum(dollars):.4f} in API tokens" if dollars else "")
+    out.print(f"total: {total} teacher calls" + (f" ({reused} more labels reused: a teacher shared by trials labels "
+                                                 "an input once)" if reused else "")
+              + (f", about {cur}{sum(dollars):.4f} in API tokens" if dollars else "")
               + ". Calls are exact unless a dollar budget stops labelling first; tokens count the inputs at ~4 "
               "characters a token (templates and demonstrations add more); a teacher without API prices is "
               "priced by its measured time.", highlight=False)

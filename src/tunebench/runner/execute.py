@@ -26,6 +26,7 @@ from ..evaluation.cost import PeakMemory
 from ..evaluation.judge import judge_test
 from ..evaluation.measure import Measurement, cost_of, measure, versions
 from ..progress import StudyReporter
+from ..store.labels import LabelCache
 from ..store.locations import ArtifactRoot, local_copy
 from ..strategies import Strategy, load_predictor
 from .cv import cross_validate
@@ -157,12 +158,14 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
 def adopt_stored(strategy: Strategy, spec: TrialSpec, study: StudyConfig, data: TaskData, n_train: int,
                  artifacts: ArtifactRoot | None, backend: Backend, peers: dict[str, Backend]) -> None:
     """Hand ``strategy`` the stored predictor of the trial it may reuse (a distill teacher's own trial: same key)
-    when the artifact root holds it with its adaptation time; otherwise it adapts its own."""
+    when the artifact root holds it with its adaptation time (otherwise it adapts its own), and the labels other
+    trials with that teacher bought."""
     reusable = strategy.reusable_trial(strategy.config)
     if reusable is None or artifacts is None:
         return
     name, cfg, model = reusable
     key = peer_trial_key(study, data, name, cfg, model or spec.model, spec.seed, n_train)
+    strategy.share_labels(LabelCache(artifacts, key, spec.key))
     loc = artifacts.final(key)
     if not artifacts.exists(loc):
         return

@@ -18,12 +18,13 @@ from ..config import StudyConfig
 from ..data import TaskData, load_task
 from ..progress import StudyReporter
 from ..store import Store
+from ..store.labels import LabelCache
 from ..tracking import MlflowTracker, SyncSummary, tracker_for
 from .claims import Claims
 from .commit import commit
 from .execute import Staging, is_main_process
 from .executors import Executor, LocalExecutor, Outcome
-from .plan import plan
+from .plan import peer_trial_key, plan
 from .spec import TrialSpec, train_subset
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,17 @@ class Study:
         trials = self.plan()
         done = self.store.done_keys(self.config.name) if isinstance(self.store, Store) else set()
         pending = [t for t in trials if t.key not in done]
-        spend = []
+        spend, teachers = [], {}
+        root = self.store.artifacts if isinstance(self.store, Store) else None
         for t in pending:
-            est = t.strategy_cls.spend_estimate(t.config, self.data, train_subset(t, self.data.train), t.seed,
-                                                self.config.costs)
+            train = train_subset(t, self.data.train)
+            bought = None
+            reusable = t.strategy_cls.reusable_trial(t.config)
+            if reusable is not None:  # labels earlier trials with this teacher bought, or pending ones will buy
+                name, cfg, model = reusable
+                key = peer_trial_key(self.config, self.data, name, cfg, model or t.model, t.seed, len(train))
+                bought = teachers.setdefault(key, Bought(None if root is None else LabelCache(root, key, "")))
+            est = t.strategy_cls.spend_estimate(t.config, self.data, train, t.seed, self.config.costs, bought)
             if est is not None:
                 spend.append({"trial": t.name, "seed": t.seed, "train_size": t.train_size, "key": t.key, **est})
         return {"trials": len(trials), "pending": len(pending), "finished": len(trials) - len(pending),
@@ -162,3 +170,21 @@ class Study:
         else:
             log.warning("trial %s was stored by another driver meanwhile; this run's result is dropped",
                         outcome.spec.name)
+
+
+class Bought:
+    """For the dry run: how many inputs, from the first, a trial with one teacher will find labelled, by the
+    stored labels or by the trials before it in the plan (which label theirs first when trials run in order)."""
+
+    def __init__(self, cache: LabelCache | None):
+        self.cache, self.planned = cache, set()
+
+    def __call__(self, texts: list[str]) -> int:
+        stored = self.cache.lookup(texts) if self.cache is not None else [None] * len(texts)
+        n = 0
+        for text, entry in zip(texts, stored):
+            if entry is None and text not in self.planned:
+                break
+            n += 1
+        self.planned.update(texts)
+        return n

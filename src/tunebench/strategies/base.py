@@ -296,6 +296,10 @@ class Strategy(ABC):
         adapt) instead of adapting it again."""
         raise NotImplementedError(f"strategy '{self.name}' reuses no trial")
 
+    def share_labels(self, cache) -> None:
+        """Where the trial :meth:`reusable_trial` names keeps its answers across trials (a distill teacher's labels,
+        :class:`tunebench.store.labels.LabelCache`); ignored by default."""
+
     @classmethod
     def peer_models(cls, config: StrategyConfig) -> dict[str, str]:
         """Models besides the trial's own that a trial of ``config`` uses, as ``{field: model name}`` (a distill
@@ -315,9 +319,11 @@ class Strategy(ABC):
 
     @classmethod
     def spend_estimate(cls, config: StrategyConfig, data: Any, train: Any, seed: int,
-                       costs: CostConfig | None) -> dict[str, Any] | None:
+                       costs: CostConfig | None, bought: Callable[[list[str]], int] | None = None
+                       ) -> dict[str, Any] | None:
         """What a trial of ``config`` will spend on paid calls, estimated before anything loads (``tunebench run
-        --dry-run``); None for strategies that make no such calls."""
+        --dry-run``); None for strategies that make no such calls. ``bought`` (optional): how many of the inputs
+        it is given, from the first, already have an answer it will reuse (earlier trials with the same teacher)."""
         return None
 
     @classmethod

@@ -155,10 +155,13 @@ class Labelling:
     dollars: float
     seconds: float
     stopped: Optional[str]  # why labelling stopped before the planned calls (the dollar budget), else None
+    reused: int = 0  # of ``calls``, the labels an earlier trial with this teacher bought (counted at their cost)
+    reused_dollars: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "dollars": round(self.dollars, 6), "seconds": round(self.seconds, 4), "stopped": self.stopped}
+                "dollars": round(self.dollars, 6), "seconds": round(self.seconds, 4), "stopped": self.stopped,
+                "reused": self.reused, "reused_dollars": round(self.reused_dollars, 6)}
 
 
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -196,15 +199,19 @@ def planned_calls(config: DistillConfig, pool: Split) -> int:
     return len(pool) if cap is None else min(len(pool), int(cap))
 
 
-def estimate(config: DistillConfig, pool: Split, teacher_model: str, costs: CostConfig | None) -> dict[str, Any]:
+def estimate(config: DistillConfig, pool: Split, teacher_model: str, costs: CostConfig | None,
+             bought=None) -> dict[str, Any]:
     """What labelling will spend, before anything runs (``tunebench run --dry-run``): the calls exactly (the
-    dollar budget may stop it earlier), the input tokens at about 4 characters a token (the template and any
-    demonstrations come on top) and the dollars of those tokens where the teacher has API prices."""
+    dollar budget may stop it earlier; ``reused``: how many of them, from the first, replay labels earlier trials
+    with this teacher bought, as ``bought`` counts them), and for the new calls the input tokens at about 4
+    characters a token (the template and any demonstrations come on top) and their dollars where the teacher has
+    API prices."""
     calls = planned_calls(config, pool)
-    tokens = int(sum(math.ceil(len(t) / 4) for t in pool.texts[:calls]))
+    reused = bought(list(pool.texts[:calls])) if bought is not None else 0
+    tokens = int(sum(math.ceil(len(t) / 4) for t in pool.texts[reused:calls]))
     api = (costs or CostConfig()).api.get(teacher_model)
-    dollars = None if api is None else (tokens * api.input_per_1m + calls * api.output_per_1m) / 1e6
-    return {"pool": len(pool), "calls": calls, "input_tokens": tokens, "dollars": dollars,
+    dollars = None if api is None else (tokens * api.input_per_1m + (calls - reused) * api.output_per_1m) / 1e6
+    return {"pool": len(pool), "calls": calls, "reused": reused, "input_tokens": tokens, "dollars": dollars,
             "budget": dict(config.budget), "priced_by": "api tokens" if api is not None else "training time (known after)"}
 
 
@@ -237,17 +244,26 @@ class CallPrice:
 
 
 def label(predictor: Predictor, pool: Split, calls: int, dollars: float | None, price: CallPrice,
-          chunk: int = CHUNK, reporter=None) -> Labelling:
+          chunk: int = CHUNK, reporter=None, cache=None) -> Labelling:
     """The teacher's labels for the first ``calls`` pool inputs. With a ``dollars`` budget, labelling stops
     before the first call that could take the spend over it: a call priced before it is made (API tokens counted
     here) never exceeds it; otherwise (a remote endpoint's tokens, hardware time) a call is priced as the dearest
-    call so far, the first one made alone to learn it. The teacher is given the inputs only, never a label."""
+    call so far, the first one made alone to learn it. The teacher is given the inputs only, never a label.
+
+    ``cache`` (optional; :class:`tunebench.store.labels.LabelCache`): the labels earlier trials with the same
+    teacher bought. The longest run of pool inputs from the start that it holds is replayed, not asked again, each
+    at what it cost then (so the trial's cost is its recipe's, whichever trial paid); labelling goes on from there
+    and the new labels are added to it."""
     records = pool.records()  # fields and the joined input: no label
-    preds, scores, scores_seen = [], [], True
-    p_tok = c_tok = 0
-    spent, dearest, seconds, done, stopped = 0.0, 0.0, 0.0, 0, None
+    known = cache.lookup(list(pool.texts[:calls])) if cache is not None and calls else []
+    preds, scores, scores_seen, p_tok, c_tok, spent, seconds, dearest = _replay(known, dollars)
+    done, stopped = len(preds), None
+    reused, reused_dollars, fresh = done, spent, []
+    if reused:
+        log.info("distill: %d of %d teacher labels reused from earlier trials with this teacher", reused, calls)
     if reporter is not None:
         reporter.start("teacher labelling the pool", calls)
+        reporter.advance(reused)
     while done < calls:
         batch = records[done:done + min(chunk, calls - done)]
         k = len(batch)
@@ -286,13 +302,46 @@ def label(predictor: Predictor, pool: Split, calls: int, dollars: float | None, 
             scores_seen = False
         elif scores_seen:
             scores.append(np.asarray(out.scores, dtype=np.float64))
+        fresh.extend(_entries(out, costs, took, k))
         done += k
         if reporter is not None:
             reporter.advance(k)
     if reporter is not None:
         reporter.stop()
+    if cache is not None and fresh:
+        cache.add(list(pool.texts[reused:reused + len(fresh)]), fresh)
     stacked = np.concatenate(scores) if scores_seen and scores else None
-    return Labelling(np.asarray(preds, dtype=np.int64), stacked, done, p_tok, c_tok, spent, seconds, stopped)
+    return Labelling(np.asarray(preds, dtype=np.int64), stacked, done, p_tok, c_tok, spent, seconds, stopped,
+                     reused, reused_dollars)
+
+
+def _replay(known: list, dollars: float | None):
+    """The longest run of stored answers from the first (within the dollar budget, at what each cost then):
+    labels, score rows, whether every one had scores, tokens, dollars, seconds and the dearest call."""
+    preds, scores, scores_seen = [], [], True
+    p_tok = c_tok = 0
+    spent = seconds = dearest = 0.0
+    for entry in known:
+        if entry is None or (dollars is not None and spent + entry["cost"] > dollars):
+            break
+        preds.append(int(entry["label"]))
+        if entry.get("scores") is None:
+            scores_seen = False
+        elif scores_seen:
+            scores.append(np.asarray([entry["scores"]], dtype=np.float64))
+        p_tok, c_tok = p_tok + int(entry["prompt_tokens"]), c_tok + int(entry["completion_tokens"])
+        spent, seconds, dearest = spent + entry["cost"], seconds + entry["seconds"], max(dearest, entry["cost"])
+    return preds, scores, scores_seen, p_tok, c_tok, spent, seconds, dearest
+
+
+def _entries(out, costs: list[float], took: float, k: int) -> list[dict[str, Any]]:
+    """A batch's answers as the label cache keeps them, one per input."""
+    return [{"label": int(out.predictions[j]),
+             "scores": None if out.scores is None else [float(v) for v in out.scores[j]],
+             "prompt_tokens": int(out.prompt_tokens[j]) if j < len(out.prompt_tokens) else 0,
+             "completion_tokens": int(out.completion_tokens[j]) if j < len(out.completion_tokens) else 0,
+             "cost": float(costs[j]) if len(costs) == k else float(sum(costs)) / k, "seconds": took / k}
+            for j in range(k)]
 
 
 @register
@@ -354,11 +403,12 @@ class Distill(Strategy):
         return {"pool": unl.fingerprint()} if config.pool == "unlabelled" and unl is not None else {}
 
     @classmethod
-    def spend_estimate(cls, config: DistillConfig, data, train, seed: int, costs: CostConfig | None) -> dict:
+    def spend_estimate(cls, config: DistillConfig, data, train, seed: int, costs: CostConfig | None,
+                       bought=None) -> dict:
         """The teacher's labelling of this trial's pool (the same pool and call count the trial will use)."""
         pool = labelling_pool(config, data, train, seed)
         return {"teacher": f"{config.teacher['strategy']} @{config.teacher['model']}",
-                **estimate(config, pool, config.teacher["model"] or "", costs)}
+                **estimate(config, pool, config.teacher["model"] or "", costs, bought)}
 
     @classmethod
     def expand(cls, config: DistillConfig) -> list[DistillConfig]:
@@ -381,6 +431,10 @@ class Distill(Strategy):
         """The teacher the study's own trial of it (key ``key``) adapted: labelling starts from it, and its
         adaptation seconds are still what the student's labels cost."""
         self.adopted = (predictor, seconds, key)
+
+    def share_labels(self, cache) -> None:
+        """The labels earlier trials with this teacher bought (:class:`tunebench.store.labels.LabelCache`)."""
+        self.label_cache = cache
 
     def _teacher(self, backend):
         cfg, _ = self.config.parts()
@@ -438,7 +492,7 @@ class Distill(Strategy):
         teacher_model = cfg.teacher["model"] or ""
         calls = planned_calls(cfg, pool)
         run = label(taught, pool, calls, cfg.budget.get("dollars"), CallPrice(teacher_model, self.costs),
-                    reporter=self.reporter)
+                    reporter=self.reporter, cache=getattr(self, "label_cache", None))
         if run.stopped is None and calls < len(pool):
             log.info("distill: labelling stopped at the call budget (%d of %d pool inputs)", calls, len(pool))
         probs = None if run.scores is None else softmax(run.scores, cfg.temperature)
