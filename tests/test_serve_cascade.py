@@ -18,12 +18,15 @@ from tests.test_remote import KEY, TEMPLATE, Server
 from tunebench.backends import load_backend
 from tunebench.cli import app
 from tunebench.config import StudyConfig
+from tunebench.config.costs import ApiPrice, CostConfig
+from tunebench.data import Split
 from tunebench.errors import CapabilityError
 from tunebench.serve import trial_engine
 from tunebench.store import Store
 from tunebench.store import artifacts
 from tunebench.strategies import load_predictor
 from tunebench.strategies.cascade import STUDENT_DIR, TEACHER_DIR, CascadePredictor, confidence
+from tunebench.strategies.distill import CallPrice, label
 
 runner = CliRunner()
 QUICK = {"epochs": 1, "batch_size": 16, "max_length": 32}
@@ -144,3 +147,26 @@ def test_export_and_raw_serving_refuse_a_cascade(cascade_store, monkeypatch):
     assert r.exit_code != 0 and "two models and a threshold" in " ".join(r.output.split())
     with pytest.raises(CapabilityError, match="is a cascade of two models"):
         trial_engine(cascade_store, "casc", row["key"][:8], best=False, raw=True)
+
+
+def test_a_remote_teachers_calls_are_bounded_before_they_are_made_and_the_dollar_budget_holds(cascade_store,
+                                                                                              monkeypatch):
+    """The endpoint counts the tokens; before each call the teacher bounds them from the bytes it sends, so a
+    dollar budget on a priced endpoint is never exceeded (it stops before the call that could go over)."""
+    monkeypatch.setenv("TB_TEST_KEY", KEY)
+    _, _, _, teacher = parts(cascade_store)
+    words = [w for w, _ in colour_rows(24, 5)]
+    records = [{"input": w} for w in words]
+    prompt, answer = teacher.request_tokens(records)
+    out = teacher.run(records)
+    assert all(0 < billed <= bound for billed, bound in zip(out.prompt_tokens, prompt))
+    assert max(out.completion_tokens) <= answer
+
+    costs = CostConfig(api={"gpt2-remote": ApiPrice(input_per_1m=1e6, output_per_1m=1e6)})  # a dollar a token
+    price = CallPrice("gpt2-remote", costs)
+    pool = Split("pool", words, np.full(len(words), -1))
+    full = label(teacher, pool, len(words), None, price)
+    budget = full.dollars / 2
+    run = label(teacher, pool, len(words), budget, price)
+    assert 0 < run.calls < len(words) and run.dollars <= budget and run.stopped
+    assert run.predictions.tolist() == full.predictions[:run.calls].tolist()

@@ -221,7 +221,8 @@ class Predictor(ABC):
 
     def request_tokens(self, inputs: Inputs) -> tuple[list[int], int] | None:
         """Before any call: the prompt tokens :meth:`run` will count for each input and the most completion tokens
-        one may add (what bounds a paid call's price); None where only a remote endpoint knows."""
+        one may add (what bounds a paid call's price); upper bounds where only a remote endpoint counts (a causal
+        predictor's), None where nothing bounds them."""
         if self.backend is None or getattr(self.backend, "remote", False):
             return None
         max_length = getattr(self.config, "max_length", 512)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_FILE = "prompt.json"
 INFER_BATCH = 16
+REQUEST_TOKENS = 32  # the most tokens an endpoint adds to one request besides the text sent (BOS, chat roles)
 
 
 def answers(task: TaskData, split: Split) -> list[str]:
@@ -231,13 +232,29 @@ class CausalPredictor(Predictor):
 
     def request_tokens(self, inputs) -> tuple[list[int], int] | None:
         """Prompt tokens per input as :meth:`run` counts them, and the most answer tokens: the longest label when
-        scoring, ``max_new_tokens`` when generating; None on a remote endpoint (its tokenizer is not here)."""
+        scoring, ``max_new_tokens`` when generating. On a remote endpoint, whose tokenizer is not here, upper
+        bounds (:meth:`_remote_bounds`)."""
         if self.backend.remote:
-            return None
+            return self._remote_bounds(inputs)
         prompt = [len(self.backend.prompt_ids(p, self.max_length)) for p in self.prompts(inputs)]
         if self.task_type == "classification" and self.mode == "score":
             return prompt, max(len(o) for o in self._options())
         return prompt, int(self.decode.max_new_tokens)
+
+    def _remote_bounds(self, inputs) -> tuple[list[int], int]:
+        """What an endpoint can bill at most per input, counted before the call: every token is at least one UTF-8
+        byte of the text sent (byte-level BPE, WordPiece and character tokenizers alike), plus ``REQUEST_TOKENS``
+        per request for what the endpoint adds (BOS, a chat template's role markers). Scoring sends the prompt
+        once per label; an endpoint that refuses to score is then asked to generate, so both are counted."""
+        cfg = self.backend.config
+        system = len((cfg.system_prompt or "").encode("utf-8")) if self.backend.chat else 0
+        sent = [len(p.encode("utf-8")) + system + REQUEST_TOKENS for p in self.prompts(inputs)]
+        answer = int(self.decode.max_new_tokens)
+        if self.task_type != "classification" or self.mode != "score":
+            return sent, answer
+        labels = [len(self.backend.answer_text(n).encode("utf-8")) for n in self.labels]
+        k = len(labels)
+        return [(k + 1) * b + sum(labels) for b in sent], k + answer
 
     def prompt_info(self, record: dict | None = None) -> dict:
         info = {"template": self.builder.template, "instruction": self.builder.instruction, "mode": self.mode,

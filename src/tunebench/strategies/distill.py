@@ -234,8 +234,8 @@ class CallPrice:
 
     def bound(self, predictor: Predictor, records: list[dict]) -> list[float] | None:
         """The most each call can cost, known before it is made: API tokens counted on this side (the prompt
-        exactly, the answer at its longest); None for a remote endpoint's tokens or for time, which are known
-        only after the call."""
+        exactly, the answer at its longest) or bounded from the bytes a remote endpoint is sent; None for time,
+        which is known only after the call."""
         counted = predictor.request_tokens(records) if self.api is not None else None
         if counted is None:
             return None
@@ -247,8 +247,8 @@ def label(predictor: Predictor, pool: Split, calls: int, dollars: float | None, 
           chunk: int = CHUNK, reporter=None, cache=None) -> Labelling:
     """The teacher's labels for the first ``calls`` pool inputs. With a ``dollars`` budget, labelling stops
     before the first call that could take the spend over it: a call priced before it is made (API tokens counted
-    here) never exceeds it; otherwise (a remote endpoint's tokens, hardware time) a call is priced as the dearest
-    call so far, the first one made alone to learn it. The teacher is given the inputs only, never a label.
+    or bounded here) never exceeds it; otherwise (hardware time) a call is priced as the dearest call so far, the
+    first one made alone to learn it. The teacher is given the inputs only, never a label.
 
     ``cache`` (optional; :class:`tunebench.store.labels.LabelCache`): the labels earlier trials with the same
     teacher bought. The longest run of pool inputs from the start that it holds is replayed, not asked again, each
