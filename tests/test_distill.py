@@ -392,3 +392,38 @@ def test_label_cache_ignores_a_torn_file_and_keeps_one_file_per_trial(tmp_path, 
     assert [f and f["label"] for f in found] == [0, 2, None]
     assert "trial-c.json unreadable" in caplog.text
     assert LabelCache(root, "other-teacher", "trial-d").lookup(["x"]) == [None]  # another teacher answers apart
+
+
+def test_replayed_labels_follow_the_budget_rule_of_a_fresh_run_and_failures_keep_what_was_paid(tiny_backend,
+                                                                                               toy_task, tmp_path):
+    from tunebench.store.labels import LabelCache
+    from tunebench.store.locations import ArtifactRoot
+
+    few = registry.get("few_shot")
+    teacher = few(few.config_from_dict({"shots": 2}), seed=0).adapt(tiny_backend, toy_task, train=toy_task.train,
+                                                                    dev=toy_task.dev)
+    price = distill_mod.CallPrice("teacher", CostConfig(api={"teacher": ApiPrice(input_per_1m=1e6)}))
+    pool, root = toy_task.test, ArtifactRoot(tmp_path)
+    everything = distill_mod.label(teacher, pool, len(pool), None, price, cache=LabelCache(root, "t", "big"))
+    budget = everything.dollars / 3
+    fresh = distill_mod.label(teacher, pool, len(pool), budget, price, chunk=4)
+    replayed = distill_mod.label(teacher, pool, len(pool), budget, price, chunk=4, cache=LabelCache(root, "t", "small"))
+    assert replayed.reused == replayed.calls == fresh.calls > 0 and fresh.reused == 0
+    assert (replayed.predictions.tolist(), replayed.dollars, replayed.stopped) == \
+        (fresh.predictions.tolist(), fresh.dollars, fresh.stopped)
+    assert replayed.reused_dollars == replayed.dollars <= budget
+
+    class Failing:  # a teacher whose endpoint goes down after its first batch
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, batch):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("endpoint down")
+            return teacher.run(batch)
+
+    with pytest.raises(RuntimeError, match="endpoint down"):
+        distill_mod.label(Failing(), pool, len(pool), None, price, chunk=4, cache=LabelCache(root, "t2", "trial"))
+    kept = LabelCache(root, "t2", "rerun").lookup(list(pool.texts))
+    assert [e is not None for e in kept] == [True] * 4 + [False] * (len(pool) - 4)  # the first batch was paid: kept

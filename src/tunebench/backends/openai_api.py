@@ -182,6 +182,11 @@ class OpenAIBackend(Backend):
             out.completion_tokens += c
         return out
 
+    def echo_attempts(self) -> int:
+        """How many times the next scoring call may send its first prompt: once per request shape while the
+        endpoint's shape is unknown (a shape it answers wrongly can still be billed), once after."""
+        return len(_ECHO_SHAPES) if self.logprobs_ok is None else 1
+
     def _probe(self, pair: tuple[str, list[str]]) -> _Echoed:
         """The first echo request: find the request shape this endpoint answers (see ``_ECHO_SHAPES``), or raise
         ``NoLogprobs`` when it refuses them all or answers with log-probabilities that cannot be right (then no

@@ -21,7 +21,7 @@ from ..config import StudyConfig
 from ..config.judge import JudgeConfig
 from ..config.metrics import headline_metrics
 from ..data import Split, TaskData
-from ..errors import StoreError
+from ..errors import TunebenchError
 from ..evaluation.cost import PeakMemory
 from ..evaluation.judge import judge_test
 from ..evaluation.measure import Measurement, cost_of, measure, versions
@@ -169,14 +169,14 @@ def adopt_stored(strategy: Strategy, spec: TrialSpec, study: StudyConfig, data: 
     loc = artifacts.final(key)
     if not artifacts.exists(loc):
         return
-    directory = local_copy(loc)
-    adapted = directory / ADAPTED_FILE
-    if not adapted.is_file():  # stored before adaptation times were kept: what it cost is unknown, adapt again
-        return
-    seconds = float(json.loads(adapted.read_text(encoding="utf-8"))["adapt_seconds"])
     try:
+        directory = local_copy(loc)
+        adapted = directory / ADAPTED_FILE
+        if not adapted.is_file():  # stored before adaptation times were kept: what it cost is unknown, adapt again
+            return
+        seconds = float(json.loads(adapted.read_text(encoding="utf-8"))["adapt_seconds"])
         predictor = load_predictor(directory, peers.get(model, backend) if model else backend)
-    except (StoreError, OSError, ValueError, KeyError) as exc:
+    except (TunebenchError, OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("trial %s: the stored trial %s could not be loaded (%s); adapting it again", spec.name,
                     key[:8], exc)
         return

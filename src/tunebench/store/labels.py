@@ -41,6 +41,7 @@ class LabelCache:
             folder = Path(self.folder)
             return sorted(str(p) for p in folder.glob("*.json")) if folder.is_dir() else []
         try:
+            self.root.fs.invalidate_cache(self.folder)  # other workers' files appear while this one runs
             return sorted(p for p in self.root.fs.ls(self.folder, detail=False) if p.endswith(".json"))
         except FileNotFoundError:
             return []
@@ -65,13 +66,15 @@ class LabelCache:
         return [known.get(_digest(t)) for t in texts]
 
     def add(self, texts: list[str], entries: list[dict[str, Any]]) -> None:
-        """Keep the teacher's answers for ``texts`` (this trial's file, replaced whole: a retry writes it again)."""
+        """Keep the teacher's answers for ``texts`` in this trial's file, beside what an earlier attempt of the
+        same trial kept there (the file is rewritten whole, atomically on a directory root)."""
         if not texts:
             return
-        body = json.dumps({"teacher_key": self.teacher_key, "trial": self.owner,
-                           "items": {_digest(t): e for t, e in zip(texts, entries)}})
         path = f"{self.folder}/{self.owner}.json" if not self.root.is_local else str(Path(self.folder) /
                                                                                       f"{self.owner}.json")
+        items = self._read(path) if self.root.exists(path) else {}
+        items.update({_digest(t): e for t, e in zip(texts, entries)})
+        body = json.dumps({"teacher_key": self.teacher_key, "trial": self.owner, "items": items})
         try:
             if self.root.is_local:
                 Path(self.folder).mkdir(parents=True, exist_ok=True)

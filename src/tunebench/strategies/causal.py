@@ -245,7 +245,9 @@ class CausalPredictor(Predictor):
         """What an endpoint can bill at most per input, counted before the call: every token is at least one UTF-8
         byte of the text sent (byte-level BPE, WordPiece and character tokenizers alike), plus ``REQUEST_TOKENS``
         per request for what the endpoint adds (BOS, a chat template's role markers). Scoring sends the prompt
-        once per label; an endpoint that refuses to score is then asked to generate, so both are counted."""
+        once per label (on the very first call, once per request shape tried); an endpoint that refuses to score is
+        then asked to generate, so both are counted. Not bounded: a request the client retries after a timeout that
+        the endpoint had billed."""
         cfg = self.backend.config
         system = len((cfg.system_prompt or "").encode("utf-8")) if self.backend.chat else 0
         sent = [len(p.encode("utf-8")) + system + REQUEST_TOKENS for p in self.prompts(inputs)]
@@ -254,7 +256,11 @@ class CausalPredictor(Predictor):
             return sent, answer
         labels = [len(self.backend.answer_text(n).encode("utf-8")) for n in self.labels]
         k = len(labels)
-        return [(k + 1) * b + sum(labels) for b in sent], k + answer
+        bounds = [(k + 1) * b + sum(labels) for b in sent]
+        attempts = self.backend.echo_attempts() if hasattr(self.backend, "echo_attempts") else 1
+        if bounds:  # the endpoint's first scoring request may be tried in every request shape
+            bounds[0] += (attempts - 1) * (k * sent[0] + sum(labels))
+        return bounds, attempts * k + answer
 
     def prompt_info(self, record: dict | None = None) -> dict:
         info = {"template": self.builder.template, "instruction": self.builder.instruction, "mode": self.mode,

@@ -224,13 +224,12 @@ class CallPrice:
         self.costs = costs or CostConfig()
         self.api = self.costs.api.get(teacher_model)
 
-    def of(self, out, seconds: float) -> list[float]:
-        """What each call of a finished batch cost."""
-        n = len(out.prompt_tokens) or 1
+    def stored(self, answer: dict[str, Any]) -> float:
+        """What one answered call cost: its tokens at the API's prices, else its seconds at the hardware's rate."""
         if self.api is not None:
-            return [(p * self.api.input_per_1m + c * self.api.output_per_1m) / 1e6
-                    for p, c in zip(out.prompt_tokens, out.completion_tokens)]
-        return [seconds / n / HOURS * self.costs.train_per_hour] * n
+            return (answer["prompt_tokens"] * self.api.input_per_1m
+                    + answer["completion_tokens"] * self.api.output_per_1m) / 1e6
+        return float(answer["seconds"]) / HOURS * self.costs.train_per_hour
 
     def bound(self, predictor: Predictor, records: list[dict]) -> list[float] | None:
         """The most each call can cost, known before it is made: API tokens counted on this side (the prompt
@@ -250,97 +249,107 @@ def label(predictor: Predictor, pool: Split, calls: int, dollars: float | None, 
     or bounded here) never exceeds it; otherwise (hardware time) a call is priced as the dearest call so far, the
     first one made alone to learn it. The teacher is given the inputs only, never a label.
 
-    ``cache`` (optional; :class:`tunebench.store.labels.LabelCache`): the labels earlier trials with the same
-    teacher bought. The longest run of pool inputs from the start that it holds is replayed, not asked again, each
-    at what it cost then (so the trial's cost is its recipe's, whichever trial paid); labelling goes on from there
-    and the new labels are added to it."""
-    records = pool.records()  # fields and the joined input: no label
-    known = cache.lookup(list(pool.texts[:calls])) if cache is not None and calls else []
-    preds, scores, scores_seen, p_tok, c_tok, spent, seconds, dearest = _replay(known, dollars)
-    done, stopped = len(preds), None
-    reused, reused_dollars, fresh = done, spent, []
-    if reused:
-        log.info("distill: %d of %d teacher labels reused from earlier trials with this teacher", reused, calls)
+    ``cache`` (optional; :class:`tunebench.store.labels.LabelCache`): the answers earlier trials with the same
+    teacher bought. An input it holds is replayed instead of asked again, under the same budget rule and priced
+    the same way (its tokens at today's prices, or its seconds), so the labels and the trial's cost are those of a
+    fresh run whichever trial paid; the new answers are added to it, also when labelling fails part-way."""
+    records, texts = pool.records(), list(pool.texts)  # fields and the joined input: no label
+    known = cache.lookup(texts[:calls]) if cache is not None and calls else [None] * calls
+    tally, done, stopped = _Tally(), 0, None
     if reporter is not None:
         reporter.start("teacher labelling the pool", calls)
-        reporter.advance(reused)
-    while done < calls:
-        batch = records[done:done + min(chunk, calls - done)]
-        k = len(batch)
-        if dollars is not None:
-            bounds = price.bound(predictor, batch)
-            if bounds is not None:  # the longest prefix whose dearest case still fits
-                room, k = dollars - spent, 0
-                for b in bounds:
-                    if b > room:
-                        break
-                    room -= b
-                    k += 1
-                nxt = bounds[k] if k < len(bounds) else 0.0
-            elif done == 0:
-                k, nxt = (1 if dollars > 0 else 0), 0.0
-            else:
-                k = k if dearest <= 0 else min(k, int((dollars - spent) // dearest))
-                nxt = dearest
+    try:
+        while done < calls:
+            batch = records[done:done + min(chunk, calls - done)]
+            k, nxt = _fits(predictor, batch, dollars, price, tally, first=done == 0)
             if k <= 0:
-                stopped = (f"dollar budget: {spent:.6f} of {dollars:g} spent after {done} call(s); the next call "
-                           f"(up to {nxt:.6f}) could exceed it")
+                stopped = (f"dollar budget: {tally.spent:.6f} of {dollars:g} spent after {done} call(s); the next "
+                           f"call (up to {nxt:.6f}) could exceed it")
                 log.warning("distill: labelling stopped by the %s", stopped)
                 break
-            batch = batch[:k]
-        t0 = time.perf_counter()
-        out = predictor.run(batch)
-        took = time.perf_counter() - t0
-        seconds += took
-        costs = price.of(out, took)
-        spent += float(sum(costs))
-        dearest = max([dearest, *costs])
-        p_tok += int(sum(out.prompt_tokens))
-        c_tok += int(sum(out.completion_tokens))
-        preds.extend(int(p) for p in out.predictions)
-        if out.scores is None:
-            scores_seen = False
-        elif scores_seen:
-            scores.append(np.asarray(out.scores, dtype=np.float64))
-        fresh.extend(_entries(out, costs, took, k))
-        done += k
+            stored = known[done:done + k]
+            ask = [j for j, e in enumerate(stored) if e is None]
+            rows = list(stored)
+            if ask:
+                t0 = time.perf_counter()
+                out = predictor.run([batch[j] for j in ask])
+                for j, row in zip(ask, _entries(out, time.perf_counter() - t0, len(ask))):
+                    rows[j] = row
+                tally.fresh.extend((texts[done + j], rows[j]) for j in ask)
+            tally.add(rows, [e is not None for e in stored], price)
+            done += k
+            if reporter is not None:
+                reporter.advance(k)
+    finally:
         if reporter is not None:
-            reporter.advance(k)
-    if reporter is not None:
-        reporter.stop()
-    if cache is not None and fresh:
-        cache.add(list(pool.texts[reused:reused + len(fresh)]), fresh)
-    stacked = np.concatenate(scores) if scores_seen and scores else None
-    return Labelling(np.asarray(preds, dtype=np.int64), stacked, done, p_tok, c_tok, spent, seconds, stopped,
-                     reused, reused_dollars)
+            reporter.stop()
+        if cache is not None and tally.fresh:  # what was paid for is kept, also when a call failed part-way
+            cache.add([t for t, _ in tally.fresh], [e for _, e in tally.fresh])
+    if tally.reused:
+        log.info("distill: %d of %d teacher labels reused from earlier trials with this teacher", tally.reused, done)
+    stacked = np.concatenate(tally.scores) if tally.scores_seen and tally.scores else None
+    return Labelling(np.asarray(tally.preds, dtype=np.int64), stacked, done, tally.p_tok, tally.c_tok, tally.spent,
+                     tally.seconds, stopped, tally.reused, tally.reused_dollars)
 
 
-def _replay(known: list, dollars: float | None):
-    """The longest run of stored answers from the first (within the dollar budget, at what each cost then):
-    labels, score rows, whether every one had scores, tokens, dollars, seconds and the dearest call."""
-    preds, scores, scores_seen = [], [], True
-    p_tok = c_tok = 0
-    spent = seconds = dearest = 0.0
-    for entry in known:
-        if entry is None or (dollars is not None and spent + entry["cost"] > dollars):
-            break
-        preds.append(int(entry["label"]))
-        if entry.get("scores") is None:
-            scores_seen = False
-        elif scores_seen:
-            scores.append(np.asarray([entry["scores"]], dtype=np.float64))
-        p_tok, c_tok = p_tok + int(entry["prompt_tokens"]), c_tok + int(entry["completion_tokens"])
-        spent, seconds, dearest = spent + entry["cost"], seconds + entry["seconds"], max(dearest, entry["cost"])
-    return preds, scores, scores_seen, p_tok, c_tok, spent, seconds, dearest
+def _fits(predictor: Predictor, batch: list[dict], dollars: float | None, price: CallPrice, tally: "_Tally",
+          first: bool) -> tuple[int, float]:
+    """How many of ``batch`` the dollar budget lets through, and the price bound of the next one: the longest
+    prefix whose dearest case still fits where calls are priced before they are made, else at the dearest call
+    so far (the very first call alone)."""
+    if dollars is None:
+        return len(batch), 0.0
+    bounds = price.bound(predictor, batch)
+    if bounds is not None:
+        room, k = dollars - tally.spent, 0
+        for b in bounds:
+            if b > room:
+                break
+            room -= b
+            k += 1
+        return k, (bounds[k] if k < len(bounds) else 0.0)
+    if first:
+        return (1 if dollars > 0 else 0), 0.0
+    dearest = tally.dearest
+    return (len(batch) if dearest <= 0 else min(len(batch), int((dollars - tally.spent) // dearest))), dearest
 
 
-def _entries(out, costs: list[float], took: float, k: int) -> list[dict[str, Any]]:
-    """A batch's answers as the label cache keeps them, one per input."""
+class _Tally:
+    """Labelling so far: labels, score rows, tokens, dollars, seconds, the dearest call, what was replayed."""
+
+    def __init__(self) -> None:
+        self.preds: list[int] = []
+        self.scores: list[np.ndarray] = []
+        self.scores_seen = True
+        self.p_tok = self.c_tok = self.reused = 0
+        self.spent = self.seconds = self.dearest = self.reused_dollars = 0.0
+        self.fresh: list[tuple[str, dict[str, Any]]] = []  # (input text, answer) the teacher was asked now
+
+    def add(self, rows: list[dict[str, Any]], replayed: list[bool], price: CallPrice) -> None:
+        for row, again in zip(rows, replayed):
+            cost = price.stored(row)
+            self.preds.append(int(row["label"]))
+            if row.get("scores") is None:
+                self.scores_seen = False
+            elif self.scores_seen:
+                self.scores.append(np.asarray([row["scores"]], dtype=np.float64))
+            self.p_tok += int(row["prompt_tokens"])
+            self.c_tok += int(row["completion_tokens"])
+            self.spent += cost
+            self.seconds += float(row["seconds"])
+            self.dearest = max(self.dearest, cost)
+            if again:
+                self.reused += 1
+                self.reused_dollars += cost
+
+
+def _entries(out, took: float, k: int) -> list[dict[str, Any]]:
+    """A batch's answers as the label cache keeps them, one per input (its share of the batch's seconds)."""
     return [{"label": int(out.predictions[j]),
              "scores": None if out.scores is None else [float(v) for v in out.scores[j]],
              "prompt_tokens": int(out.prompt_tokens[j]) if j < len(out.prompt_tokens) else 0,
              "completion_tokens": int(out.completion_tokens[j]) if j < len(out.completion_tokens) else 0,
-             "cost": float(costs[j]) if len(costs) == k else float(sum(costs)) / k, "seconds": took / k}
+             "seconds": took / k}
             for j in range(k)]
 
 
