@@ -14,6 +14,9 @@
      threshold chosen on dev for ``--max-fallback``.
 3. Study ``banking77-gold``: ``full`` on ``--pool`` gold-labelled train examples (same dev, same test), the
    reference a labelling budget of that size would buy.
+4. The distillation curve: the distill entry runs ``pool_sizes`` (``--curve`` sizes and ``--pool``, nested pools
+   whose teacher labels are bought once), the gold study the same ``train_sizes``; printed side by side with the
+   number of teacher labels one gold label is worth.
 
 Prints teacher and student test accuracy with 95% bootstrap intervals, the paired difference (bootstrap interval
 and McNemar's exact test), each one's cost per request from its measured latency (the study's cost table), the
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labelled", type=int, default=8, help="gold train examples per class the teacher adapts on")
     p.add_argument("--dev", type=int, default=8, help="gold dev examples per class (selection, every strategy)")
     p.add_argument("--pool", type=int, default=4000, help="train inputs the teacher labels (and the gold size)")
+    p.add_argument("--curve", type=int, nargs="*", default=[250, 1000],
+                   help="smaller pool sizes for the distillation curve, each beside a gold student of that size")
     p.add_argument("--max-fallback", type=float, default=0.3, help="the cascade's target: fallback at most this")
     p.add_argument("--labels", choices=("hard", "soft"), default="hard", help="the student's targets")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the draws, the search and training")
@@ -93,16 +98,18 @@ def main(argv=None) -> int:
                "labels": args.labels}
     common = {"store": str(work / "store"), "seeds": [args.seed], "consistency": {"perturbations": []},
               "task": {"data": files, "text": "text", "label": "category"}, "training": {"max_length": 64}}
+    sizes = sorted({*args.curve, args.pool})
+    curve = {k: v for k, v in distill.items() if k != "pool_size"} | {"pool_sizes": sizes}  # same keys per size
     studies = {
         "distill": {"name": "banking77-distill", **common, "train_sizes": [labelled],
-                    "strategies": [{"prompt_search": {}}, {"distill": distill},
+                    "strategies": [{"prompt_search": {}}, {"distill": curve if len(sizes) > 1 else distill},
                                    {"cascade": {**distill, "target": {"max_fallback": args.max_fallback}}}]},
-        "gold": {"name": "banking77-gold", **common, "train_sizes": [args.pool], "strategies": [{"full": {}}]},
+        "gold": {"name": "banking77-gold", **common, "train_sizes": sizes, "strategies": [{"full": {}}]},
     }
     print(f"BANKING77: {len(names)} intents; test {len(test)} (20% held out); dev {len(dev)} ({args.dev}/class); "
           f"train {len(train)}: teacher adapts on {labelled} labelled, labels a pool of {args.pool} others; "
           f"model all-MiniLM-L6-v2; seed {args.seed}; work dir {work}", flush=True)
-    rows = {}
+    rows, sized = {}, {}  # sized: (distill | gold, labels) -> row, the curves
     for which, raw in studies.items():
         t0 = time.perf_counter()
         study = Study(parse_study(raw, source="bench/distill_banking77.py"), base_dir=work)
@@ -111,10 +118,15 @@ def main(argv=None) -> int:
         if study.failures:
             print(f"FAILED trials: {study.failures}")
             return 1
-        rows.update({r["strategy"] if which == "distill" else "gold": r for r in done})
+        for r in done:
+            n = r["record"]["distill"]["pool"]["size"] if r["strategy"] == "distill" else r["train_size"]
+            if which == "gold" or r["strategy"] == "distill":
+                sized[("gold" if which == "gold" else "distill", n)] = r
+            if n == args.pool or r["strategy"] in ("prompt_search", "cascade"):
+                rows["gold" if which == "gold" else r["strategy"]] = r
         data, store, costs = study.data, study.store, study.config.costs  # same test, store and cost table
 
-    items = store.items([r["key"] for r in rows.values()])  # one store: both studies' trials
+    items = store.items([r["key"] for r in [*rows.values(), *sized.values()]])  # one store: both studies' trials
     truth = {"labels": data.test.labels.tolist(), "label_names": data.label_names}
     fns = {k: metric_fn("accuracy", [items[r["key"]]], truth) for k, r in rows.items()}
     prices = {k: price(r["cost"], r["record"]["model"], costs) for k, r in rows.items()}
@@ -173,6 +185,8 @@ def main(argv=None) -> int:
     print(f"  best test point within {args.max_fallback:.0%} fallback (for reference, not selectable): accuracy "
           f"{pct(best['accuracy'])} at fallback {pct(best['fallback_rate'])}")
 
+    if len(sizes) > 1:
+        print_curve(sizes, sized, items, truth)
     teacher_acc, student_acc = fns["prompt_search"].value(), fns["distill"].value()
     t1 = gap >= -0.01 and ratio >= 10
     t2 = (pick["accuracy"] > max(teacher_acc, student_acc)
@@ -183,6 +197,28 @@ def main(argv=None) -> int:
     print(f"target 2: the cascade's chosen point beats both alone, or matches the teacher at <= 30% fallback: "
           f"{'MET' if t2 else 'NOT MET'}")
     return 0
+
+
+def print_curve(sizes: list[int], sized: dict, items: dict, truth: dict) -> None:
+    """Student accuracy against teacher labels bought, beside the gold student of each size, and how many teacher
+    labels one gold label is worth (tunebench's own exchange-rate analysis)."""
+    from tunebench.analysis.distill_curve import exchange
+    from tunebench.evaluation.stats import bootstrap_ci, metric_fn
+
+    print("\ndistillation curve (test accuracy, 95% CI): the student on N teacher labels vs on N gold labels")
+    print(f"  {'N':>6} {'teacher labels':>26} {'reused':>7} {'gold labels':>26}")
+    points = {"distill": [], "gold": []}
+    for n in sizes:
+        cells = []
+        for kind in ("distill", "gold"):
+            fn = metric_fn("accuracy", [items[sized[(kind, n)]["key"]]], truth)
+            lo, hi = bootstrap_ci(fn, seed=0)
+            cells.append(f"{pct(fn.value())} [{pct(lo)}, {pct(hi)}]")
+            points[kind].append({"labels": n, "train_size": n, "mean": fn.value()})
+        reused = sized[("distill", n)]["record"]["distill"]["labelling"].get("reused", 0)
+        print(f"  {n:>6} {cells[0]:>26} {reused:>7} {cells[1]:>26}")
+    for e in exchange(points["distill"], points["gold"]):
+        print(f"  {e['text']}")
 
 
 if __name__ == "__main__":
