@@ -368,6 +368,8 @@ def test_trials_sharing_a_teacher_buy_each_label_once(tmp_path, toy_files, tiny_
     assert large.reused_dollars == pytest.approx(small.dollars)  # bought once, counted in both recipes
     lab = curve[12]["distill"]["labelling"]
     assert lab["reused"] == 6 and lab["seconds"] >= small.seconds
+    shown = runner.invoke(app, ["show", "distil", "--store", str(tmp_path / "curve" / "runs")])
+    assert "6 of them reused, bought by an earlier trial" in " ".join(shown.stdout.split())
     files = list((tmp_path / "curve" / "runs" / "artifacts" / ".teacher-labels").glob("*/*.json"))
     assert len(files) == 2  # one file per trial that labelled, under the teacher's key
 

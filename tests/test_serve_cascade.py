@@ -145,8 +145,13 @@ def test_export_and_raw_serving_refuse_a_cascade(cascade_store, monkeypatch):
     r = runner.invoke(app, ["export", "casc", "--trial", row["key"][:8], "--format", "merged",
                             "--store", str(cascade_store)])
     assert r.exit_code != 0 and "two models and a threshold" in " ".join(r.output.split())
+    import tunebench.serve as serve_mod
+
+    loads = []
+    monkeypatch.setattr(serve_mod, "open_trial", lambda *a, **k: loads.append(a))
     with pytest.raises(CapabilityError, match="is a cascade of two models"):
         trial_engine(cascade_store, "casc", row["key"][:8], best=False, raw=True)
+    assert loads == []  # refused from the stored row, before either model is loaded
 
 
 def test_a_remote_teachers_calls_are_bounded_before_they_are_made_and_the_dollar_budget_holds(cascade_store,

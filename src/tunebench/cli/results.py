@@ -63,7 +63,10 @@ def print_distill(rows: list[dict], console: Console) -> None:
         console.print(f"[bold]{escape(r['label'])}[/] seed {r['seed']}: teacher {t['strategy']} @{t['model']} "
                       f"(key {d.get('teacher_key') or '-'}{', its stored predictor' if d.get('teacher_reused') else ''}); labelled {lab['calls']} of {pool['size']} pool inputs "
                       f"({lab['prompt_tokens'] + lab['completion_tokens']} tokens, {lab['dollars']:.4f} dollars, "
-                      f"{lab['seconds']:.1f}s), trained on {pool['kept']}"
+                      f"{lab['seconds']:.1f}s"
+                      + (f"; {lab['reused']} of them reused, bought by an earlier trial with this teacher"
+                         if lab.get("reused") else "")
+                      + f"), trained on {pool['kept']}"
                       + (" (soft labels)" if pool.get("soft") else ""), highlight=False)
         if lab.get("stopped"):
             console.print(f"  stopped early: {escape(lab['stopped'])}", highlight=False)

@@ -7,7 +7,9 @@ import logging
 import os
 from pathlib import Path
 
-from ..analysis.selection import load_trial
+from ..analysis.selection import find_trial
+from ..store import Store
+from ..store.artifacts import open_trial
 from ..backends import load_backend
 from ..config import ModelConfig
 from ..errors import CapabilityError, ConfigError, TunebenchError
@@ -72,11 +74,13 @@ def trial_engine(store_root: Path, study: str, trial: str | None, *, best: bool,
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
-    loaded = load_trial(store_root, study, trial, best=best, metric=metric)
+    store = Store(store_root, create=False)
+    row = find_trial(store, study, trial, best=best, metric=metric)
+    if raw and row["strategy"] == "cascade":  # refused before either of its two models is loaded
+        raise CapabilityError(f"--raw serves one tuned LM as a plain model; trial {row['key'][:8]} is a cascade of "
+                              "two models (serve it without --raw)")
+    loaded = open_trial(store, study, row)
     if raw:
-        if loaded.row["strategy"] == "cascade":
-            raise CapabilityError(f"--raw serves one tuned LM as a plain model; trial {loaded.key[:8]} is a cascade of "
-                                  "two models (serve it without --raw)")
         if runtime == "onnx":
             raise CapabilityError("--raw serves a causal LM, which has no ONNX runtime here; use --runtime torch")
         if loaded.backend.name != "causal":
