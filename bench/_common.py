@@ -54,3 +54,24 @@ def write_rows(path: Path, texts: list[str], cats: list[str] | None, idx) -> str
         w.writerow(["text"] if cats is None else ["text", "category"])
         w.writerows([texts[i]] if cats is None else [texts[i], cats[i]] for i in idx)
     return str(path)
+
+
+def banking77_split(seed: int):
+    """BANKING77 from ../shared with its stratified, seeded 80/20 split, for the benchmarks that hold the 20% out as
+    their test set: ``(texts, intents, names, y, rest, test)`` (``rest``/``test``: row indices); None (a SKIP line
+    printed) when the data is absent. Silences transformers' progress bars, as every benchmark run does."""
+    import numpy as np
+    import transformers
+
+    from tunebench.data import stratified_split
+
+    src = DATA.resolve() / "banking77" / "train.csv"
+    if not src.is_file():
+        print(f"SKIP: BANKING77 not found at {src}; nothing to benchmark.")
+        return None
+    transformers.utils.logging.disable_progress_bar()
+    texts, cats = read_banking(src)
+    names = sorted(set(cats))
+    y = np.asarray([names.index(c) for c in cats])
+    rest, test = stratified_split(y, 0.2, seed)
+    return texts, cats, names, y, rest, test

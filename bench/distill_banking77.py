@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, per_class, read_banking, write_rows  # noqa: E402
+from _common import banking77_split, per_class, write_rows  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,23 +64,15 @@ def pct(x: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    src = DATA.resolve() / "banking77" / "train.csv"
-    if not src.is_file():
-        print(f"SKIP: BANKING77 not found at {src}; nothing to benchmark.")
+    loaded = banking77_split(args.seed)
+    if loaded is None:
         return 0
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     from tunebench.config import parse_study
-    from tunebench.data import stratified_split
     from tunebench.evaluation.cost import price
     from tunebench.evaluation.stats import bootstrap_ci, compare, metric_fn
     from tunebench.runner.study import Study
 
-    texts, cats = read_banking(src)
-    names = sorted(set(cats))
-    y = np.asarray([names.index(c) for c in cats])
-    rest, test = stratified_split(y, 0.2, args.seed)
+    texts, cats, names, y, rest, test = loaded
     dev = per_class(y, rest, args.dev, np.random.default_rng(args.seed))
     train = np.setdiff1d(rest, dev)
     labelled = args.labelled * len(names)

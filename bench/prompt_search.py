@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, per_class, read_banking, write_rows  # noqa: E402
+from _common import banking77_split, per_class, write_rows  # noqa: E402
 
 HAND_ZERO_SHOT = ["{{ label }}", "A customer asks about {{ label }}.", "Banking question: {{ label }}",
                   "I need help with {{ label }}."]
@@ -51,23 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    src = DATA.resolve() / "banking77" / "train.csv"
-    if not src.is_file():
-        print(f"SKIP: BANKING77 not found at {src}; nothing to benchmark.")
+    loaded = banking77_split(args.seed)
+    if loaded is None:
         return 0
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     from tunebench.analysis.selection import load_trial
     from tunebench.config import parse_study
-    from tunebench.data import stratified_split
     from tunebench.evaluation.stats import bootstrap_ci, compare, metric_fn
     from tunebench.runner.study import Study
 
-    texts, cats = read_banking(src)
-    names = sorted(set(cats))
-    y = np.asarray([names.index(c) for c in cats])
-    pool, test = stratified_split(y, 0.2, args.seed)
+    texts, cats, names, y, pool, test = loaded
     rng = np.random.default_rng(args.seed)
     train = per_class(y, pool, args.train, rng)
     dev = per_class(y, np.setdiff1d(pool, train), args.dev, rng)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from tunebench.backends import NoLogprobs
 from tunebench.backends.openai_api import OpenAIBackend
 from tunebench.config import ModelConfig
+
+from tests.scripted import send_json, serving
 
 GENERATED = " X"  # what the scripted servers generate after an echo
 
@@ -72,22 +73,13 @@ def scripted(respond):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append({"path": self.path, **body})
             code, out = respond(self.path, body)
-            data = json.dumps(out).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, out, code)
 
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    finally:
-        httpd.shutdown()
+    with serving(Handler) as url:
+        yield url, seen
 
 
 def backend(url: str, **kw) -> OpenAIBackend:

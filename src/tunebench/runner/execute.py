@@ -30,7 +30,7 @@ from ..store.labels import LabelCache
 from ..store.locations import ArtifactRoot, local_copy
 from ..strategies import Strategy, load_predictor
 from .cv import cross_validate
-from .plan import peer_trial_key
+from .plan import reusable_key
 from .search import run_search
 from .spec import TrialSpec, set_seed, train_subset
 
@@ -132,7 +132,9 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
             config = cls.config_from_dict(searched.best_params)
             set_seed(spec.seed)  # the refit is seeded exactly like an unsearched trial
         strategy = cls(config, seed=spec.seed, reporter=reporter, peers=peers, costs=study.costs)
-        adopt_stored(strategy, spec, study, data, len(train), artifacts, backend, peers)
+        reuse = reusable_key(cls, config, study, data, spec.model, spec.seed, len(train))
+        if reuse is not None and artifacts is not None:
+            adopt_stored(strategy, reuse, spec, artifacts, backend, peers)
         t0 = time.perf_counter()
         predictor = strategy.adapt(backend, data, train=train, dev=dev)
         adapt_s = time.perf_counter() - t0
@@ -142,7 +144,8 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
         _judge(spec, study, data, m, judge_backend, reporter)
     result = getattr(predictor, "train_result", None)
     cost = cost_of(m, train_result=result, adapt_s=adapt_s, search_s=search_s, peak_mb=mem.peak_mb)
-    row = _row(spec, study, data, backend, predictor, m, cost, config=config, train=train, searched=searched,
+    row = _row(spec, study, data, backend, predictor, m, cost, config=config, train=train, reuse=reuse,
+               searched=searched,
                search_s=search_s, cv=cv, cv_s=cv_s)
     written = None
     if artifact_dir is not None and is_main_process():  # under `accelerate launch`, one process writes
@@ -155,16 +158,12 @@ def execute(spec: TrialSpec, study: StudyConfig, data: TaskData, artifact_dir: P
     return TrialResult(row, m.items, (data.fingerprints()["test"], m.truth), written)
 
 
-def adopt_stored(strategy: Strategy, spec: TrialSpec, study: StudyConfig, data: TaskData, n_train: int,
-                 artifacts: ArtifactRoot | None, backend: Backend, peers: dict[str, Backend]) -> None:
-    """Hand ``strategy`` the stored predictor of the trial it may reuse (a distill teacher's own trial: same key)
+def adopt_stored(strategy: Strategy, key: str, spec: TrialSpec, artifacts: ArtifactRoot, backend: Backend,
+                 peers: dict[str, Backend]) -> None:
+    """Hand ``strategy`` the stored predictor of the trial ``key`` it may reuse (a distill teacher's own trial)
     when the artifact root holds it with its adaptation time (otherwise it adapts its own), and the labels other
     trials with that teacher bought."""
-    reusable = strategy.reusable_trial(strategy.config)
-    if reusable is None or artifacts is None:
-        return
-    name, cfg, model = reusable
-    key = peer_trial_key(study, data, name, cfg, model or spec.model, spec.seed, n_train)
+    model = strategy.reusable_trial(strategy.config)[2]
     strategy.share_labels(LabelCache(artifacts, key, spec.key))
     loc = artifacts.final(key)
     if not artifacts.exists(loc):
@@ -208,9 +207,10 @@ def _judge(spec: TrialSpec, study: StudyConfig, data: TaskData, m: Measurement, 
 
 
 def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, predictor, m: Measurement,
-         cost: dict[str, Any], *, config, train: Split, searched, search_s: float, cv: dict | None,
-         cv_s: float) -> dict:
-    """The stored row: what ran (params actually fit), how it scored, what it cost, and its record."""
+         cost: dict[str, Any], *, config, train: Split, reuse: str | None, searched, search_s: float,
+         cv: dict | None, cv_s: float) -> dict:
+    """The stored row: what ran (params actually fit), how it scored, what it cost, and its record (``reuse``:
+    the key of the trial the strategy may reuse, a distill teacher's)."""
     cls = spec.strategy_cls
     metrics = m.metrics
     if searched is not None:
@@ -232,8 +232,7 @@ def _row(spec: TrialSpec, study: StudyConfig, data: TaskData, backend: Backend, 
         cost.update({"teacher_seconds": round(distilled["teacher_seconds"] + lab["seconds"], 4),
                      "labelling_calls": lab["calls"], "labelling_tokens": lab["prompt_tokens"] + lab["completion_tokens"],
                      "labelling_dollars": lab["dollars"], "upfront_dollars": lab["dollars"] if api else 0.0})
-        distilled["teacher_key"] = peer_trial_key(study, data, teacher["strategy"], config.parts()[0],
-                                                  teacher["model"] or spec.model, spec.seed, len(train))
+        distilled["teacher_key"] = reuse
     cascade = getattr(predictor, "cascade", None)
     if cascade:  # the chosen point is the trial: the teacher's API tokens on the inputs that fell back are per request
         metrics["fallback_rate"] = cascade["test"]["fallback_rate"]

@@ -138,6 +138,17 @@ def peer_trial_key(study: StudyConfig, data: TaskData, name: str, cfg: StrategyC
     return trial_key(_ident(study, data, name, cfg, seed, n, model))
 
 
+def reusable_key(cls: type, config: StrategyConfig, study: StudyConfig, data: TaskData, model: str, seed: int,
+                 n: int) -> str | None:
+    """The key of the study trial that a trial of ``cls`` with ``config`` on ``model`` may reuse (a distill
+    teacher's own trial, ``Strategy.reusable_trial``); None for a strategy that reuses none."""
+    reusable = cls.reusable_trial(config)
+    if reusable is None:
+        return None
+    name, cfg, peer = reusable
+    return peer_trial_key(study, data, name, cfg, peer or model, seed, n)
+
+
 def _label_baseline(baseline: dict, written: set[str], name: str, backend: str, study: StudyConfig) -> dict:
     """What a trial's label is compared with: a key the entry itself wrote that would otherwise be size-scaled is
     always shown (``full(epochs=4)`` is not the scaled ``full`` even where 4 is the fixed default; keys of

@@ -24,7 +24,7 @@ from .claims import Claims
 from .commit import commit
 from .execute import Staging, is_main_process
 from .executors import Executor, LocalExecutor, Outcome
-from .plan import peer_trial_key, plan
+from .plan import plan, reusable_key
 from .spec import TrialSpec, train_subset
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,8 @@ class Study:
         for t in pending:
             train = train_subset(t, self.data.train)
             bought = None
-            reusable = t.strategy_cls.reusable_trial(t.config)
-            if reusable is not None:  # labels earlier trials with this teacher bought, or pending ones will buy
-                name, cfg, model = reusable
-                key = peer_trial_key(self.config, self.data, name, cfg, model or t.model, t.seed, len(train))
+            key = reusable_key(t.strategy_cls, t.config, self.config, self.data, t.model, t.seed, len(train))
+            if key is not None:  # labels earlier trials with this teacher bought, or pending ones will buy
                 bought = teachers.setdefault(key, Bought(None if root is None else LabelCache(root, key, "")))
             est = t.strategy_cls.spend_estimate(t.config, self.data, train, t.seed, self.config.costs, bought)
             if est is not None:
